@@ -1,0 +1,88 @@
+"""Image files on disk: a loader whose errors name the file, ImageFolder (ImageNet) and iNaturalist 2018."""
+import json
+import os
+
+import torchvision
+from PIL import Image
+
+from util.misc import UserError
+
+
+def load_rgb(path):
+    """Open an image as RGB; a missing, truncated or unreadable file stops the run and names the file."""
+    try:
+        with open(path, "rb") as f:
+            img = Image.open(f)
+            return img.convert("RGB")
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise UserError(f"cannot read image {path}: {exc}") from None
+
+
+def build_image_folder(split_dir, dataset_label, hint, transform=None):
+    if not os.path.isdir(split_dir):
+        raise UserError(f"{dataset_label}: folder {split_dir} not found. {hint}")
+    try:
+        return torchvision.datasets.ImageFolder(split_dir, transform=transform, loader=load_rgb)
+    except (FileNotFoundError, RuntimeError) as exc:
+        raise UserError(f"{dataset_label}: {split_dir} has no usable class folders ({exc}). {hint}") from None
+
+
+IMAGENET_HINT = ("Expected layout: <data_path>/imagenet/{train,val}/<wnid>/*.JPEG (ImageNet needs your own "
+                 "download from https://www.image-net.org; `python tools/prepare_data.py imagenet` checks it).")
+INAT_HINT = ("Expected layout: <data_path>/inaturalist18/{train2018.json,val2018.json,train_val2018/}; "
+             "get them from https://ml-inat-competition-datasets.s3.amazonaws.com/2018/ "
+             "(`python tools/prepare_data.py inat` extracts and checks them).")
+
+
+def _read_json(path):
+    if not os.path.isfile(path):
+        raise UserError(f"iNaturalist18: {path} not found. {INAT_HINT}")
+    try:
+        with open(path) as f:
+            data = json.load(f)
+        data["images"], data["annotations"], data["categories"]
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
+        raise UserError(f"iNaturalist18: {path} is not a COCO-style annotation file with images, annotations "
+                        f"and categories ({type(exc).__name__}: {exc})") from None
+    return data
+
+
+class INaturalist18(torchvision.datasets.VisionDataset):
+    """iNat18 from its COCO-style JSON: label = the image's category, indexed 0..C-1 in sorted category-id
+    order of the training file's `categories`, so train and val share one mapping."""
+
+    def __init__(self, root, split, transform=None):
+        super().__init__(root, transform=transform)
+        categories = _read_json(os.path.join(root, "train2018.json"))["categories"]
+        data = _read_json(os.path.join(root, f"{'train' if split == 'train' else 'val'}2018.json"))
+        self.class_to_idx = {c["id"]: i for i, c in enumerate(sorted(categories, key=lambda c: c["id"]))}
+        category_of = {a["image_id"]: a["category_id"] for a in data["annotations"]}
+        self.samples = []
+        for image in data["images"]:
+            if image["id"] not in category_of:
+                raise UserError(f"iNaturalist18: image {image['file_name']} has no annotation in {split} JSON")
+            category = category_of[image["id"]]
+            if category not in self.class_to_idx:
+                raise UserError(f"iNaturalist18: category {category} of {image['file_name']} is not among the "
+                                f"categories of train2018.json")
+            self.samples.append((os.path.join(root, image["file_name"]), self.class_to_idx[category]))
+        self.targets = [label for _, label in self.samples]
+        if not self.samples:
+            raise UserError(f"iNaturalist18: the {split} JSON lists no images")
+        first = self.samples[0][0]
+        if not os.path.isfile(first):
+            raise UserError(f"iNaturalist18: image {first} listed in the JSON is missing. {INAT_HINT}")
+
+    @property
+    def classes(self):
+        return list(self.class_to_idx)
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, index):
+        path, label = self.samples[index]
+        img = load_rgb(path)
+        if self.transform is not None:
+            img = self.transform(img)
+        return img, label

@@ -1,0 +1,28 @@
+"""Transforms of the reference probe: per-dataset presets (eval, 224px, 32px), any crop size via --img_size."""
+from torchvision import transforms as T
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)
+TF_NAMES = ("eval", "224px", "32px")
+
+
+def build_transform(family, tf_name, train, img_size=None):
+    """family: 'cifar' or 'imagenet' (ImageNet and iNat18). img_size overrides the preset's crop;
+    the test resize keeps the preset's 8/7 ratio (256/224, 36/32)."""
+    if tf_name not in TF_NAMES:
+        raise ValueError(f"unknown tf_name {tf_name}")
+    if tf_name == "32px" and family != "cifar":
+        raise ValueError("the 32px preset is for CIFAR only")
+    crop = img_size or (32 if tf_name == "32px" else 224)
+    resize = round(crop * 8 / 7)
+    if family == "cifar":
+        mean, std = CIFAR_MEAN, CIFAR_STD
+        bicubic = T.InterpolationMode.BICUBIC
+        train_crop = T.RandomResizedCrop(crop, scale=(0.8, 1.0), ratio=(3 / 4, 4 / 3), interpolation=bicubic)
+        test_resize = T.Resize(resize, interpolation=bicubic)
+    else:
+        mean, std = IMAGENET_MEAN, IMAGENET_STD
+        train_crop = T.RandomResizedCrop(crop)
+        test_resize = T.Resize(resize)
+    steps = [train_crop, T.RandomHorizontalFlip()] if train else [test_resize, T.CenterCrop(crop)]
+    return T.Compose(steps + [T.ToTensor(), T.Normalize(mean, std)])

@@ -1,0 +1,102 @@
+"""Process-group setup for a plain process, torchrun or slurm's srun, and the few collectives we need."""
+import os
+import re
+import subprocess
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+    launcher: str = "single"
+
+    @property
+    def is_main(self):
+        return self.rank == 0
+
+    @property
+    def distributed(self):
+        return self.world_size > 1
+
+
+def first_slurm_host(nodelist):
+    """First host of a slurm node list such as 'gpu[003-005,010],cpu1' -> 'gpu003'."""
+    try:
+        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
+                             timeout=30)
+        if out.returncode == 0 and out.stdout.strip():
+            return out.stdout.split()[0]
+    except (OSError, subprocess.SubprocessError):
+        pass  # scontrol is not on every compute node's PATH; the list format is simple enough to parse
+    match = re.match(r"([^,\[]+)(?:\[([^\]]+)\])?", nodelist)
+    prefix, ranges = match.group(1), match.group(2)
+    if ranges is None:
+        return prefix
+    return prefix + ranges.split(",")[0].split("-")[0]
+
+
+def launch_environment(env=None):
+    """(launcher, rank, world_size, local_rank) from torchrun's variables, else slurm's, else a single process."""
+    env = os.environ if env is None else env
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return "torchrun", int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0))
+    # sbatch also sets SLURM_PROCID/SLURM_NTASKS in the batch shell; only srun sets SLURM_STEP_NUM_TASKS
+    if "SLURM_PROCID" in env and "SLURM_STEP_NUM_TASKS" in env:
+        return ("slurm", int(env["SLURM_PROCID"]), int(env["SLURM_STEP_NUM_TASKS"]),
+                int(env.get("SLURM_LOCALID", 0)))
+    return "single", 0, 1, 0
+
+
+def init_distributed(debug=False, timeout_minutes=30):
+    """Join the process group (nccl on GPU, gloo on CPU). --debug forces one process, as the reference does."""
+    launcher, rank, world_size, local_rank = ("single", 0, 1, 0) if debug else launch_environment()
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    info = DistInfo(rank, world_size, local_rank, device, launcher)
+    if world_size > 1:
+        if launcher == "slurm":
+            os.environ.setdefault("MASTER_ADDR", first_slurm_host(os.environ["SLURM_STEP_NODELIST"]
+                                                                  if "SLURM_STEP_NODELIST" in os.environ
+                                                                  else os.environ["SLURM_JOB_NODELIST"]))
+            os.environ.setdefault("MASTER_PORT", str(20000 + int(os.environ.get("SLURM_JOB_ID", 0)) % 20000))
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, init_method="env://", rank=rank, world_size=world_size,
+                                timeout=timedelta(minutes=timeout_minutes),
+                                device_id=device if device.type == "cuda" else None)
+    return info
+
+
+def cleanup():
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def all_reduce_sum(values, device):
+    """Sum a list of numbers over all processes (identity for a single process)."""
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(tensor)
+    return tensor.tolist()
+
+
+def broadcast_object(obj):
+    if dist.is_available() and dist.is_initialized():
+        holder = [obj]
+        dist.broadcast_object_list(holder, src=0)
+        return holder[0]
+    return obj
+
+
+def barrier():
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()

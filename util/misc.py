@@ -1,0 +1,100 @@
+"""Small helpers shared by the scripts: user errors, seeding, meters, accuracy, git revision."""
+import os
+import random
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import torch
+
+
+class UserError(Exception):
+    """A problem with the user's input (flag, data, checkpoint): reported as one line, exit code 2."""
+
+
+def user_error_line(exc):
+    """The one-line message of a UserError, also when a DataLoader worker re-raised it with its traceback."""
+    text = str(exc).strip()
+    marker = "UserError: "
+    if marker in text:  # DataLoader wraps worker exceptions as "Caught UserError ... Traceback ... UserError: msg"
+        text = text[text.rindex(marker) + len(marker):]
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def run_main(main, args):
+    """Run a script's main(args): a user error becomes one line on stderr and exit code 2."""
+    try:
+        main(args)
+    except UserError as exc:
+        print(f"error: {user_error_line(exc)}", file=sys.stderr)
+        sys.exit(2)
+
+
+def set_seed(seed):
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def git_revision():
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True,
+                             text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return (rev or "unknown") + ("-dirty" if dirty else "")
+
+
+class AverageMeter:
+    """Running sum and count of a scalar (weighted by batch size)."""
+
+    def __init__(self):
+        self.sum, self.count, self.val = 0.0, 0, 0.0
+
+    def update(self, val, n=1):
+        self.val = float(val)
+        self.sum += float(val) * n
+        self.count += n
+
+    @property
+    def avg(self):
+        return self.sum / max(self.count, 1)
+
+
+def correct_topk(logits, target, ks=(1, 5)):
+    """Number of samples whose target is among the top-k logits, for each k (k capped at the class count)."""
+    maxk = min(max(ks), logits.shape[1])
+    pred = logits.topk(maxk, dim=1).indices
+    hit = pred.eq(target.unsqueeze(1))
+    return [hit[:, :min(k, maxk)].any(dim=1).sum().item() for k in ks]
+
+
+class StopSignal:
+    """Turns SIGTERM / SIGUSR1 (slurm's preemption and time-limit warnings) into a flag the loops poll,
+    so a run stops at a clean point and a rerun resumes from its last checkpoint."""
+
+    def __init__(self):
+        self.received = None
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        self.received = signal.Signals(signum).name
+
+    def __call__(self):
+        return self.received is not None
+
+
+def requeue_slurm_job(logger):
+    """Ask slurm to requeue this job (rank 0 only); a no-op outside slurm."""
+    job = os.environ.get("SLURM_ARRAY_JOB_ID") and \
+        f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ.get('SLURM_ARRAY_TASK_ID', '')}" \
+        or os.environ.get("SLURM_JOB_ID")
+    if not job:
+        return
+    result = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
+    logger.info(f"scontrol requeue {job}: {'ok' if result.returncode == 0 else result.stderr.strip()}")
