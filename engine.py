@@ -1,4 +1,9 @@
-"""Training and exact evaluation loops shared by the scripts."""
+"""Training and exact evaluation loops shared by the scripts.
+
+The probe trains one or many heads on batches of (inputs, labels): features of the frozen encoder computed on
+the fly (encoded_batches, the reference's per-epoch mode) or read from the feature cache (cached_batches), or
+images when fine-tuning. A model maps inputs to a list of logits, one per head.
+"""
 import math
 import time
 
@@ -39,56 +44,111 @@ def to_device(images, labels, device):
     return images, labels.to(device, non_blocking=non_blocking)
 
 
-def train_one_epoch(model, frozen_encoder, loader, optimizer, epoch, args, device, logger, should_stop=None,
+# ---------------------------------------------------------------- batch sources
+def image_batches(loader, device):
+    for images, labels in loader:
+        yield to_device(images, labels, device)
+
+
+def encoded_batches(loader, encoder, device, precision):
+    """Features of the frozen encoder, computed batch by batch (no autograd, fp32 out for the heads)."""
+    for images, labels in image_batches(loader, device):
+        with torch.inference_mode(), autocast(device, precision):
+            features = encoder(images)
+        yield features.float().clone(), labels  # clone: a normal tensor again, the heads need autograd on it
+
+
+class CachedBatches:
+    """Batches of cached features in the order of `sampler` (the same order the per-epoch mode would see).
+    views: one N x D tensor per stored view; with several, each sample draws one at random each epoch."""
+
+    def __init__(self, views, labels, sampler, batch_size, device, drop_last=False, generator=None):
+        self.views, self.labels, self.sampler = views, labels, sampler
+        self.batch_size, self.device, self.drop_last, self.generator = batch_size, device, drop_last, generator
+
+    def __len__(self):
+        n = len(self.sampler)
+        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+
+    def __iter__(self):
+        indices = torch.tensor(list(self.sampler), dtype=torch.long)
+        choice = None
+        if len(self.views) > 1:
+            choice = torch.randint(len(self.views), (len(indices),), generator=self.generator)
+        for b in range(len(self)):
+            rows = indices[b * self.batch_size:(b + 1) * self.batch_size]
+            if choice is None:
+                features = self.views[0][rows]
+            else:
+                which = choice[b * self.batch_size:(b + 1) * self.batch_size]
+                features = torch.empty(len(rows), self.views[0].shape[1], dtype=self.views[0].dtype)
+                for k, view in enumerate(self.views):
+                    features[which == k] = view[rows[which == k]]
+            yield (features.to(self.device, non_blocking=True).float(),
+                   self.labels[rows].to(self.device, non_blocking=True))
+
+
+# ---------------------------------------------------------------- loops
+def train_one_epoch(model, batches, num_batches, optimizer, epoch, args, device, loggers, should_stop=None,
                     show_bar=False):
-    """One epoch. `model` maps the frozen encoder's features to logits (lineareval; the encoder runs under
-    inference_mode) or images to logits (finetune, frozen_encoder=None). Returns (loss, top-1 %, completed)."""
-    loss_meter, top1_meter, batch_time, data_time = AverageMeter(), AverageMeter(), AverageMeter(), AverageMeter()
-    lr = optimizer.param_groups[0]["lr"]
-    n = len(loader)
+    """One epoch of every head. Each head's loss depends on its own parameters only, so the summed loss
+    gives each head exactly the gradient it would get alone. Returns (losses, top-1s, completed)."""
+    heads = len(loggers)
+    loss_meters = [AverageMeter() for _ in range(heads)]
+    top1_meters = [AverageMeter() for _ in range(heads)]
+    batch_time, data_time = AverageMeter(), AverageMeter()
+    lrs = [next(g["lr"] for g in optimizer.param_groups if g["head"] == h) for h in range(heads)]
     end = time.time()
-    for i, (images, labels) in enumerate(tqdm(loader, desc=f"epoch {epoch}", leave=False, disable=not show_bar)):
+    for i, (inputs, labels) in enumerate(tqdm(batches, total=num_batches, desc=f"epoch {epoch}", leave=False,
+                                              disable=not show_bar)):
         if should_stop is not None and should_stop():
-            return loss_meter.avg, top1_meter.avg, False
-        images, labels = to_device(images, labels, device)
+            return [m.avg for m in loss_meters], [m.avg for m in top1_meters], False
         data_time.update(time.time() - end)
-        if frozen_encoder is not None:
-            with torch.inference_mode(), autocast(device, args.precision):
-                features = frozen_encoder(images)
-            logits = model(features.float().clone())  # a normal tensor again: the head needs autograd; fp32 head
-        else:
-            with autocast(device, args.precision):
-                logits = model(images).float()
-        loss = F.cross_entropy(logits, labels)
-        if not math.isfinite(loss.item()):
-            raise NonFiniteLoss(f"the training loss is {loss.item()} at epoch {epoch}, iteration {i}")
+        with autocast(device, args.precision if args.exp_mode == "finetune" else "fp32"):
+            logits = [out.float() for out in model(inputs)]
+        losses = [F.cross_entropy(out, labels) for out in logits]
+        values = torch.stack([loss.detach() for loss in losses]).tolist()
+        if not all(math.isfinite(v) for v in values):
+            raise NonFiniteLoss(f"the training loss is {values} at epoch {epoch}, iteration {i}")
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        sum(losses).backward()
         optimizer.step()
-        top1 = correct_topk(logits, labels, (1,))[0] * 100.0 / len(labels)
-        loss_meter.update(loss.item(), len(labels))
-        top1_meter.update(top1, len(labels))
         batch_time.update(time.time() - end)
+        for h in range(heads):
+            loss_meters[h].update(values[h], len(labels))
+            top1_meters[h].update(correct_topk(logits[h], labels, (1,))[0] * 100.0 / len(labels), len(labels))
+            if i % args.print_freq == 0 or i == num_batches - 1:
+                loggers[h].info(
+                    f"Epoch[{epoch}] - Iter: [{i}/{num_batches}] Time {batch_time.val:.3f} ({batch_time.avg:.3f}) "
+                    f"Data {data_time.val:.3f} ({data_time.avg:.3f}) Loss {loss_meters[h].val:.4f} "
+                    f"({loss_meters[h].avg:.4f}) Prec {top1_meters[h].val:.3f} ({top1_meters[h].avg:.3f}) "
+                    f"LR {lrs[h]:.6g}")
         end = time.time()
-        if i % args.print_freq == 0 or i == n - 1:
-            logger.info(f"Epoch[{epoch}] - Iter: [{i}/{n}] Time {batch_time.val:.3f} ({batch_time.avg:.3f}) "
-                        f"Data {data_time.val:.3f} ({data_time.avg:.3f}) Loss {loss_meter.val:.4f} "
-                        f"({loss_meter.avg:.4f}) Prec {top1_meter.val:.3f} ({top1_meter.avg:.3f}) LR {lr:.6g}")
-    return loss_meter.avg, top1_meter.avg, True
+    return [m.avg for m in loss_meters], [m.avg for m in top1_meters], True
 
 
 @torch.no_grad()
-def evaluate(model, loader, device, precision, expected_count, show_bar=False):
-    """Exact loss / top-1 / top-5 (%) over the whole split, summed across ranks; `model` maps images to logits."""
-    loss_sum, correct1, correct5, count = 0.0, 0, 0, 0
-    for images, labels in tqdm(loader, desc="eval", leave=False, disable=not show_bar):
-        images, labels = to_device(images, labels, device)
+def evaluate(model, batches, device, precision, expected_count, show_bar=False, num_heads=None):
+    """Exact loss / top-1 / top-5 (%) over a whole split, summed across ranks. `batches` yields (images or
+    features, labels); `model` maps inputs to logits (returns one dict) or, with num_heads, to a list of
+    logits, one per head (returns a list of dicts)."""
+    sums = torch.zeros(num_heads or 1, 3, dtype=torch.float64)
+    count = 0
+    for inputs, labels in tqdm(batches, desc="eval", leave=False, disable=not show_bar):
+        if inputs.dim() == 4:
+            inputs, labels = to_device(inputs, labels, device)
         with autocast(device, precision):
-            logits = model(images).float()
-        loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()
-        c1, c5 = correct_topk(logits, labels, (1, 5))
-        correct1, correct5, count = correct1 + c1, correct5 + c5, count + len(labels)
-    loss_sum, correct1, correct5, count = all_reduce_sum([loss_sum, correct1, correct5, count], device)
-    if int(count) != expected_count:
-        raise RuntimeError(f"evaluation counted {int(count)} samples, the split has {expected_count}")
-    return {"loss": loss_sum / count, "top1": 100.0 * correct1 / count, "top5": 100.0 * correct5 / count}
+            outputs = model(inputs)
+        for h, out in enumerate([outputs] if num_heads is None else outputs):
+            out = out.float()
+            c1, c5 = correct_topk(out, labels, (1, 5))
+            sums[h] += torch.tensor([F.cross_entropy(out, labels, reduction="sum").item(), c1, c5],
+                                    dtype=torch.float64)
+        count += len(labels)
+    totals = all_reduce_sum(sums.flatten().tolist() + [count], device)
+    count = int(totals[-1])
+    if count != expected_count:
+        raise RuntimeError(f"evaluation counted {count} samples, the split has {expected_count}")
+    stats = [{"loss": totals[3 * h] / count, "top1": 100.0 * totals[3 * h + 1] / count,
+              "top5": 100.0 * totals[3 * h + 2] / count} for h in range(len(sums))]
+    return stats[0] if num_heads is None else stats

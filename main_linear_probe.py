@@ -3,6 +3,7 @@
 Single process:  python main_linear_probe.py --tag supervisedimagenet_resnet50_sfadamw_5_step80k --data_name cifar10
 torchrun:        torchrun --nproc_per_node 8 main_linear_probe.py ...
 slurm:           srun python main_linear_probe.py ...   (see scripts/)
+A sweep in one pass: --wd 1e-4 5e-4 1e-3 trains one head per value on the same backbone features.
 """
 import argparse
 import math
@@ -13,38 +14,42 @@ import torch
 import torch.nn as nn
 import yaml
 
-from datasets import build_dataset, subset_fraction
-from engine import NonFiniteLoss, ShardSampler, evaluate, train_one_epoch
-from models import ConcatEncoder, LinearHead
+from datasets import WithTransform, build_dataset, dataset_targets, family_of, stratified_subset, subset_fraction
+from datasets.transforms import build_transform
+from engine import (CachedBatches, NonFiniteLoss, ShardSampler, encoded_batches, evaluate, image_batches,
+                    train_one_epoch)
+from models import ConcatEncoder, LinearHead, MultiHead
 from util.checkpoint import load_file, save_atomic
 from util.distributed import barrier, cleanup, init_distributed
+from util.feature_cache import load_or_build
 from util.logs import append_jsonl, close_logger, create_logger, log_startup, use_progress_bar, write_json_atomic
-from util.misc import StopSignal, UserError, requeue_slurm_job, run_main, set_seed
+from util.misc import ArgumentParser, StopSignal, UserError, requeue_slurm_job, run_main, set_seed
 
 PROJECT_ROOT = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_TAG_FILE = os.path.join(PROJECT_ROOT, "configs", "pretrained_checkpoints.yaml")
 # Default batch per process of the reference scripts (which ran as one process).
-REFERENCE_BATCH = {"cifar": 256, "other": 32}
+REFERENCE_BATCH = {"cifar": 256, "imagenet": 32}
 # A resumed run must have been started with the same recipe; these arguments define it.
 RECIPE_KEYS = ("arch", "pretrained", "data_name", "exp_mode", "use_bn", "headinit", "optimizer", "lr", "wd",
                "momentum", "nesterov", "wd_skip_bn", "epochs", "scheduler_type", "decay_epochs", "gamma",
-               "final_lr", "seed", "tf_name", "img_size", "data_rate", "precision")
+               "final_lr", "seed", "tf_name", "img_size", "data_rate", "precision", "feature_cache", "cache_views",
+               "val_split")
 
 
 # ---------------------------------------------------------------- arguments
 def get_args_parser():
-    p = argparse.ArgumentParser("Time-Cat linear probe", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = ArgumentParser("main_linear_probe.py", description="Time-Cat linear probe of concatenated backbones")
     g = p.add_argument_group("backbones")
     g.add_argument("--tag", default=None, help="named set of checkpoints from --tag_file; fills --arch and "
                    "--pretrained (e.g. supervisedimagenet_resnet50_sfadamw_5_step80k)")
     g.add_argument("--tag_file", default=DEFAULT_TAG_FILE, help="YAML file of tags: {tag: {arch: [...], "
                    "pretrained: [...]}}; relative checkpoint paths are relative to the project folder")
-    g.add_argument("--arch", nargs="+", default=None, help="one torchvision ResNet name per backbone "
-                   "(reference: resnet50)")
-    g.add_argument("--pretrained", nargs="+", default=None, help="one checkpoint per backbone, same order "
-                   "as --arch; features are concatenated in this order")
+    g.add_argument("--arch", nargs="+", default=None, help="one torchvision ResNet name per backbone, or one "
+                   "for all (reference: resnet50)")
+    g.add_argument("--pretrained", nargs="+", default=None, help="one checkpoint per backbone; features are "
+                   "concatenated in this order")
     g.add_argument("--exp_mode", default="lineareval", choices=["lineareval", "finetune"],
-                   help="lineareval: frozen backbones (the reference); finetune: the whole network trains")
+                   help="lineareval: frozen backbones (reference); finetune: the whole network trains")
 
     g = p.add_argument_group("head and optimisation (defaults = the reference protocol)")
     g.add_argument("--use_bn", action=argparse.BooleanOptionalAction, default=True,
@@ -54,22 +59,23 @@ def get_args_parser():
                    "cat_weights: the backbones' own classifiers, averaged")
     g.add_argument("--optimizer", default="sgd", choices=["sgd", "adam", "sfadamw"],
                    help="reference: sgd; sfadamw is schedule-free AdamW")
-    g.add_argument("--lr", type=float, default=0.01, help="learning rate, not scaled with the batch "
-                   "(reference: 0.01)")
+    g.add_argument("--lr", nargs="+", default=["0.01"], help="learning rate(s), not scaled with the batch "
+                   "(reference: 0.01); several values train one head each in the same pass")
+    g.add_argument("--wd", nargs="+", default=["5e-4"], help="weight decay(s) of the Linear layer; several "
+                   "values train one head each in the same pass. Reference sweeps: CIFAR 1e-2 5e-2 1e-4 5e-4 1e-3 "
+                   "5e-3; ImageNet 1e-4 5e-4; iNat18 1e-6 1e-5 1e-4")
     g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (reference: 0.9)")
     g.add_argument("--nesterov", action=argparse.BooleanOptionalAction, default=True,
                    help="Nesterov momentum (reference: on)")
-    g.add_argument("--wd", type=float, default=5e-4, help="weight decay of the Linear layer; the reference "
-                   "sweeps CIFAR {1e-2,5e-2,1e-4,5e-4,1e-3,5e-3}, ImageNet {1e-4,5e-4}, iNat18 {1e-6,1e-5,1e-4}")
     g.add_argument("--wd_skip_bn", action=argparse.BooleanOptionalAction, default=True,
                    help="no weight decay on the head BatchNorm (reference: on)")
     g.add_argument("--epochs", type=int, default=28, help="training epochs (reference: 28)")
     g.add_argument("--scheduler_type", default=None, choices=["step", "cosine", "constant"],
-                   help="learning-rate schedule per epoch; default step (reference), constant for sfadamw")
+                   help="per-epoch lr schedule; default step (reference), constant for sfadamw")
     g.add_argument("--decay_epochs", type=int, nargs="+", default=[8, 16, 24],
                    help="step schedule: epochs where the lr is multiplied by --gamma (reference: 8 16 24)")
     g.add_argument("--gamma", type=float, default=0.1, help="step schedule factor (reference: 0.1)")
-    g.add_argument("--final_lr", type=float, default=0.0, help="cosine schedule: lr at the last epoch")
+    g.add_argument("--final_lr", type=float, default=0.0, help="cosine schedule: lr reached at the end")
     g.add_argument("--seed", type=int, default=31, help="random seed (reference: 31)")
 
     g = p.add_argument_group("data")
@@ -84,19 +90,30 @@ def get_args_parser():
     g.add_argument("--img_size", type=int, default=None, help="crop size overriding the preset (test resize "
                    "= 8/7 of it), to run any dataset at CPU scale (reference: 224)")
     g.add_argument("--data_rate", type=float, default=1.0, help="fraction of the training set kept (seeded)")
+    g.add_argument("--val_split", type=float, default=0.0, help="hold out this seeded fraction of the training "
+                   "set to select the epoch and head honestly (recommended: 0.1; reference: 0, best on test)")
     g.add_argument("--batch_size", type=int, default=None, help="batch per process; default 256 for CIFAR, "
                    "32 for ImageNet and iNat18 (the reference's, which ran as one process)")
     g.add_argument("--workers", type=int, default=8, help="data-loading processes per process")
 
+    g = p.add_argument_group("speed")
+    g.add_argument("--feature_cache", default=None, help="folder of cached backbone features: computed once "
+                   "with the test transform, reused by every later run with the same backbones and data "
+                   "(recommended for sweeps; reference: off, features recomputed every epoch)")
+    g.add_argument("--cache_views", type=int, default=0, help="with --feature_cache: also cache K augmented "
+                   "views of the training set and train on a random one per sample (0: test-transform features)")
+    g.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                   help="backbone forward precision; auto = bf16 on GPUs and on CPUs with bf16 instructions, "
+                   "else fp32 (reference: fp32). The heads always train in fp32")
+
     g = p.add_argument_group("run")
     g.add_argument("--dump_path", default=os.path.join(PROJECT_ROOT, "results", "probe"),
-                   help="folder of train.log, metrics.jsonl, args.json and the checkpoints")
+                   help="folder of train.log, metrics.jsonl, args.json and checkpoints (a sweep: one "
+                   "subfolder wd{wd}_lr{lr} per head)")
     g.add_argument("--mode", default="train", choices=["train", "eval_only"],
-                   help="eval_only: evaluate the best saved head of --dump_path")
-    g.add_argument("--start_over", action="store_true", help="ignore the checkpoint in --dump_path and start "
+                   help="eval_only: evaluate the best saved head(s) of --dump_path")
+    g.add_argument("--start_over", action="store_true", help="discard the state in --dump_path and start "
                    "from epoch 0 (the default resumes)")
-    g.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
-                   help="backbone forward precision; the head always trains in fp32 (reference: fp32)")
     g.add_argument("--sync_bn", action="store_true", help="SyncBatchNorm for the head BN across processes "
                    "(the reference's iNat18 runs)")
     g.add_argument("--debug", action="store_true", help="force a single process, as the reference scripts did")
@@ -105,7 +122,7 @@ def get_args_parser():
 
 
 def resolve_backbones(args):
-    """Fill args.arch / args.pretrained from --tag, and check they pair up."""
+    """Fill args.arch / args.pretrained from --tag, and check they pair up and exist."""
     if args.tag:
         if args.arch or args.pretrained:
             raise UserError("give either --tag or --arch/--pretrained, not both")
@@ -115,13 +132,13 @@ def resolve_backbones(args):
             tags = yaml.safe_load(f) or {}
         if args.tag not in tags:
             raise UserError(f"unknown --tag '{args.tag}': {args.tag_file} defines {', '.join(sorted(tags))}")
-        entry = tags[args.tag]
-        args.arch = list(entry["arch"])
-        args.pretrained = [p if os.path.isabs(p) else os.path.join(PROJECT_ROOT, p) for p in entry["pretrained"]]
+        args.arch = list(tags[args.tag]["arch"])
+        args.pretrained = [p if os.path.isabs(p) else os.path.join(PROJECT_ROOT, p)
+                           for p in tags[args.tag]["pretrained"]]
     if not args.arch or not args.pretrained:
         raise UserError("name the backbones: --tag NAME, or --arch A [A ...] with --pretrained P [P ...]")
     if len(args.arch) == 1 and len(args.pretrained) > 1:
-        args.arch = args.arch * len(args.pretrained)  # one arch for all checkpoints
+        args.arch = args.arch * len(args.pretrained)
     if len(args.arch) != len(args.pretrained):
         raise UserError(f"--arch has {len(args.arch)} entries but --pretrained has {len(args.pretrained)}: "
                         f"give one arch per checkpoint (or a single arch for all)")
@@ -132,6 +149,22 @@ def resolve_backbones(args):
                         ("; `python tools/download.py` fetches the released ones" if args.tag else ""))
 
 
+def parse_values(name, texts, allow_zero):
+    """Floats of a list flag, keeping the text as given (it names the head's folder)."""
+    values = []
+    for text in texts:
+        try:
+            value = float(text)
+        except ValueError:
+            raise UserError(f"--{name}: '{text}' is not a number") from None
+        if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
+            raise UserError(f"--{name}: {text} must be {'non-negative' if allow_zero else 'positive'}")
+        values.append(value)
+    if len(set(values)) != len(values):
+        raise UserError(f"--{name}: a value is given twice")
+    return values
+
+
 def check_args(args):
     resolve_backbones(args)
     for name in ("epochs", "print_freq"):
@@ -139,80 +172,383 @@ def check_args(args):
             raise UserError(f"--{name} must be at least 1")
     if args.batch_size is not None and args.batch_size < 1:
         raise UserError("--batch_size must be at least 1")
-    if args.workers < 0:
-        raise UserError("--workers must be 0 or more")
+    if args.workers < 0 or args.cache_views < 0:
+        raise UserError("--workers and --cache_views must be 0 or more")
     if args.img_size is not None and args.img_size < 8:
         raise UserError("--img_size must be at least 8")
-    if not (args.lr > 0 and math.isfinite(args.lr)) or args.wd < 0 or not math.isfinite(args.wd):
-        raise UserError("--lr must be positive and --wd non-negative")
+    if not 0 <= args.val_split < 1:
+        raise UserError("--val_split must be in [0, 1)")
+    args.lr_values = parse_values("lr", args.lr, allow_zero=False)
+    args.wd_values = parse_values("wd", args.wd, allow_zero=True)
+    if args.exp_mode == "finetune" and (len(args.lr) > 1 or len(args.wd) > 1 or args.feature_cache):
+        raise UserError("--exp_mode finetune trains the backbones: it takes one --lr and one --wd and no "
+                        "--feature_cache")
+    if args.tf_name == "32px" and family_of(args.data_name) != "cifar":
+        raise UserError(f"--tf_name 32px is the CIFAR native-size preset; use eval (and --img_size) for "
+                        f"{args.data_name}")
+    if args.cache_views and not args.feature_cache:
+        raise UserError("--cache_views needs --feature_cache DIR")
     if args.batch_size is None:
-        args.batch_size = REFERENCE_BATCH["cifar" if args.data_name.startswith("cifar") else "other"]
+        args.batch_size = REFERENCE_BATCH[family_of(args.data_name)]
     if args.scheduler_type is None:
         args.scheduler_type = "constant" if args.optimizer == "sfadamw" else "step"
 
 
-# ---------------------------------------------------------------- optimisation
-def param_groups(head, encoder, args):
-    """Weight decay on the Linear layer (and the backbones when fine-tuning); none on the head BN
-    with --wd_skip_bn, as the reference."""
-    linear = head.linear.parameters()
-    groups = [{"params": list(linear), "weight_decay": args.wd}]
-    bn_params = list(head.bn.parameters())
-    if bn_params:
-        groups.append({"params": bn_params, "weight_decay": 0.0 if args.wd_skip_bn else args.wd})
+def resolve_precision(precision, device):
+    """auto: bf16 where the hardware computes it natively (CUDA; CPUs with AVX512-BF16 or AMX), else fp32."""
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    try:
+        flags = open("/proc/cpuinfo").read()
+    except OSError:
+        return "fp32"
+    return "bf16" if ("avx512_bf16" in flags or "amx_bf16" in flags) else "fp32"
+
+
+# ---------------------------------------------------------------- heads and optimisation
+def head_combos(args):
+    """(lr, wd, name) of each head; a single head writes to --dump_path itself, a sweep to <name>/."""
+    return [(lr, wd, f"wd{wd_text}_lr{lr_text}") for lr, lr_text in zip(args.lr_values, args.lr)
+            for wd, wd_text in zip(args.wd_values, args.wd)]
+
+
+def build_heads(in_dim, num_classes, combos, classifiers, args):
+    """Every head starts from the same seeded initialisation, as it would alone."""
+    heads = []
+    for _ in combos:
+        torch.manual_seed(args.seed)
+        head = LinearHead(in_dim, num_classes, args.use_bn)
+        head.init_weights(args.headinit, classifiers)
+        heads.append(head)
+    return MultiHead(heads)
+
+
+def param_groups(heads, encoder, combos, args):
+    """Per head: weight decay on its Linear layer, none on its BN with --wd_skip_bn (the reference);
+    the backbones decay too when fine-tuning."""
+    groups = []
+    for h, (head, (lr, wd, _)) in enumerate(zip(heads, combos)):
+        groups.append({"params": list(head.linear.parameters()), "weight_decay": wd, "lr": lr, "base_lr": lr,
+                       "head": h})
+        bn = list(head.bn.parameters())
+        if bn:
+            groups.append({"params": bn, "weight_decay": 0.0 if args.wd_skip_bn else wd, "lr": lr,
+                           "base_lr": lr, "head": h})
     if args.exp_mode == "finetune":
-        groups.append({"params": list(encoder.parameters()), "weight_decay": args.wd})
+        lr, wd, _ = combos[0]
+        groups.append({"params": list(encoder.parameters()), "weight_decay": wd, "lr": lr, "base_lr": lr,
+                       "head": 0})
     return groups
 
 
 def build_optimizer(groups, args):
     if args.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=args.lr, momentum=args.momentum, nesterov=args.nesterov)
+        return torch.optim.SGD(groups, lr=args.lr_values[0], momentum=args.momentum, nesterov=args.nesterov)
     if args.optimizer == "adam":
-        return torch.optim.Adam(groups, lr=args.lr)
+        return torch.optim.Adam(groups, lr=args.lr_values[0])
     import schedulefree
-    return schedulefree.AdamWScheduleFree(groups, lr=args.lr)
+    return schedulefree.AdamWScheduleFree(groups, lr=args.lr_values[0])
 
 
-def lr_at_epoch(epoch, args):
+def lr_at_epoch(epoch, base_lr, args):
     """The schedule is a pure function of the epoch, so a resumed run needs nothing but the epoch."""
     if args.scheduler_type == "step":
-        return args.lr * args.gamma ** sum(epoch >= e for e in args.decay_epochs)
+        return base_lr * args.gamma ** sum(epoch >= e for e in args.decay_epochs)
     if args.scheduler_type == "cosine":
-        return args.final_lr + (args.lr - args.final_lr) * 0.5 * (1 + math.cos(math.pi * epoch / args.epochs))
-    return args.lr
+        return args.final_lr + (base_lr - args.final_lr) * 0.5 * (1 + math.cos(math.pi * epoch / args.epochs))
+    return base_lr
 
 
 class Classifier(nn.Module):
-    """Encoder followed by head, for evaluation (and as the trained module when fine-tuning)."""
+    """Encoder followed by the heads: images to one logits per head."""
 
-    def __init__(self, encoder, head):
+    def __init__(self, encoder, heads):
         super().__init__()
-        self.encoder, self.head = encoder, head
+        self.encoder, self.heads = encoder, heads
 
     def forward(self, images):
-        return self.head(self.encoder(images).float())
+        return self.heads(self.encoder(images).float())
 
 
-def set_eval_mode(classifier, optimizer, args):
-    classifier.eval()
-    if args.optimizer == "sfadamw":
-        optimizer.eval()  # schedule-free: evaluate at the averaged weights
+# ---------------------------------------------------------------- data
+def build_data(args, dist_info, logger):
+    """Training (augmented and with the test transform), test set and the seeded positions used for training
+    and held-out validation (--data_rate, --val_split)."""
+    family = family_of(args.data_name)
+    if dist_info.is_main:  # one process downloads, the others wait
+        train_base, num_classes = build_dataset(args.data_name, args.data_path, "train", args.download)
+    barrier()
+    if not dist_info.is_main:
+        train_base, num_classes = build_dataset(args.data_name, args.data_path, "train", False)
+    test_base, _ = build_dataset(args.data_name, args.data_path, "test", False)
+    kept = subset_fraction(len(train_base), args.data_rate, args.seed)
+    train_base = torch.utils.data.Subset(train_base, kept)
+    train_aug = WithTransform(train_base, build_transform(family, args.tf_name, True, args.img_size))
+    train_plain = WithTransform(train_base, build_transform(family, args.tf_name, False, args.img_size))
+    test_set = WithTransform(test_base, build_transform(family, args.tf_name, False, args.img_size))
+    val_positions = []
+    if args.val_split:
+        val_positions = stratified_subset(dataset_targets(train_base), args.val_split, args.seed)
+    held_out = set(val_positions)
+    train_positions = [i for i in range(len(train_base)) if i not in held_out]
+    logger.info(f"data: {args.data_name}, {len(train_positions)} train / {len(val_positions)} validation / "
+                f"{len(test_set)} test images, {num_classes} classes")
+    return train_aug, train_plain, test_set, train_positions, val_positions, num_classes
 
 
-def set_train_mode(trained, optimizer, args):
-    trained.train()  # the head, or encoder + head when fine-tuning; a frozen encoder stays in eval mode
-    if args.optimizer == "sfadamw":
-        optimizer.train()
+class PositionSampler(torch.utils.data.Sampler):
+    """DistributedSampler over the training positions (seeded shuffle, set_epoch), yielding the positions."""
+
+    def __init__(self, positions, dist_info, seed):
+        self.positions = positions
+        self.inner = torch.utils.data.DistributedSampler(positions, num_replicas=dist_info.world_size,
+                                                         rank=dist_info.rank, shuffle=True, seed=seed)
+
+    def set_epoch(self, epoch):
+        self.inner.set_epoch(epoch)
+
+    def __iter__(self):
+        return (self.positions[i] for i in self.inner)
+
+    def __len__(self):
+        return len(self.inner)
 
 
-# ---------------------------------------------------------------- state on disk
-def run_state(head, encoder, optimizer, epoch, best_acc, args):
-    state = {"head": head.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch, "best_acc": best_acc,
-             "args": vars(args)}
-    if args.exp_mode == "finetune":
-        state["encoder"] = encoder.state_dict()
-    return state
+# ---------------------------------------------------------------- main
+def main(args):
+    check_args(args)
+    dist_info = init_distributed(debug=args.debug)
+    args.precision = resolve_precision(args.precision, dist_info.device)
+    combos = head_combos(args)
+    sweep = len(combos) > 1
+    head_dirs = [os.path.join(args.dump_path, name) if sweep else args.dump_path for _, _, name in combos]
+    for directory in head_dirs:
+        os.makedirs(directory, exist_ok=True)
+    logger = create_logger(args.dump_path, dist_info.rank, "sweep.log" if sweep else "train.log")
+    head_loggers = [create_logger(d, dist_info.rank, console=False) for d in head_dirs] if sweep else [logger]
+    try:
+        probe(args, dist_info, combos, head_dirs, logger, head_loggers)
+    finally:
+        for lg in {id(lg): lg for lg in [logger] + head_loggers}.values():
+            close_logger(lg)
+        cleanup()
+
+
+def probe(args, dist_info, combos, head_dirs, logger, head_loggers):
+    device, rank, world = dist_info.device, dist_info.rank, dist_info.world_size
+    show_bar = use_progress_bar(dist_info.is_main)
+    sweep = len(combos) > 1
+    for lg in head_loggers if sweep else [logger]:
+        log_startup(lg, args, dist_info, args.batch_size * world, args.lr if sweep else args.lr[0])
+    if sweep:
+        logger.info(f"sweep of {len(combos)} heads on one backbone pass: {', '.join(n for _, _, n in combos)}")
+    set_seed(args.seed)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+
+    # ---- data
+    train_aug, train_plain, test_set, train_positions, val_positions, num_classes = build_data(args, dist_info,
+                                                                                               logger)
+    train_sampler = PositionSampler(train_positions, dist_info, args.seed)
+    loader_generator = torch.Generator()
+    loader_kwargs = dict(num_workers=args.workers, pin_memory=device.type == "cuda")
+    drop_last = len(train_sampler) > args.batch_size  # keeps the head BN away from a last batch of one sample
+    val_sampler = ShardSampler(len(val_positions), rank, world)
+
+    # ---- model
+    encoder = ConcatEncoder(args.arch, args.pretrained).to(device).to(memory_format=torch.channels_last)
+    finetune = args.exp_mode == "finetune"
+    if not finetune:
+        encoder.freeze()
+    heads = build_heads(encoder.out_dim, num_classes, combos, encoder.classifiers, args)
+    if args.sync_bn and dist_info.distributed:
+        heads = nn.SyncBatchNorm.convert_sync_batchnorm(heads)
+    heads.to(device)
+    logger.info(f"encoder: {len(args.arch)} backbone(s) {args.arch}, {encoder.out_dim}-d features, "
+                f"{args.precision}; head: {'BatchNorm1d + ' if args.use_bn else ''}Linear({encoder.out_dim}, "
+                f"{num_classes}) x {len(combos)}")
+    classifier = Classifier(encoder, heads)
+    trained = classifier if finetune else heads
+    if dist_info.distributed:  # only what trains is wrapped: the frozen encoder needs no gradient sync
+        trained = nn.parallel.DistributedDataParallel(trained, device_ids=[device.index] if device.type == "cuda"
+                                                      else None)
+    optimizer = build_optimizer(param_groups(heads, encoder, combos, args), args)
+
+    # ---- batch sources: features on the fly (reference), from the cache, or images when fine-tuning
+    def loader(dataset, sampler, **kw):
+        return torch.utils.data.DataLoader(dataset, args.batch_size, sampler=sampler, **loader_kwargs, **kw)
+
+    train_loader = loader(train_aug, train_sampler, drop_last=drop_last, generator=loader_generator)
+    test_loader = loader(test_set, ShardSampler(len(test_set), rank, world))
+    val_loader = loader(torch.utils.data.Subset(train_plain, val_positions), val_sampler)
+    if args.feature_cache:
+        cached = lambda ds, split, view: load_or_build(encoder, ds, args.feature_cache, args, dist_info, split,
+                                                       view, logger, show_bar)
+        plain_features, plain_labels = cached(train_plain, "train", -1)
+        test_features, test_labels = cached(test_set, "test", -1)
+        views = [plain_features]
+        if args.cache_views:
+            views = [cached(train_aug, "train", k)[0] for k in range(args.cache_views)]
+        views, plain_features, test_features = place_features(views, plain_features, test_features, device,
+                                                              logger)
+        val_rows = torch.tensor(val_positions, dtype=torch.long)
+        train_batches = lambda: CachedBatches(views, plain_labels, train_sampler, args.batch_size, device,
+                                              drop_last, loader_generator)
+        test_batches = lambda: CachedBatches([test_features], test_labels,
+                                             ShardSampler(len(test_set), rank, world), args.batch_size, device)
+        val_batches = lambda: CachedBatches([plain_features[val_rows]], plain_labels[val_rows], val_sampler,
+                                            args.batch_size, device)
+    elif finetune:
+        train_batches = lambda: image_batches(train_loader, device)
+        test_batches = lambda: image_batches(test_loader, device)
+        val_batches = lambda: image_batches(val_loader, device)
+    else:
+        train_batches = lambda: encoded_batches(train_loader, encoder, device, args.precision)
+        test_batches = lambda: encoded_batches(test_loader, encoder, device, args.precision)
+        val_batches = lambda: encoded_batches(val_loader, encoder, device, args.precision)
+    num_train_batches = len(train_loader)
+    eval_model = classifier if finetune else heads
+
+    # ---- resume, or evaluate saved heads
+    checkpoint_path = os.path.join(args.dump_path, "checkpoint.pth.tar")
+    best_paths = [os.path.join(d, "best.pth.tar") for d in head_dirs]
+    if args.mode == "eval_only":
+        epochs = []
+        for head, path in zip(heads, best_paths):
+            state = load_file(path, "saved head")
+            check_same_recipe(state["args"], args, path)
+            head.load_state_dict(state["head"])
+            if "encoder" in state:
+                encoder.load_state_dict(state["encoder"])
+            epochs.append(state["epoch"] - 1)
+        eval_model.eval()
+        if args.optimizer == "sfadamw":
+            optimizer.eval()
+        for h, stats in enumerate(evaluate(eval_model, test_batches(), device, args.precision, len(test_set),
+                                           show_bar, num_heads=len(combos))):
+            head_loggers[h].info(f"Test: Loss {stats['loss']:.4f} Acc@1 {stats['top1']:.3f} Acc@5 "
+                                 f"{stats['top5']:.3f} (head of epoch {epochs[h]} from {best_paths[h]})")
+        return
+    n = len(combos)
+    start_epoch, best_test, best_val, selected = 0, [0.0] * n, [-1.0] * n, [None] * n
+    if os.path.exists(checkpoint_path) and not args.start_over:
+        state = load_file(checkpoint_path, "run checkpoint")
+        check_same_recipe(state["args"], args, checkpoint_path)
+        heads.load_state_dict(state["heads"])
+        optimizer.load_state_dict(state["optimizer"])
+        if "encoder" in state:
+            encoder.load_state_dict(state["encoder"])
+        start_epoch, best_test, best_val, selected = (state["epoch"], state["best_test"], state["best_val"],
+                                                      state["selected"])
+        for lg in head_loggers if sweep else [logger]:
+            lg.info(f"Resumed from {checkpoint_path} at epoch {start_epoch}")
+    elif dist_info.is_main:
+        for stale in [checkpoint_path] + best_paths + [os.path.join(d, "metrics.jsonl") for d in head_dirs]:
+            if os.path.exists(stale):
+                os.remove(stale)
+    if dist_info.is_main:
+        write_json_atomic(vars(args), os.path.join(args.dump_path, "args.json"))
+        for directory, (lr, wd, name) in zip(head_dirs, combos):
+            write_json_atomic(dict(vars(args), lr=lr, wd=wd, head=name), os.path.join(directory, "args.json"))
+
+    # ---- train
+    stop = StopSignal()
+    for epoch in range(start_epoch, args.epochs):
+        start = time.time()
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at_epoch(epoch, group["base_lr"], args)
+        # per-epoch seeds: an epoch's shuffling and augmentations do not depend on where the run resumed
+        train_sampler.set_epoch(epoch)
+        set_seed(args.seed + 1000 * epoch + rank)
+        loader_generator.manual_seed(args.seed + 1000 * epoch + rank)
+        trained.train()  # the heads, or encoder + heads when fine-tuning; a frozen encoder stays in eval mode
+        if args.optimizer == "sfadamw":
+            optimizer.train()
+        try:
+            train_loss, train_top1, completed = train_one_epoch(trained, train_batches(), num_train_batches,
+                                                                optimizer, epoch, args, device, head_loggers,
+                                                                stop, show_bar and not sweep)
+        except NonFiniteLoss as exc:
+            raise UserError(f"{exc}; the last good state is in {checkpoint_path}. Lower --lr?") from None
+        if not completed:
+            for lg in {id(lg): lg for lg in [logger] + head_loggers}.values():
+                lg.info(f"Stopped by {stop.received} during epoch {epoch}; a rerun resumes from epoch {epoch} "
+                        f"({checkpoint_path})")
+            if dist_info.is_main:
+                requeue_slurm_job(logger)
+            return
+        eval_model.eval()
+        if args.optimizer == "sfadamw":
+            optimizer.eval()  # schedule-free: evaluate at the averaged weights
+        test_stats = evaluate(eval_model, test_batches(), device, args.precision, len(test_set), show_bar,
+                              num_heads=n)
+        val_stats = evaluate(eval_model, val_batches(), device, args.precision, len(val_positions),
+                             num_heads=n) if val_positions else [None] * n
+        improved = []
+        for h in range(n):
+            test, val, lg = test_stats[h], val_stats[h], head_loggers[h]
+            improved.append(test["top1"] > best_test[h])
+            best_test[h] = max(best_test[h], test["top1"])
+            lg.info(f"Test: Loss {test['loss']:.4f} Acc@1 {test['top1']:.3f} Best Acc@1 so far {best_test[h]:.2f}")
+            lg.info(f"Test: Acc@5 {test['top5']:.3f} over {len(test_set)} images")
+            if val is not None:
+                if val["top1"] > best_val[h]:
+                    best_val[h], selected[h] = val["top1"], (epoch, val["top1"], test["top1"])
+                lg.info(f"Val: Loss {val['loss']:.4f} Acc@1 {val['top1']:.3f} Best Val Acc@1 so far "
+                        f"{best_val[h]:.2f} over {len(val_positions)} held-out training images")
+            if sweep:
+                logger.info(f"epoch {epoch} {combos[h][2]}: test Acc@1 {test['top1']:.3f} (best {best_test[h]:.2f})"
+                            + (f", val Acc@1 {val['top1']:.3f}" if val is not None else ""))
+        if dist_info.is_main:
+            state = {"heads": heads.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch + 1,
+                     "best_test": best_test, "best_val": best_val, "selected": selected, "args": vars(args)}
+            if finetune:
+                state["encoder"] = encoder.state_dict()
+            for h in range(n):
+                if improved[h]:
+                    head_state = {"head": heads[h].state_dict(), "epoch": epoch + 1, "best_acc": best_test[h],
+                                  "args": vars(args)}
+                    if finetune:
+                        head_state["encoder"] = encoder.state_dict()
+                    save_atomic(head_state, best_paths[h])
+                record = {"epoch": epoch, "train_loss": train_loss[h], "train_top1": train_top1[h],
+                          "test_loss": test_stats[h]["loss"], "test_top1": test_stats[h]["top1"],
+                          "test_top5": test_stats[h]["top5"], "lr": lr_at_epoch(epoch, combos[h][0], args),
+                          "seconds": round(time.time() - start, 3)}
+                if val_stats[h] is not None:
+                    record.update(val_loss=val_stats[h]["loss"], val_top1=val_stats[h]["top1"])
+                append_jsonl(record, os.path.join(head_dirs[h], "metrics.jsonl"))
+            save_atomic(state, checkpoint_path)
+        barrier()
+
+    # ---- report
+    for h in range(n):
+        head_loggers[h].info(f"Top-1 test accuracy: {best_test[h]:.1f}")
+        if selected[h] is not None:
+            e, v, t = selected[h]
+            head_loggers[h].info(f"Selected on validation: epoch {e} val Acc@1 {v:.2f} test Acc@1 {t:.2f}")
+    if sweep:
+        best = max(range(n), key=lambda h: best_test[h])
+        logger.info(f"Best on test (the reference's rule): {combos[best][2]} Acc@1 {best_test[best]:.2f}")
+        if val_positions:
+            pick = max(range(n), key=lambda h: selected[h][1])
+            e, v, t = selected[pick]
+            logger.info(f"Selected on validation: {combos[pick][2]} epoch {e} val Acc@1 {v:.2f} test Acc@1 {t:.2f}")
+
+
+def place_features(views, plain, test, device, logger):
+    """Cached features go to the GPU when they fit in half its free memory; else they stay memory-mapped."""
+    if device.type != "cuda":
+        return views, plain, test
+    unique = {id(t): t for t in views + [plain, test]}
+    needed = sum(t.numel() * t.element_size() for t in unique.values())
+    if needed > 0.5 * torch.cuda.mem_get_info(device)[0]:
+        logger.info(f"feature cache: {needed / 1e9:.1f} GB stay in host memory (too large for the GPU)")
+        return views, plain, test
+    moved = {key: t.to(device) for key, t in unique.items()}
+    return [moved[id(v)] for v in views], moved[id(plain)], moved[id(test)]
 
 
 def check_same_recipe(saved_args, args, path):
@@ -221,142 +557,6 @@ def check_same_recipe(saved_args, args, path):
         k = changed[0]
         raise UserError(f"{path} was written by a run with --{k} {saved_args.get(k)} (now {getattr(args, k)}); "
                         f"use another --dump_path, or --start_over to overwrite it")
-
-
-# ---------------------------------------------------------------- main
-def main(args):
-    check_args(args)
-    dist_info = init_distributed(debug=args.debug)
-    os.makedirs(args.dump_path, exist_ok=True)
-    logger = create_logger(args.dump_path, dist_info.rank)
-    try:
-        probe(args, dist_info, logger)
-    finally:
-        close_logger(logger)
-        cleanup()
-
-
-def probe(args, dist_info, logger):
-    device, rank, world = dist_info.device, dist_info.rank, dist_info.world_size
-    show_bar = use_progress_bar(dist_info.is_main)
-    log_startup(logger, args, dist_info, args.batch_size * world, args.lr)
-    set_seed(args.seed)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-
-    # ---- data
-    train_set, num_classes = build_dataset(args.data_name, args.data_path, "train", args.tf_name, args.img_size,
-                                           args.download and dist_info.is_main)
-    if not dist_info.is_main:
-        barrier()
-    test_set, _ = build_dataset(args.data_name, args.data_path, "test", args.tf_name, args.img_size, False)
-    if dist_info.is_main:
-        barrier()
-    train_set = subset_fraction(train_set, args.data_rate, args.seed)
-    logger.info(f"data: {args.data_name}, {len(train_set)} train / {len(test_set)} test images, "
-                f"{num_classes} classes")
-    train_sampler = torch.utils.data.DistributedSampler(train_set, num_replicas=world, rank=rank, shuffle=True,
-                                                        seed=args.seed, drop_last=False)
-    loader_generator = torch.Generator()
-    loader_kwargs = dict(num_workers=args.workers, pin_memory=device.type == "cuda")
-    # drop_last keeps the head BN away from a last batch of one sample
-    train_loader = torch.utils.data.DataLoader(train_set, args.batch_size, sampler=train_sampler,
-                                               drop_last=len(train_sampler) > args.batch_size,
-                                               generator=loader_generator, **loader_kwargs)
-    test_loader = torch.utils.data.DataLoader(test_set, args.batch_size,
-                                              sampler=ShardSampler(len(test_set), rank, world), **loader_kwargs)
-
-    # ---- model
-    encoder = ConcatEncoder(args.arch, args.pretrained).to(device).to(memory_format=torch.channels_last)
-    if args.exp_mode == "lineareval":
-        encoder.freeze()
-    head = LinearHead(encoder.out_dim, num_classes, args.use_bn)
-    head.init_weights(args.headinit, encoder.classifiers)
-    if args.sync_bn and dist_info.distributed:
-        head = nn.SyncBatchNorm.convert_sync_batchnorm(head)
-    head.to(device)
-    logger.info(f"encoder: {len(args.arch)} backbone(s) {args.arch}, {encoder.out_dim}-d features; "
-                f"head: {'BatchNorm1d + ' if args.use_bn else ''}Linear({encoder.out_dim}, {num_classes})")
-    classifier = Classifier(encoder, head)
-    finetune = args.exp_mode == "finetune"
-    trained = classifier if finetune else head
-    if dist_info.distributed:  # only what trains is wrapped: the frozen encoder needs no gradient sync
-        trained = nn.parallel.DistributedDataParallel(trained, device_ids=[device.index] if device.type == "cuda"
-                                                      else None)
-    optimizer = build_optimizer(param_groups(head, encoder, args), args)
-
-    # ---- resume or evaluate a saved head
-    checkpoint_path = os.path.join(args.dump_path, "checkpoint.pth.tar")
-    best_path = os.path.join(args.dump_path, "best.pth.tar")
-    start_epoch, best_acc = 0, 0.0
-    if args.mode == "eval_only":
-        state = load_file(best_path, "saved head")
-        check_same_recipe(state["args"], args, best_path)
-        head.load_state_dict(state["head"])
-        if "encoder" in state:
-            encoder.load_state_dict(state["encoder"])
-        set_eval_mode(classifier, optimizer, args)
-        stats = evaluate(classifier, test_loader, device, args.precision, len(test_set), show_bar)
-        logger.info(f"Test: Loss {stats['loss']:.4f} Acc@1 {stats['top1']:.3f} Acc@5 {stats['top5']:.3f} "
-                    f"(head of epoch {state['epoch'] - 1} from {best_path})")
-        return
-    if os.path.exists(checkpoint_path) and not args.start_over:
-        state = load_file(checkpoint_path, "run checkpoint")
-        check_same_recipe(state["args"], args, checkpoint_path)
-        head.load_state_dict(state["head"])
-        optimizer.load_state_dict(state["optimizer"])
-        if "encoder" in state:
-            encoder.load_state_dict(state["encoder"])
-        start_epoch, best_acc = state["epoch"], state["best_acc"]
-        logger.info(f"Resumed from {checkpoint_path} at epoch {start_epoch} (best Acc@1 so far {best_acc:.2f})")
-    elif dist_info.is_main:
-        for stale in (checkpoint_path, best_path, os.path.join(args.dump_path, "metrics.jsonl")):
-            if os.path.exists(stale):
-                os.remove(stale)
-    if dist_info.is_main:
-        write_json_atomic(vars(args), os.path.join(args.dump_path, "args.json"))
-
-    # ---- train
-    stop = StopSignal()
-    for epoch in range(start_epoch, args.epochs):
-        start = time.time()
-        lr = lr_at_epoch(epoch, args)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        # per-epoch seeds: an epoch's shuffling and augmentations do not depend on where the run resumed
-        train_sampler.set_epoch(epoch)
-        set_seed(args.seed + 1000 * epoch + rank)
-        loader_generator.manual_seed(args.seed + 1000 * epoch + rank)
-        set_train_mode(trained, optimizer, args)
-        try:
-            train_loss, train_top1, completed = train_one_epoch(trained, None if finetune else encoder,
-                                                                train_loader, optimizer, epoch, args, device,
-                                                                logger, stop, show_bar)
-        except NonFiniteLoss as exc:
-            raise UserError(f"{exc}; the last good state is in {checkpoint_path}. Lower --lr?") from None
-        if not completed:
-            logger.info(f"Stopped by {stop.received} during epoch {epoch}; a rerun resumes from epoch "
-                        f"{epoch} ({checkpoint_path})")
-            if dist_info.is_main:
-                requeue_slurm_job(logger)
-            return
-        set_eval_mode(classifier, optimizer, args)
-        stats = evaluate(classifier, test_loader, device, args.precision, len(test_set), show_bar)
-        is_best = stats["top1"] > best_acc
-        best_acc = max(best_acc, stats["top1"])
-        logger.info(f"Test: Loss {stats['loss']:.4f} Acc@1 {stats['top1']:.3f} Best Acc@1 so far {best_acc:.2f}")
-        logger.info(f"Test: Acc@5 {stats['top5']:.3f} over {len(test_set)} images")
-        if dist_info.is_main:
-            state = run_state(head, encoder, optimizer, epoch + 1, best_acc, args)
-            if is_best:
-                save_atomic(state, best_path)
-            save_atomic(state, checkpoint_path)
-            append_jsonl({"epoch": epoch, "train_loss": train_loss, "train_top1": train_top1,
-                          "test_loss": stats["loss"], "test_top1": stats["top1"], "test_top5": stats["top5"],
-                          "lr": lr, "seconds": round(time.time() - start, 3)},
-                         os.path.join(args.dump_path, "metrics.jsonl"))
-        barrier()
-    logger.info(f"Top-1 test accuracy: {best_acc:.1f}")
 
 
 if __name__ == "__main__":

@@ -7,7 +7,6 @@ import torch
 
 from datasets.cifar import build_cifar
 from datasets.images import IMAGENET_HINT, INAT_HINT, INaturalist18, build_image_folder
-from datasets.transforms import TF_NAMES, build_transform
 from util.misc import UserError
 
 DATA_NAMES = ("cifar10", "cifar100", "inaturalist18", "imagenet1k")
@@ -29,6 +28,19 @@ def parse_data_name(data_name):
     return data_name, None
 
 
+def family_of(data_name):
+    """'cifar' (CIFAR transforms and statistics) or 'imagenet' (ImageNet and iNat18)."""
+    return "cifar" if parse_data_name(data_name)[0].startswith("cifar") else "imagenet"
+
+
+def dataset_targets(dataset):
+    """Class labels of a dataset, through any Subset wrappers."""
+    if isinstance(dataset, torch.utils.data.Subset):
+        targets = dataset_targets(dataset.dataset)
+        return [targets[i] for i in dataset.indices]
+    return list(dataset.targets)
+
+
 def stratified_subset(targets, fraction, seed):
     """Indices of a seeded, class-balanced fraction of a dataset (at least one sample per class)."""
     targets = np.asarray(targets)
@@ -41,43 +53,49 @@ def stratified_subset(targets, fraction, seed):
     return np.sort(np.concatenate(keep)).tolist()
 
 
-def build_dataset(data_name, data_path, split, tf_name="eval", img_size=None, download=True, transform=None):
-    """(dataset, num_classes) for split 'train' or 'test'. `transform` overrides the preset."""
+def subset_fraction(length, rate, seed):
+    """Indices of a seeded random fraction of a dataset of `length` samples (--data_rate)."""
+    if not 0 < rate <= 1:
+        raise UserError(f"--data_rate must be in (0, 1], got {rate}")
+    if rate == 1:
+        return list(range(length))
+    count = max(1, int(round(length * rate)))
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randperm(length, generator=generator)[:count].sort().values.tolist()
+
+
+class WithTransform(torch.utils.data.Dataset):
+    """A view of a dataset of (PIL image, label) with its own transform, so one dataset serves both the
+    augmented training view and the test-transform view without being read twice."""
+
+    def __init__(self, dataset, transform):
+        self.dataset, self.transform = dataset, transform
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        image, label = self.dataset[index]
+        return self.transform(image), label
+
+
+def build_dataset(data_name, data_path, split, download=True):
+    """(dataset of (PIL image, label), num_classes) for split 'train' or 'test'."""
     base, percent = parse_data_name(data_name)
-    if tf_name not in TF_NAMES:
-        raise UserError(f"unknown --tf_name '{tf_name}': choose one of {', '.join(TF_NAMES)}")
-    family = "cifar" if base.startswith("cifar") else "imagenet"
-    if tf_name == "32px" and family != "cifar":
-        raise UserError("--tf_name 32px is the CIFAR native-size preset; use eval or 224px (and --img_size) "
-                        f"for {base}")
     train = split == "train"
-    if transform is None:
-        transform = build_transform(family, tf_name, train, img_size)
-    if family == "cifar":
-        dataset = build_cifar(base, data_path, train, transform, download)
+    if base.startswith("cifar"):
+        dataset = build_cifar(base, data_path, train, None, download)
         num_classes = 10 if base == "cifar10" else 100
     elif base == "inaturalist18":
         root = os.path.join(data_path, "inaturalist18")
         if not os.path.isdir(root):
             raise UserError(f"iNaturalist18: folder {root} not found. {INAT_HINT}")
-        dataset = INaturalist18(root, split, transform)
+        dataset = INaturalist18(root, split)
         num_classes = len(dataset.class_to_idx)
     else:
         folder = os.path.join(data_path, "imagenet", "train" if train else "val")
-        dataset = build_image_folder(folder, "ImageNet1k", IMAGENET_HINT, transform)
+        dataset = build_image_folder(folder, "ImageNet1k", IMAGENET_HINT)
         num_classes = len(dataset.classes)
     if percent is not None and train and percent < 100:
         dataset = torch.utils.data.Subset(dataset, stratified_subset(dataset.targets, percent / 100, SUBSET_SEED))
     return dataset, num_classes
-
-
-def subset_fraction(dataset, rate, seed):
-    """Keep a seeded random fraction of a dataset (--data_rate)."""
-    if not 0 < rate <= 1:
-        raise UserError(f"--data_rate must be in (0, 1], got {rate}")
-    if rate == 1:
-        return dataset
-    count = max(1, int(round(len(dataset) * rate)))
-    generator = torch.Generator().manual_seed(seed)
-    indices = torch.randperm(len(dataset), generator=generator)[:count].sort().values.tolist()
-    return torch.utils.data.Subset(dataset, indices)

@@ -35,3 +35,10 @@ class LinearHead(nn.Module):
                 self.linear.bias.copy_(bias)
         elif how != "none":
             raise UserError(f"unknown --headinit '{how}': choose normal, none or cat_weights")
+
+
+class MultiHead(nn.ModuleList):
+    """Several heads on the same features (a hyper-parameter sweep in one pass); returns one logits per head."""
+
+    def forward(self, features):
+        return [head(features) for head in self]

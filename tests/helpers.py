@@ -15,14 +15,14 @@ PALETTE = np.array([[220, 40, 40], [40, 200, 40], [40, 40, 220], [220, 220, 40],
                     [40, 220, 220], [250, 140, 20], [120, 60, 200], [30, 30, 30], [240, 240, 240]])
 
 
-def class_image(label, rng, size=32):
+def class_image(label, rng, size=32, noise=25):
     """An image whose mean colour tells its class, plus noise: learnable by a probe in a few steps."""
     base = PALETTE[label % len(PALETTE)] * (0.6 + 0.4 * ((label // len(PALETTE)) % 2))
-    noise = rng.normal(0, 25, size=(size, size, 3))
+    noise = rng.normal(0, noise, size=(size, size, 3))
     return np.clip(base + noise, 0, 255).astype(np.uint8)
 
 
-def make_cifar(data_path, name="cifar10", n_train=200, n_test=60, seed=0):
+def make_cifar(data_path, name="cifar10", n_train=200, n_test=60, seed=0, noise=25):
     """torchvision's CIFAR folder under data_path/cifar/, with n_train / n_test images."""
     rng = np.random.default_rng(seed)
     num_classes = 10 if name == "cifar10" else 100
@@ -32,7 +32,7 @@ def make_cifar(data_path, name="cifar10", n_train=200, n_test=60, seed=0):
 
     def batch(n):
         labels = [i % num_classes for i in range(n)]
-        data = np.stack([class_image(y, rng).transpose(2, 0, 1).reshape(-1) for y in labels])
+        data = np.stack([class_image(y, rng, noise=noise).transpose(2, 0, 1).reshape(-1) for y in labels])
         out = {"data": data, label_key: labels, "filenames": ["x.png"] * n}
         if name == "cifar100":
             out["coarse_labels"] = [y // 5 for y in labels]

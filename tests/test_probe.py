@@ -79,10 +79,10 @@ def test_step_schedule_and_defaults_follow_the_reference(world, tmp_path):
     (tmp_path / "x.pth").touch()
     args = probe.get_args_parser().parse_args(["--arch", "resnet50", "--pretrained", str(tmp_path / "x.pth")])
     probe.check_args(args)
-    assert (args.lr, args.momentum, args.nesterov, args.epochs, args.decay_epochs, args.seed) == \
-        (0.01, 0.9, True, 28, [8, 16, 24], 31)
+    assert (args.lr_values, args.wd_values, args.momentum, args.nesterov, args.epochs, args.decay_epochs,
+            args.seed) == ([0.01], [5e-4], 0.9, True, 28, [8, 16, 24], 31)
     assert args.use_bn and args.wd_skip_bn and args.headinit == "normal" and args.batch_size == 256
-    lrs = [probe.lr_at_epoch(e, args) for e in (0, 7, 8, 15, 16, 24, 27)]
+    lrs = [probe.lr_at_epoch(e, 0.01, args) for e in (0, 7, 8, 15, 16, 24, 27)]
     assert lrs == pytest.approx([0.01, 0.01, 0.001, 0.001, 1e-4, 1e-5, 1e-5])
     run_probe(world, tmp_path / "run", "--epochs", "3", "--decay_epochs", "1", "2")
     assert [m["lr"] for m in read_metrics(tmp_path / "run")] == pytest.approx([0.1, 0.01, 0.001])
@@ -90,9 +90,9 @@ def test_step_schedule_and_defaults_follow_the_reference(world, tmp_path):
 
 def test_percent_subset_is_fixed_and_class_balanced(world):
     from datasets import build_dataset
-    full, _ = build_dataset("cifar10", world["data"], "train", img_size=32)
-    part, _ = build_dataset("cifar10_50perc", world["data"], "train", img_size=32)
-    again, _ = build_dataset("cifar10_50perc", world["data"], "train", img_size=32)
+    full, _ = build_dataset("cifar10", world["data"], "train")
+    part, _ = build_dataset("cifar10_50perc", world["data"], "train")
+    again, _ = build_dataset("cifar10_50perc", world["data"], "train")
     assert len(part) == len(full) // 2 and part.indices == again.indices
     labels = [full.targets[i] for i in part.indices]
     assert all(labels.count(c) == 10 for c in range(10))
@@ -167,8 +167,8 @@ def test_interrupted_run_resumes_to_the_same_result(world, tmp_path):
 
     run_probe(world, interrupted, "--epochs", "4", "--decay_epochs", "2", "--print_freq", "1")
     assert "Resumed from" in (interrupted / "train.log").read_text()
-    a = torch.load(straight / "checkpoint.pth.tar", weights_only=False)["head"]
-    b = torch.load(interrupted / "checkpoint.pth.tar", weights_only=False)["head"]
+    a = torch.load(straight / "checkpoint.pth.tar", weights_only=False)["heads"]
+    b = torch.load(interrupted / "checkpoint.pth.tar", weights_only=False)["heads"]
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert final_accuracy(straight) == final_accuracy(interrupted)
 

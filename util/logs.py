@@ -22,23 +22,24 @@ class _ElapsedFormatter(logging.Formatter):
         return f"{prefix} - {record.getMessage()}"
 
 
-def create_logger(dump_path, rank, name="timecat"):
-    """A logger writing to dump_path/train.log (or train.log-{rank}) and, on rank 0, to stdout."""
-    logger = logging.getLogger(f"{name}.{os.path.abspath(dump_path)}.{rank}")
+def create_logger(dump_path, rank, filename="train.log", console=True):
+    """A logger writing to dump_path/filename (train.log; train.log-{rank} on other ranks) and, on rank 0
+    with console=True, to stdout."""
+    logger = logging.getLogger(f"timecat.{os.path.abspath(os.path.join(dump_path, filename))}.{rank}")
     logger.setLevel(logging.INFO)
     logger.propagate = False
     for handler in list(logger.handlers):
         handler.close()
         logger.removeHandler(handler)
     formatter = _ElapsedFormatter()
-    filename = "train.log" if rank == 0 else f"train.log-{rank}"
+    filename = filename if rank == 0 else f"{filename}-{rank}"
     file_handler = logging.FileHandler(os.path.join(dump_path, filename), mode="a")
     file_handler.setFormatter(formatter)
     logger.addHandler(file_handler)
-    if rank == 0:
-        console = logging.StreamHandler(sys.stdout)
-        console.setFormatter(formatter)
-        logger.addHandler(console)
+    if rank == 0 and console:
+        stream = logging.StreamHandler(sys.stdout)
+        stream.setFormatter(formatter)
+        logger.addHandler(stream)
     return logger
 
 

@@ -1,4 +1,5 @@
 """Small helpers shared by the scripts: user errors, seeding, meters, accuracy, git revision."""
+import argparse
 import os
 import random
 import signal
@@ -7,6 +8,13 @@ import sys
 
 import numpy as np
 import torch
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose errors are one line, like every other user error of the project."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
 
 
 class UserError(Exception):
