@@ -33,6 +33,16 @@ class NonFiniteLoss(Exception):
     """The training loss became NaN or Inf."""
 
 
+def resolve_precision(precision, device):
+    """auto: bf16 where the hardware computes it natively (CUDA with bf16; CPUs whose oneDNN kernels have
+    bf16 instructions, AVX512-BF16 or AMX), else fp32."""
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    return "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32"
+
+
 def autocast(device, precision):
     """bf16 autocast where asked for; a no-op context for fp32."""
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")

@@ -17,7 +17,7 @@ import yaml
 from datasets import WithTransform, build_dataset, dataset_targets, family_of, stratified_subset, subset_fraction
 from datasets.transforms import build_transform
 from engine import (CachedBatches, NonFiniteLoss, ShardSampler, encoded_batches, evaluate, image_batches,
-                    train_one_epoch)
+                    resolve_precision, train_one_epoch)
 from models import ConcatEncoder, LinearHead, MultiHead
 from util.checkpoint import load_file, save_atomic
 from util.distributed import barrier, cleanup, init_distributed
@@ -80,7 +80,8 @@ def get_args_parser():
 
     g = p.add_argument_group("data")
     g.add_argument("--data_name", default="cifar10", help="cifar10, cifar100, cifar10_{p}perc, "
-                   "cifar100_{p}perc, inaturalist18 or imagenet1k")
+                   "cifar100_{p}perc, inaturalist18, imagenet1k, or imagefolder (any <data_path>/{train,val}/"
+                   "<class>/ folders, with ImageNet's transforms)")
     g.add_argument("--data_path", default=os.path.join(PROJECT_ROOT, "data"),
                    help="root of the README data layout (cifar/, imagenet/, inaturalist18/)")
     g.add_argument("--download", action=argparse.BooleanOptionalAction, default=True,
@@ -192,19 +193,6 @@ def check_args(args):
         args.batch_size = REFERENCE_BATCH[family_of(args.data_name)]
     if args.scheduler_type is None:
         args.scheduler_type = "constant" if args.optimizer == "sfadamw" else "step"
-
-
-def resolve_precision(precision, device):
-    """auto: bf16 where the hardware computes it natively (CUDA; CPUs with AVX512-BF16 or AMX), else fp32."""
-    if precision != "auto":
-        return precision
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    try:
-        flags = open("/proc/cpuinfo").read()
-    except OSError:
-        return "fp32"
-    return "bf16" if ("avx512_bf16" in flags or "amx_bf16" in flags) else "fp32"
 
 
 # ---------------------------------------------------------------- heads and optimisation

@@ -9,7 +9,8 @@ from datasets.cifar import build_cifar
 from datasets.images import IMAGENET_HINT, INAT_HINT, INaturalist18, build_image_folder
 from util.misc import UserError
 
-DATA_NAMES = ("cifar10", "cifar100", "inaturalist18", "imagenet1k")
+# imagefolder: any dataset laid out as <data_path>/{train,val}/<class>/<images>, with ImageNet's transforms
+DATA_NAMES = ("cifar10", "cifar100", "inaturalist18", "imagenet1k", "imagefolder")
 SUBSET_SEED = 0  # the p-percent CIFAR subsets are the same for every run
 _PERCENT = re.compile(r"^(cifar10|cifar100)_(\d+(?:\.\d+)?)perc$")
 
@@ -92,6 +93,10 @@ def build_dataset(data_name, data_path, split, download=True):
             raise UserError(f"iNaturalist18: folder {root} not found. {INAT_HINT}")
         dataset = INaturalist18(root, split)
         num_classes = len(dataset.class_to_idx)
+    elif base == "imagefolder":
+        folder = os.path.join(data_path, "train" if train else "val")
+        dataset = build_image_folder(folder, "imagefolder", "Expected layout: <data_path>/{train,val}/<class>/*")
+        num_classes = len(dataset.classes)
     else:
         folder = os.path.join(data_path, "imagenet", "train" if train else "val")
         dataset = build_image_folder(folder, "ImageNet1k", IMAGENET_HINT)

@@ -1,0 +1,628 @@
+"""Supervised ImageNet pretraining of one Time-Cat backbone (schedule-free AdamW ResNet50 by default).
+
+One run = one seed. The Time-Cat table needs runs of 450k (cat1), 200k, 100k and 80k steps; schedule-free
+training has no horizon, so one run writes all of its shorter budgets as milestones (--save_steps), and
+`python tools/plan_timecat.py` prints the runs of a budget plan and writes their sbatch array and probe tags.
+
+Single process:  python main_pretrain.py --run 0 --data_path data
+torchrun:        torchrun --nproc_per_node 8 main_pretrain.py --run 0 --steps 450000 --save_steps 80000 100000 200000
+slurm:           sbatch scripts/pretrain_timecat.sbatch   (one array task per run, srun inside)
+Toy CPU run:     python main_pretrain.py --arch resnet18 --img_size 32 --global_batch 16 --steps 50 --save_steps 20 \
+                     --warmup_steps 5 --eval_every 10 --workers 2 --data_path DIR --output_dir /tmp/toy/ckpt \
+                     --dump_path /tmp/toy/run0
+"""
+import argparse
+import inspect
+import json
+import math
+import os
+import time
+from contextlib import contextmanager
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from datasets.images import IMAGENET_HINT, build_image_folder
+from datasets.transforms import build_transform
+from engine import ShardSampler, autocast, evaluate, resolve_precision, to_device
+from models import RESNET_ARCHS, build_backbone
+from util.checkpoint import load_file, save_atomic
+from util.distributed import all_reduce_sum, barrier, cleanup, init_distributed
+from util.logs import append_jsonl, close_logger, create_logger, log_startup, use_progress_bar, write_json_atomic
+from util.misc import ArgumentParser, StopSignal, UserError, requeue_slurm_job, run_main
+
+PROJECT_ROOT = os.path.dirname(os.path.abspath(__file__))
+RELEASED_SEEDS = (2, 550, 23, 477, 8529)  # seeds of the released runs 0..4
+EXTRA_RUN_SEED = 10000  # run i >= 5 defaults to seed 10000 + i, clear of the released ones
+# The recipe of the released checkpoints (AlgoPerf imagenet_resnet + schedule-free AdamW), and the
+# predecessor paper's SGD recipe; flags left unset take these values.
+SFADAMW = dict(lr=0.0025, wd=0.08121616522670176, warmup_steps=2799, label_smoothing=0.2)
+SGD = dict(lr_per_256=0.1, wd=1e-4, warmup_steps=0, label_smoothing=0.0)
+MAX_BATCH_PER_PROCESS = 256  # default micro-batch cap; larger per-process batches use gradient accumulation
+STOP_POLL_STEPS = 10  # steps between the (synchronising) checks of a stop signal across processes
+# A run resumed from its folder must follow the same weight trajectory; these arguments define it.
+RECIPE_KEYS = ("arch", "img_size", "global_batch", "optimizer", "lr", "wd", "betas", "eps", "sf_r",
+               "weight_lr_power", "warmup_steps", "label_smoothing", "momentum", "schedule", "decay_epochs",
+               "gamma", "seed")
+# Independent random streams derived from the seed.
+EPOCH_STREAM, REFRESH_STREAM, STEP_STREAM = 0, 1, 2
+
+
+# ---------------------------------------------------------------- arguments
+def get_args_parser():
+    p = ArgumentParser("main_pretrain.py", description="Time-Cat supervised pretraining of one backbone",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("model and data")
+    g.add_argument("--arch", default="resnet50", help=f"torchvision ResNet, one of {', '.join(RESNET_ARCHS)} "
+                   "(reference: resnet50)")
+    g.add_argument("--data_path", default=os.path.join(PROJECT_ROOT, "data"),
+                   help="root holding imagenet/{train,val}/<wnid>/*.JPEG")
+    g.add_argument("--img_size", type=int, default=224, help="training crop; validation resizes to 8/7 of it "
+                   "and center-crops (reference: 224; 32 or less for CPU-scale runs)")
+    g.add_argument("--workers", type=int, default=8, help="data-loading processes per process "
+                   "(recommended: CPU cores per GPU minus one)")
+
+    g = p.add_argument_group("batch and budget")
+    g.add_argument("--global_batch", type=int, default=1024, help="images per optimizer step over all processes "
+                   "(reference: 1024); = batch_size x processes x accum_steps")
+    g.add_argument("--batch_size", type=int, default=None, help="images per forward pass and process; default: "
+                   f"global_batch / processes / accum_steps, at most {MAX_BATCH_PER_PROCESS}")
+    g.add_argument("--accum_steps", type=int, default=None, help="gradient-accumulation micro-steps per optimizer "
+                   "step; default: derived from --global_batch and --batch_size")
+    g.add_argument("--steps", type=int, default=450000, help="optimizer steps of this run (reference: 450000 for "
+                   "cat1; a catN run needs 400000/N)")
+    g.add_argument("--save_steps", type=int, nargs="*", default=[80000, 100000, 200000],
+                   help="milestones written as checkpoints_step{k}/ (k = steps/1000) besides checkpoints_stepfull/ "
+                   "(reference: 80000 100000 200000, the cat5/cat4/cat2 budgets)")
+    g.add_argument("--eval_every", type=int, default=5000, help="steps between validations (0: only at milestones "
+                   "and the end); each also saves the resume state")
+
+    g = p.add_argument_group("optimisation (unset values follow --optimizer's reference recipe)")
+    g.add_argument("--optimizer", default="sfadamw", choices=["sfadamw", "sgd"],
+                   help="sfadamw: schedule-free AdamW (the released checkpoints); sgd: the predecessor paper's "
+                   "90-epoch recipe")
+    g.add_argument("--lr", type=float, default=None, help="peak learning rate (reference: sfadamw 0.0025 at any "
+                   "batch; sgd 0.1 x global_batch / 256)")
+    g.add_argument("--wd", type=float, default=None, help="decoupled weight decay (reference: sfadamw "
+                   "0.08121616522670176; sgd 1e-4)")
+    g.add_argument("--betas", type=float, nargs=2, default=[0.9, 0.9955159689799007],
+                   help="sfadamw betas (reference: 0.9 0.9955159689799007)")
+    g.add_argument("--eps", type=float, default=1e-8, help="sfadamw epsilon (reference: 1e-8)")
+    g.add_argument("--sf_r", type=float, default=0.75, help="sfadamw polynomial weighting power r of the average "
+                   "(AlgoPerf submission: 0.75; the schedulefree package default is 0)")
+    g.add_argument("--weight_lr_power", type=float, default=2.0, help="sfadamw averaging weight = lr^power "
+                   "(reference: 2)")
+    g.add_argument("--warmup_steps", type=int, default=None, help="linear warmup steps (reference: sfadamw "
+                   "2799 = 0.02 x 0.75 x 186666; sgd 0)")
+    g.add_argument("--label_smoothing", type=float, default=None, help="(reference: sfadamw 0.2; sgd 0)")
+    g.add_argument("--momentum", type=float, default=0.9, help="sgd momentum (reference: 0.9)")
+    g.add_argument("--schedule", default="step", choices=["step", "cosine"], help="sgd learning-rate schedule "
+                   "(reference: step); cosine decays to 0 at --steps")
+    g.add_argument("--decay_epochs", type=int, nargs="*", default=[30, 60], help="sgd step schedule: epochs "
+                   "where the lr is multiplied by --gamma (reference: 30 60, over 90 epochs)")
+    g.add_argument("--gamma", type=float, default=0.1, help="sgd step schedule factor (reference: 0.1)")
+
+    g = p.add_argument_group("schedule-free BatchNorm statistics")
+    g.add_argument("--bn_refresh_batches", type=int, default=50, help="training batches per process forwarded "
+                   "at the averaged weights x to recompute BatchNorm statistics before each evaluation and "
+                   "checkpoint (recommended: 50; 0 keeps the statistics gathered during training)")
+    g.add_argument("--bn_refresh_every", type=int, default=0, help="also update the statistics at x with the "
+                   "current batch every K steps (AlgoPerf's second schedule-free entry: 3; 0: off)")
+
+    g = p.add_argument_group("run")
+    g.add_argument("--run", type=int, default=0, help="run index i: checkpoint_run{i}.pth.tar; runs 0-4 default "
+                   f"to the released seeds {', '.join(map(str, RELEASED_SEEDS))}")
+    g.add_argument("--seed", type=int, default=None, help="seed of initialisation, data order and augmentation; "
+                   f"default: the released seed of --run (run >= 5: {EXTRA_RUN_SEED} + run)")
+    g.add_argument("--output_dir", default=None, help="checkpoint root; default: "
+                   "checkpoints/supervised_pretrain/{arch}_{optimizer} (the layout the probe's tags read)")
+    g.add_argument("--dump_path", default=None, help="this run's folder (train.log, metrics.jsonl, args.json, "
+                   "resume.pth.tar); default: results/pretrain/{arch}_{optimizer}/run{run}")
+    g.add_argument("--start_over", action="store_true", help="discard the resume state of --dump_path and "
+                   "start from step 0 (the default resumes)")
+    g.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"], help="autocast precision; "
+                   "auto = bf16 on GPUs and on CPUs with bf16 instructions (about 2.8x faster than fp32 for a "
+                   "ResNet50 on AVX512-BF16 CPUs), fp32 elsewhere")
+    g.add_argument("--compile", action="store_true", help="torch.compile the training forward/backward")
+    g.add_argument("--max_time", default=None, help="wall-clock budget of this process ([[D-]H:]M:S or seconds): "
+                   "save the resume state and stop cleanly once it is spent, before a job's time limit")
+    g.add_argument("--print_freq", type=int, default=100, help="steps between log lines")
+    g.add_argument("--debug", action="store_true", help="force a single process")
+    return p
+
+
+def default_seed(run):
+    return RELEASED_SEEDS[run] if run < len(RELEASED_SEEDS) else EXTRA_RUN_SEED + run
+
+
+def parse_duration(text):
+    """'90', '1:30', '2:00:00' or '1-12:00:00' -> seconds."""
+    try:
+        days, _, clock = text.rpartition("-") if "-" in text else ("0", "", text)
+        seconds = 0.0
+        for part in clock.split(":"):
+            seconds = seconds * 60 + float(part)
+        seconds += 86400 * int(days)
+    except ValueError:
+        raise UserError(f"--max_time {text}: expected seconds or [[D-]H:]M:S") from None
+    if seconds <= 0:
+        raise UserError(f"--max_time {text} must be positive")
+    return seconds
+
+
+def check_args(args):
+    """Fill the recipe defaults and refuse inconsistent flags, before any process group or data."""
+    if args.arch not in RESNET_ARCHS:
+        raise UserError(f"unknown --arch '{args.arch}': choose one of {', '.join(RESNET_ARCHS)}")
+    for name in ("steps", "global_batch", "print_freq"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name} must be at least 1")
+    for name in ("eval_every", "workers", "bn_refresh_batches", "bn_refresh_every", "run"):
+        if getattr(args, name) < 0:
+            raise UserError(f"--{name} must be 0 or more")
+    for name in ("batch_size", "accum_steps"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise UserError(f"--{name} must be at least 1")
+    if args.img_size < 8:
+        raise UserError("--img_size must be at least 8")
+    beyond = [s for s in args.save_steps if not 0 < s <= args.steps]
+    if beyond:
+        raise UserError(f"--save_steps {beyond[0]} is beyond --steps {args.steps} (milestones must be in 1..steps)")
+    args.save_steps = sorted(set(args.save_steps))
+    if args.seed is None:
+        args.seed = default_seed(args.run)
+    if args.seed < 0:
+        raise UserError("--seed must be 0 or more")
+    recipe = SFADAMW if args.optimizer == "sfadamw" else SGD
+    if args.lr is None:
+        args.lr = recipe["lr"] if args.optimizer == "sfadamw" else recipe["lr_per_256"] * args.global_batch / 256
+    for name in ("wd", "warmup_steps", "label_smoothing"):
+        if getattr(args, name) is None:
+            setattr(args, name, recipe[name])
+    if not (args.lr > 0 and math.isfinite(args.lr)) or not (0 <= args.wd < math.inf):
+        raise UserError("--lr must be positive and --wd non-negative")
+    if args.warmup_steps < 0 or not 0 <= args.label_smoothing < 1:
+        raise UserError("--warmup_steps must be 0 or more and --label_smoothing in [0, 1)")
+    if not all(0 <= b < 1 for b in args.betas):
+        raise UserError("--betas must be in [0, 1)")
+    name = f"{args.arch}_{args.optimizer}"
+    if args.output_dir is None:
+        args.output_dir = os.path.join(PROJECT_ROOT, "checkpoints", "supervised_pretrain", name)
+    if args.dump_path is None:
+        args.dump_path = os.path.join(PROJECT_ROOT, "results", "pretrain", name, f"run{args.run}")
+    args.max_seconds = parse_duration(args.max_time) if args.max_time else None
+
+
+def resolve_batch(args, world_size):
+    """batch_size x world_size x accum_steps = global_batch: the recipe does not depend on the GPU count."""
+    per_process, rest = divmod(args.global_batch, world_size)
+    if rest:
+        raise UserError(f"--global_batch {args.global_batch} is not divisible by the {world_size} processes")
+    if args.batch_size is None and args.accum_steps is None:
+        args.accum_steps = next(a for a in range(1, per_process + 1)
+                                if per_process % a == 0 and per_process // a <= MAX_BATCH_PER_PROCESS)
+    if args.batch_size is None:
+        args.batch_size = per_process // args.accum_steps
+    if args.accum_steps is None:
+        args.accum_steps = max(1, per_process // args.batch_size)
+    if args.batch_size * world_size * args.accum_steps != args.global_batch:
+        raise UserError(f"--global_batch {args.global_batch} must equal --batch_size {args.batch_size} x "
+                        f"{world_size} processes x --accum_steps {args.accum_steps} "
+                        f"(= {args.batch_size * world_size * args.accum_steps})")
+
+
+# ---------------------------------------------------------------- data order
+def derive_seed(*keys):
+    """A 63-bit seed that is a pure function of the keys (independent streams per key tuple)."""
+    return int(np.random.SeedSequence(list(keys)).generate_state(1, dtype=np.uint64)[0] >> np.uint64(1))
+
+
+class SeededSamples(torch.utils.data.Dataset):
+    """Items are (index, seed): the augmentation of a sample is seeded by its own seed, so it is the same
+    whichever worker loads it and wherever the run resumed (torchvision draws from the global torch RNG)."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, item):
+        index, seed = item
+        torch.default_generator.manual_seed(seed)
+        return self.dataset[index]
+
+
+class TrainBatches(torch.utils.data.Sampler):
+    """Endless micro-batches of (index, seed) from start_step on. Epoch e is a permutation drawn from
+    (seed, e); step s takes the next global_batch samples of it (an epoch's tail shorter than a global batch
+    is dropped). The global batch is the same set of images whatever the process count: process r takes the
+    r-th slice of it, cut into accum_steps micro-batches."""
+
+    def __init__(self, num_samples, seed, global_batch, batch_size, accum_steps, rank, start_step):
+        self.num_samples, self.seed, self.global_batch = num_samples, seed, global_batch
+        self.batch_size, self.accum_steps, self.rank, self.start_step = batch_size, accum_steps, rank, start_step
+        self.steps_per_epoch = num_samples // global_batch
+
+    def epoch_order(self, epoch):
+        rng = np.random.default_rng([self.seed, EPOCH_STREAM, epoch])
+        return rng.permutation(self.num_samples), rng.integers(0, 2**63, self.num_samples)
+
+    def __iter__(self):
+        step, epoch, order = self.start_step, None, None
+        per_process = self.batch_size * self.accum_steps
+        while True:
+            if step // self.steps_per_epoch != epoch:
+                epoch = step // self.steps_per_epoch
+                order = self.epoch_order(epoch)
+            first = (step % self.steps_per_epoch) * self.global_batch + self.rank * per_process
+            for micro in range(self.accum_steps):
+                lo = first + micro * self.batch_size
+                yield [(int(i), int(s)) for i, s in zip(order[0][lo:lo + self.batch_size],
+                                                         order[1][lo:lo + self.batch_size])]
+            step += 1
+
+
+class RefreshBatches(torch.utils.data.Sampler):
+    """The training batches of a BatchNorm refresh: drawn from (seed, step), distinct per process, and apart
+    from the training order, so refreshing (or not) never changes what the run trains on."""
+
+    def __init__(self, num_samples, seed, batch_size, num_batches, rank, world_size):
+        self.num_samples, self.seed, self.batch_size, self.num_batches = num_samples, seed, batch_size, num_batches
+        self.rank, self.world_size, self.step = rank, world_size, 0
+
+    def __iter__(self):
+        rng = np.random.default_rng([self.seed, REFRESH_STREAM, self.step])
+        count = self.batch_size * self.num_batches * self.world_size
+        indices, seeds = rng.integers(0, self.num_samples, count), rng.integers(0, 2**63, count)
+        for b in range(self.num_batches):
+            lo = (b * self.world_size + self.rank) * self.batch_size
+            yield [(int(i), int(s)) for i, s in zip(indices[lo:lo + self.batch_size], seeds[lo:lo + self.batch_size])]
+
+    def __len__(self):
+        return self.num_batches
+
+
+# ---------------------------------------------------------------- optimisation
+def build_optimizer(model, args):
+    if args.optimizer == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.wd)
+    import schedulefree
+    return schedulefree.AdamWScheduleFree(model.parameters(), lr=args.lr, betas=tuple(args.betas), eps=args.eps,
+                                          weight_decay=args.wd, warmup_steps=args.warmup_steps, r=args.sf_r,
+                                          weight_lr_power=args.weight_lr_power)
+
+
+def lr_at_step(step, args, steps_per_epoch):
+    """Learning rate of optimizer step `step` (0-based); schedule-free applies its warmup itself."""
+    warmup = min(1.0, (step + 1) / args.warmup_steps) if args.warmup_steps else 1.0
+    if args.optimizer == "sfadamw":
+        return args.lr * warmup
+    if args.schedule == "cosine":
+        return warmup * args.lr * 0.5 * (1 + math.cos(math.pi * step / args.steps))
+    return warmup * args.lr * args.gamma ** sum(step >= e * steps_per_epoch for e in args.decay_epochs)
+
+
+def train_step(train_model, optimizer, batches, args, device, distributed):
+    """One optimizer step over accum_steps micro-batches. Returns (mean loss as a tensor, seconds spent
+    waiting for data, the last micro-batch's images); the loss stays on the device so the step does not
+    synchronise."""
+    data_wait, loss_sum = 0.0, torch.zeros((), device=device)
+    for micro in range(args.accum_steps):
+        start = time.perf_counter()
+        images, labels = next(batches)
+        data_wait += time.perf_counter() - start
+        images, labels = to_device(images, labels, device)
+        if distributed:  # gradients are all-reduced on the last micro-batch only
+            train_model.require_backward_grad_sync = micro == args.accum_steps - 1
+        with autocast(device, args.precision):
+            logits = train_model(images)
+        loss = F.cross_entropy(logits.float(), labels, label_smoothing=args.label_smoothing)
+        (loss / args.accum_steps).backward()
+        loss_sum += loss.detach()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss_sum / args.accum_steps, data_wait, images
+
+
+# ---------------------------------------------------------------- schedule-free weights and BatchNorm
+@contextmanager
+def at_average(model, optimizer, args):
+    """Parameters at schedule-free's averaged point x inside the block (weights that are evaluated and saved),
+    back at the training point y after. y is restored bit-exactly from a copy rather than by the optimizer's
+    lerp back, so evaluations and checkpoints never perturb the training trajectory: a run's milestone at step k
+    equals the final weights of a k-step run with the same seed. The model is back in train mode after."""
+    schedule_free = args.optimizer == "sfadamw"
+    params = list(model.parameters())
+    if schedule_free:
+        y = [p.detach().clone() for p in params]
+        optimizer.eval()
+    try:
+        yield
+    finally:
+        model.train()
+        if schedule_free:
+            optimizer.train()
+            with torch.no_grad():
+                for p, saved in zip(params, y):
+                    p.copy_(saved)
+
+
+def batchnorms(model):
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
+def average_bn_buffers(model, world_size):
+    """Each process gathers statistics on its own batches; the saved ones are their average."""
+    if world_size == 1:
+        return
+    buffers = [b for m in batchnorms(model) for b in (m.running_mean, m.running_var)]
+    flat = torch.cat([b.flatten() for b in buffers])
+    dist.all_reduce(flat)
+    flat /= world_size
+    offset = 0
+    for b in buffers:
+        b.copy_(flat[offset:offset + b.numel()].view_as(b))
+        offset += b.numel()
+
+
+@torch.no_grad()
+def refresh_bn(model, loader, device, precision, world_size):
+    """Recompute BatchNorm statistics at the current weights: reset, then a cumulative average (momentum None)
+    over no-grad train-mode forwards of the refresh batches, so the statistics depend on these weights only."""
+    layers = batchnorms(model)
+    momenta = [m.momentum for m in layers]
+    for m in layers:
+        m.reset_running_stats()
+        m.momentum = None
+    model.train()
+    for images, labels in loader:
+        images, _ = to_device(images, labels, device)
+        with autocast(device, precision):
+            model(images)
+    for m, momentum in zip(layers, momenta):
+        m.momentum = momentum
+    average_bn_buffers(model, world_size)
+
+
+# ---------------------------------------------------------------- state on disk
+def milestone_dir(output_dir, step, final=False):
+    """checkpoints_stepfull (last step), checkpoints_step{k} for k thousand steps, checkpoints_step{n}steps else."""
+    if final:
+        return os.path.join(output_dir, "checkpoints_stepfull")
+    return os.path.join(output_dir, f"checkpoints_step{step // 1000}" if step % 1000 == 0
+                        else f"checkpoints_step{step}steps")
+
+
+def check_same_recipe(saved_args, args, path):
+    keys = RECIPE_KEYS + (("steps",) if args.optimizer == "sgd" and args.schedule == "cosine" else ())
+    changed = [k for k in keys if saved_args.get(k) != getattr(args, k)]
+    if changed:
+        k = changed[0]
+        raise UserError(f"{path} was written by a run with --{k} {saved_args.get(k)} (now {getattr(args, k)}); "
+                        f"use another --dump_path/--output_dir, or --start_over to overwrite it")
+
+
+def check_previous_run(args, resume_path):
+    """A run folder (or this run's checkpoints) left by another recipe is refused unless --start_over."""
+    if args.start_over:
+        return
+    if os.path.exists(resume_path):
+        check_same_recipe(load_file(resume_path, "resume state")["args"], args, resume_path)
+        return
+    args_json = os.path.join(args.dump_path, "args.json")
+    if os.path.exists(args_json):
+        with open(args_json) as f:
+            check_same_recipe(json.load(f), args, args_json)
+    if os.path.isdir(args.output_dir):
+        for folder in sorted(os.listdir(args.output_dir)):
+            path = os.path.join(args.output_dir, folder, f"checkpoint_run{args.run}.pth.tar")
+            if folder.startswith("checkpoints_step") and os.path.isfile(path):
+                check_same_recipe(load_file(path, "checkpoint")["args"], args, path)
+                return
+
+
+def save_backbone(model, path, step, stats, args):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    state_dict = {k: v.detach().cpu() for k, v in model.state_dict().items()}  # loads anywhere without map_location
+    save_atomic({"state_dict": state_dict, "step": step, "seed": args.seed, "arch": args.arch,
+                 "run": args.run, "args": vars(args), "val_top1": stats["top1"], "val_top5": stats["top5"]}, path)
+
+
+# ---------------------------------------------------------------- main
+def main(args):
+    check_args(args)
+    dist_info = init_distributed(debug=args.debug)
+    if dist_info.is_main:
+        os.makedirs(args.dump_path, exist_ok=True)
+    barrier()
+    logger = create_logger(args.dump_path, dist_info.rank)
+    try:
+        pretrain(args, dist_info, logger)
+    finally:
+        close_logger(logger)
+        cleanup()
+
+
+def pretrain(args, dist_info, logger):
+    device, rank, world = dist_info.device, dist_info.rank, dist_info.world_size
+    stop = StopSignal()  # early: a signal during the (long) dataset scan still ends in a clean stop
+    started = time.time()
+    resolve_batch(args, world)
+    args.precision = resolve_precision(args.precision, device)
+    show_bar = use_progress_bar(dist_info.is_main)
+    resume_path = os.path.join(args.dump_path, "resume.pth.tar")
+    check_previous_run(args, resume_path)
+    log_startup(logger, args, dist_info, args.global_batch, args.lr)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True  # only matters with --precision fp32
+        torch.backends.cudnn.allow_tf32 = True
+
+    # ---- data
+    train_set = build_image_folder(os.path.join(args.data_path, "imagenet", "train"), "ImageNet1k",
+                                   IMAGENET_HINT, build_transform("imagenet", "eval", True, args.img_size))
+    val_set = build_image_folder(os.path.join(args.data_path, "imagenet", "val"), "ImageNet1k",
+                                 IMAGENET_HINT, build_transform("imagenet", "eval", False, args.img_size))
+    if val_set.classes != train_set.classes:
+        raise UserError(f"ImageNet1k: val has {len(val_set.classes)} class folders and train {len(train_set.classes)}"
+                        f", or they differ by name; both splits need the same <wnid> folders")
+    if len(train_set) < args.global_batch:
+        raise UserError(f"ImageNet1k: {len(train_set)} training images, fewer than one global batch "
+                        f"({args.global_batch}); lower --global_batch")
+    num_classes = len(train_set.classes)
+    steps_per_epoch = len(train_set) // args.global_batch
+    seeded = SeededSamples(train_set)
+    # The training loader (below) is one endless iterator whose workers live for the whole run; the refresh and
+    # validation loaders run every few thousand steps and release their workers (and memory) in between.
+    loader_kwargs = dict(num_workers=args.workers, pin_memory=device.type == "cuda")
+    refresh_sampler = RefreshBatches(len(train_set), args.seed, args.batch_size, args.bn_refresh_batches, rank, world)
+    refresh_loader = torch.utils.data.DataLoader(seeded, batch_sampler=refresh_sampler, **loader_kwargs)
+    val_loader = torch.utils.data.DataLoader(val_set, args.batch_size, sampler=ShardSampler(len(val_set), rank, world),
+                                             **loader_kwargs)
+    logger.info(f"data: {len(train_set)} train / {len(val_set)} val images, {num_classes} classes, "
+                f"{steps_per_epoch} steps per epoch")
+
+    # ---- model and optimizer
+    torch.manual_seed(derive_seed(args.seed, STEP_STREAM, 0))  # the initialisation is a function of the seed
+    model = build_backbone(args.arch, num_classes).to(device).to(memory_format=torch.channels_last)
+    optimizer = build_optimizer(model, args)
+    train_model = torch.compile(model) if args.compile else model
+    if dist_info.distributed:  # each process keeps its own BatchNorm statistics; refresh_bn averages them
+        ddp = nn.parallel.DistributedDataParallel
+        no_buffer_sync = {"forward_sync_buffers": False} if "forward_sync_buffers" in \
+            inspect.signature(ddp).parameters else {"broadcast_buffers": False}  # renamed in torch 2.15
+        train_model = ddp(train_model, device_ids=[device.index] if device.type == "cuda" else None, **no_buffer_sync)
+
+    # ---- resume
+    start_step, best_acc = 0, 0.0
+    if os.path.exists(resume_path) and not args.start_over:
+        state = load_file(resume_path, "resume state")
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        start_step, best_acc = state["step"], state["best_acc"]
+        logger.info(f"Resumed from step {start_step} ({resume_path}), best Acc@1 so far {best_acc:.2f}")
+    elif dist_info.is_main:
+        for stale in (resume_path, os.path.join(args.dump_path, "metrics.jsonl")):
+            if os.path.exists(stale):
+                os.remove(stale)
+    if dist_info.is_main:
+        write_json_atomic(vars(args), os.path.join(args.dump_path, "args.json"))
+    milestones = [s for s in args.save_steps if s > start_step]
+    logger.info(f"recipe: {args.arch} {args.img_size}px, {args.optimizer} lr {args.lr:g} wd {args.wd:g} "
+                + (f"betas {tuple(args.betas)} r {args.sf_r:g} weight_lr_power {args.weight_lr_power:g} "
+                   if args.optimizer == "sfadamw" else f"momentum {args.momentum} {args.schedule} schedule ")
+                + f"warmup {args.warmup_steps} steps, label smoothing {args.label_smoothing:g}; global batch "
+                f"{args.global_batch} = {args.batch_size} per process x {world} process(es) x {args.accum_steps} "
+                f"accumulation step(s); {args.steps} steps = {args.steps / steps_per_epoch:.1f} epochs; precision "
+                f"{args.precision}; seed {args.seed} (run {args.run}); milestones {milestones} -> {args.output_dir}")
+
+    def resume_state(step):
+        return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
+                "best_acc": best_acc, "args": vars(args)}
+
+    def evaluate_and_save(step):
+        """Validate (and write the checkpoints due) at x with statistics recomputed at x."""
+        nonlocal best_acc
+        final = step == args.steps
+        with at_average(model, optimizer, args):
+            if args.bn_refresh_batches:
+                refresh_sampler.step = step
+                refresh_bn(model, refresh_loader, device, args.precision, world)
+            else:
+                average_bn_buffers(model, world)
+            model.eval()
+            stats = evaluate(model, val_loader, device, args.precision, len(val_set), show_bar)
+            best_acc = max(best_acc, stats["top1"])
+            logger.info(f"Test: Loss {stats['loss']:.4f} Acc@1 {stats['top1']:.3f} Best Acc@1 so far {best_acc:.2f}")
+            logger.info(f"Test: Acc@5 {stats['top5']:.3f} over {len(val_set)} images at step {step}")
+            if dist_info.is_main:
+                folders = ([milestone_dir(args.output_dir, step)] if step in args.save_steps else []) + \
+                          ([milestone_dir(args.output_dir, step, final=True)] if final else [])
+                for folder in folders:
+                    path = os.path.join(folder, f"checkpoint_run{args.run}.pth.tar")
+                    save_backbone(model, path, step, stats, args)
+                    logger.info(f"saved {path}")
+        if dist_info.is_main:
+            save_atomic(resume_state(step), resume_path)
+        return stats
+
+    # ---- train
+    batches = iter(torch.utils.data.DataLoader(
+        seeded, batch_sampler=TrainBatches(len(train_set), args.seed, args.global_batch, args.batch_size,
+                                           args.accum_steps, rank, start_step),
+        prefetch_factor=4 if args.workers else None, **loader_kwargs))
+    model.train()
+    if args.optimizer == "sfadamw":
+        optimizer.train()
+    window = dict(start=time.time(), steps=0, data=0.0)  # since the last log line
+    since_eval = dict(start=time.time(), loss=torch.zeros((), device=device), steps=0)
+    bar = tqdm(total=args.steps, initial=start_step, desc="pretrain", disable=not show_bar)
+    if start_step >= args.steps:
+        logger.info(f"nothing to train: the run is at step {start_step} of --steps {args.steps}")
+    for step in range(start_step, args.steps):
+        # everything random in step s is a function of (seed, s, rank): a resumed run draws what an
+        # uninterrupted one would have
+        torch.manual_seed(derive_seed(args.seed, STEP_STREAM, step + 1, rank))
+        lr = lr_at_step(step, args, steps_per_epoch)
+        if args.optimizer == "sgd":
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+        loss, data_wait, images = train_step(train_model, optimizer, batches, args, device, dist_info.distributed)
+        done = step + 1
+        if args.bn_refresh_every and done % args.bn_refresh_every == 0:
+            # statistics follow x during training too (a momentum update from this step's last micro-batch)
+            with torch.no_grad(), at_average(model, optimizer, args), autocast(device, args.precision):
+                model(images)
+        since_eval["loss"] += loss
+        since_eval["steps"] += 1
+        window["steps"] += 1
+        window["data"] += data_wait
+        bar.update(1)
+        if done % args.print_freq == 0 or done == args.steps or done == start_step + 1:
+            loss_value = loss.item()  # synchronises, so the timing covers the device work
+            if not math.isfinite(loss_value):
+                raise UserError(f"the training loss is {loss_value} at step {done}; the last resume state is "
+                                f"{resume_path}. Lower --lr?")
+            elapsed = time.time() - window["start"]
+            logger.info(f"Epoch[{step // steps_per_epoch}] - Step: [{done}/{args.steps}] Loss {loss_value:.4f} "
+                        f"LR {lr:.6g} img/s {window['steps'] * args.global_batch / elapsed:.1f} "
+                        f"data {window['data'] / window['steps']:.3f}s/step")
+            window = dict(start=time.time(), steps=0, data=0.0)
+
+        if done == args.steps or done in args.save_steps or (args.eval_every and done % args.eval_every == 0):
+            train_seconds = time.time() - since_eval["start"]
+            train_loss = all_reduce_sum([since_eval["loss"].item() / since_eval["steps"]], device)[0] / world
+            stats = evaluate_and_save(done)
+            if dist_info.is_main:
+                append_jsonl({"step": done, "epoch": step // steps_per_epoch, "train_loss": train_loss,
+                              "test_loss": stats["loss"], "test_top1": stats["top1"], "test_top5": stats["top5"],
+                              "lr": lr, "seconds": round(time.time() - since_eval["start"], 3),
+                              "img_per_s": round(since_eval["steps"] * args.global_batch / train_seconds, 2)},
+                             os.path.join(args.dump_path, "metrics.jsonl"))
+            since_eval = dict(start=time.time(), loss=torch.zeros((), device=device), steps=0)
+            window = dict(start=time.time(), steps=0, data=0.0)
+
+        # ---- preemption and time limit: every process must stop at the same step
+        if done < args.steps and (not dist_info.distributed or done % STOP_POLL_STEPS == 0):
+            out_of_time = args.max_seconds is not None and time.time() - started > args.max_seconds
+            if all_reduce_sum([float(stop() or out_of_time)], device)[0] > 0:
+                reason = stop.received or f"--max_time {args.max_time}"
+                if dist_info.is_main:
+                    save_atomic(resume_state(done), resume_path)
+                logger.info(f"Stopped by {reason} at step {done}; a rerun resumes from step {done} ({resume_path})")
+                if dist_info.is_main:
+                    requeue_slurm_job(logger)
+                bar.close()
+                return
+    bar.close()
+    barrier()
+    logger.info(f"Top-1 test accuracy: {best_acc:.1f}")
+
+
+if __name__ == "__main__":
+    run_main(main, get_args_parser().parse_args())

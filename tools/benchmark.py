@@ -1,0 +1,373 @@
+"""Speed measurements of the project's hot loops, each against a plain baseline on the same machine in the same
+run; every run appends a dated row to its section of docs/benchmarks.md.
+
+    python tools/benchmark.py train            # pretraining step: optimised path vs plain fp32 eager (ResNet50, 224 px)
+    python tools/benchmark.py train --quick    # smaller batch, fewer steps (about a minute on 2 CPU cores)
+    python tools/benchmark.py train --compile  # also torch.compile the optimised path
+    python tools/benchmark.py backbone         # frozen-backbone forward: optimised vs fp32 eager, share of matmul peak
+    python tools/benchmark.py probe            # complete probes: per-epoch vs cached; K-value sweep: K runs vs one
+
+Sections are subcommands; each writes under its own `## <section>` heading of the results file.
+"""
+import argparse
+import datetime
+import os
+import platform
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:
+    sys.path.insert(0, REPO)
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from engine import autocast, resolve_precision  # noqa: E402
+from util.misc import ArgumentParser, UserError, run_main  # noqa: E402
+
+RESULTS = os.path.join(REPO, "docs", "benchmarks.md")
+
+
+# ---------------------------------------------------------------- machine and results file
+def machine_description():
+    if torch.cuda.is_available():
+        count = torch.cuda.device_count()
+        return f"{count}x {torch.cuda.get_device_name(0)}"
+    model = platform.processor() or "CPU"
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return f"{model}, {cores} cores, {torch.get_num_threads()} torch threads"
+
+
+def record(path, section, intro, header, row):
+    """Append a table row under `## section` (created with its intro and table header when missing)."""
+    text = open(path).read() if os.path.exists(path) else "# Benchmarks\n\nWritten by `python tools/benchmark.py`.\n"
+    lines = text.rstrip("\n").split("\n")
+    title = f"## {section}"
+    if title not in lines:
+        lines += ["", title, "", *intro, "", header, "|" + "---|" * (header.count("|") - 1)]
+        end = len(lines)
+    else:
+        start = lines.index(title)
+        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
+        while end > start and not lines[end - 1].strip():
+            end -= 1
+    lines.insert(end, row)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+# ---------------------------------------------------------------- train
+TRAIN_INTRO = [
+    "Images per second of a pretraining step (forward, label-smoothed cross-entropy, backward, schedule-free",
+    "AdamW step) on synthetic batches, so data loading is not measured. *optimised* is main_pretrain.py's",
+    "`train_step` with `--precision auto` (bf16 autocast on GPUs and bf16-capable CPUs), channels_last and,",
+    "where noted, torch.compile; *fp32 eager* is a plain loop on the same machine in the same run.",
+    "Published anchor: NVIDIA's ResNet50 AMP training, 2,470 img/s on one A100 (16,621 on eight).",
+]
+TRAIN_HEADER = ("| date | machine | torch | model | batch | fp32 eager img/s | optimised img/s | optimised setting "
+                "| ratio |")
+
+
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def rates(step_fns, batch_size, warmup, steps, device):
+    """Images/s of each step function, one after the other, each after its own warm-up. (Alternating single
+    steps looks fairer under a varying load, but on CPU it makes both variants 2-3x slower: their
+    allocations and oneDNN primitives keep evicting each other.)"""
+    out = {}
+    for name, step in step_fns.items():
+        for _ in range(warmup):
+            step()
+        synchronize(device)
+        start = time.perf_counter()
+        for _ in range(steps):
+            step()
+        synchronize(device)
+        out[name] = batch_size * steps / (time.perf_counter() - start)
+    return out
+
+
+def bench_train(args):
+    import main_pretrain
+    from models import build_backbone
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    on_gpu = device.type == "cuda"
+    size = args.img_size or 224
+    batch = args.batch_size or (256 if on_gpu else 16 if args.quick else 32)
+    steps = args.steps or ((20 if args.quick else 50) if on_gpu else (3 if args.quick else 5))
+    warmup = (3 if args.compile else 1) * (5 if on_gpu else 1)  # compilation and cudnn autotuning settle first
+    load = os.getloadavg()[0]
+    recipe = main_pretrain.get_args_parser().parse_args(["--arch", args.arch])
+    main_pretrain.check_args(recipe)
+    recipe.accum_steps = 1
+    recipe.precision = resolve_precision("auto", device)
+    images = torch.randn(batch, 3, size, size)
+    labels = torch.randint(0, 1000, (batch,))
+    print(f"{machine_description()}; torch {torch.__version__}; {args.arch} {size}px, batch {batch}, "
+          f"{warmup} warm-up + {steps} timed steps each; load average {load:.1f}")
+
+    # plain fp32 eager loop: contiguous NCHW, no autocast
+    torch.manual_seed(0)
+    plain_model = build_backbone(args.arch, 1000).to(device)
+    plain_optimizer = main_pretrain.build_optimizer(plain_model, recipe)
+    plain_model.train()
+    plain_optimizer.train()
+    x, y = images.to(device), labels.to(device)
+
+    def plain_step():
+        loss = F.cross_entropy(plain_model(x), y, label_smoothing=recipe.label_smoothing)
+        plain_optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        plain_optimizer.step()
+
+    # the pretraining script's step
+    torch.manual_seed(0)
+    model = build_backbone(args.arch, 1000).to(device).to(memory_format=torch.channels_last)
+    optimizer = main_pretrain.build_optimizer(model, recipe)
+    train_model = torch.compile(model) if args.compile else model
+    model.train()
+    optimizer.train()
+    pinned = (images.pin_memory(), labels.pin_memory()) if device.type == "cuda" else (images, labels)
+
+    class Batches:
+        def __next__(self):
+            return pinned
+
+    batches = Batches()
+    setting = f"{recipe.precision}, channels_last" + (", compile" if args.compile else "")
+    measured = rates({"plain": plain_step, "fast": lambda: main_pretrain.train_step(
+        train_model, optimizer, batches, recipe, device, False)}, batch, warmup, steps, device)
+    plain, fast = measured["plain"], measured["fast"]
+    print(f"fp32 eager: {plain:.1f} img/s")
+    print(f"optimised ({setting}): {fast:.1f} img/s")
+    ratio = fast / plain
+    print(f"ratio: {ratio:.2f}x (load average now {os.getloadavg()[0]:.1f}, including this benchmark's threads)")
+    if not args.no_record:
+        date = datetime.date.today().isoformat()
+        record(args.results, "train", TRAIN_INTRO, TRAIN_HEADER,
+               f"| {date} | {machine_description()}, load {load:.1f} | {torch.__version__} | {args.arch} {size}px"
+               f"{' (quick)' if args.quick else ''} | {batch} | {plain:.1f} | {fast:.1f} | {setting} | {ratio:.2f}x |")
+        print(f"recorded in {args.results}")
+
+
+# ---------------------------------------------------------------- backbone, probe, sweep
+BACKBONE_INTRO = [
+    "Frozen-backbone forward images/s (the cost that dominates a probe), on synthetic batches. *plain* is an fp32",
+    "eager NCHW forward under no_grad; *optimised* is the probe's path: inference_mode, channels_last and",
+    "`--precision auto` (bf16 on GPUs and bf16-capable CPUs). *% of peak* = img/s x GFLOP per image / the matmul",
+    "peak measured in the same run (fp32 peak for plain, bf16 peak for bf16), the physical limit of the machine.",
+    "Published anchor: ResNet50 inference 3,382 img/s with AMP on a V100 (1,261 fp32), NVIDIA.",
+]
+BACKBONE_HEADER = ("| date | machine | torch | model | batch | matmul peak fp32 / bf16 GFLOP/s | plain img/s (% peak) "
+                   "| optimised img/s (% peak) | setting | ratio |")
+PROBE_INTRO = [
+    "Wall time of complete probes on generated CIFAR-format data, same epochs, same data, in one run:",
+    "*per-epoch* is the reference protocol (backbones recomputed every epoch, fp32); *cached* is",
+    "`--feature_cache` with `--precision auto` (backbones run once; the heads train on stored features).",
+    "*sweep*: a K-value weight-decay sweep as K separate per-epoch runs against one run with K heads.",
+    "Accuracies are the final `Top-1 test accuracy` of each way.",
+]
+PROBE_HEADER = ("| date | machine | setup | per-epoch s (top-1) | cached s (top-1) | speed-up | K | K runs s "
+                "| one K-head run s | speed-up |")
+
+
+def matmul_peak(device, dtype, size=2048, repeats=20):
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    a @ b
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    synchronize(device)
+    return 2 * size ** 3 * repeats / (time.perf_counter() - start) / 1e9
+
+
+def gflop_per_image(arch, size):
+    """Forward GFLOP (2 x multiply-adds) per image, counted by torch's FLOP counter."""
+    from torch.utils.flop_counter import FlopCounterMode
+    from models import build_backbone
+    model = build_backbone(arch).eval()
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(torch.randn(1, 3, size, size))
+    return counter.get_total_flops() / 1e9
+
+
+def bench_backbone(args):
+    from models import build_backbone
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    on_gpu = device.type == "cuda"
+    size = args.img_size or (128 if args.quick else 224)
+    batch = args.batch_size or (256 if on_gpu else 16 if args.quick else 32)
+    steps = args.steps or ((20 if args.quick else 50) if on_gpu else (2 if args.quick else 5))
+    precision = resolve_precision("auto", device)
+    load = os.getloadavg()[0]
+    peak32 = matmul_peak(device, torch.float32)
+    peak16 = matmul_peak(device, torch.bfloat16)
+    gflop = gflop_per_image(args.arch, size)
+    print(f"{machine_description()}; torch {torch.__version__}; {args.arch} {size}px ({gflop:.2f} GFLOP/image), "
+          f"batch {batch}; matmul peak fp32 {peak32:.0f} / bf16 {peak16:.0f} GFLOP/s; load {load:.1f}")
+    torch.manual_seed(0)
+    plain_model = build_backbone(args.arch).to(device).eval()
+    fast_model = build_backbone(args.arch).to(device).to(memory_format=torch.channels_last).eval()
+    if args.compile:
+        fast_model = torch.compile(fast_model)
+    images = torch.randn(batch, 3, size, size, device=device)
+    images_cl = images.contiguous(memory_format=torch.channels_last)
+
+    def plain_step():
+        with torch.no_grad():
+            plain_model(images)
+
+    def fast_step():
+        with torch.inference_mode(), autocast(device, precision):
+            fast_model(images_cl)
+
+    warmup = (3 if args.compile else 1) * (5 if on_gpu else 1)
+    measured = rates({"plain": plain_step, "fast": fast_step}, batch, warmup, steps, device)
+    plain, fast = measured["plain"], measured["fast"]
+    share_plain = 100 * plain * gflop / peak32
+    share_fast = 100 * fast * gflop / (peak16 if precision == "bf16" else peak32)
+    setting = f"{precision}, channels_last, inference_mode" + (", compile" if args.compile else "")
+    print(f"plain fp32 eager: {plain:.1f} img/s ({share_plain:.0f}% of the fp32 matmul peak)")
+    print(f"optimised ({setting}): {fast:.1f} img/s ({share_fast:.0f}% of the {precision} matmul peak)")
+    print(f"ratio: {fast / plain:.2f}x")
+    if not args.no_record:
+        record(args.results, "backbone", BACKBONE_INTRO, BACKBONE_HEADER,
+               f"| {datetime.date.today().isoformat()} | {machine_description()}, load {load:.1f} | "
+               f"{torch.__version__} | {args.arch} {size}px{' (quick)' if args.quick else ''} | {batch} | "
+               f"{peak32:.0f} / {peak16:.0f} | {plain:.1f} ({share_plain:.0f}%) | {fast:.1f} ({share_fast:.0f}%) | "
+               f"{setting} | {fast / plain:.2f}x |")
+        print(f"recorded in {args.results}")
+
+
+def timed_probe(argv, log_name="train.log"):
+    """Wall seconds and final top-1 of one main_linear_probe.py run (in this process)."""
+    import contextlib
+    import io
+    import main_linear_probe
+    start = time.perf_counter()
+    parsed = main_linear_probe.get_args_parser().parse_args(argv)
+    with contextlib.redirect_stdout(io.StringIO()):  # the runs' logs stay in their folders
+        main_linear_probe.main(parsed)
+    seconds = time.perf_counter() - start
+    with open(os.path.join(parsed.dump_path, log_name)) as f:
+        accuracy = [float(line.split("Top-1 test accuracy:")[1]) for line in f if "Top-1 test accuracy:" in line]
+    return seconds, accuracy[-1] if accuracy else None
+
+
+def bench_probe(args):
+    import shutil
+    import tempfile
+    sys.path.insert(0, os.path.join(REPO, "tests"))
+    from helpers import make_checkpoint, make_cifar
+
+    work = tempfile.mkdtemp(prefix="timecat-bench-")
+    n_train, n_test, size = (200, 100, 32) if args.quick else (1000, 500, 64)
+    epochs = args.epochs or (2 if args.quick else 28)
+    sweep_epochs = 1 if args.quick else 3
+    k = args.k or (2 if args.quick else 6)
+    arch = args.arch
+    data = os.path.join(work, "data")
+    make_cifar(data, "cifar10", n_train=n_train, n_test=n_test, noise=120)
+    ckpts = [os.path.join(work, f"backbone{i}.pth") for i in range(2)]
+    for seed, path in enumerate(ckpts):
+        make_checkpoint(path, arch, "raw", seed=seed)
+    common = ["--arch", arch, "--pretrained", *ckpts, "--data_path", data, "--img_size", str(size),
+              "--batch_size", "64", "--workers", str(args.workers), "--print_freq", "1000", "--lr", "0.05"]
+    load = os.getloadavg()[0]
+    setup = (f"cat2 {arch} {size}px, {n_train} train / {n_test} test, {epochs} epochs"
+             f"{' (quick)' if args.quick else ''}")
+    print(f"{machine_description()}; torch {torch.__version__}; {setup}; load {load:.1f}")
+    reference, ref_acc = timed_probe(common + ["--epochs", str(epochs), "--precision", "fp32",
+                                               "--dump_path", os.path.join(work, "per_epoch")])
+    print(f"per-epoch (reference): {reference:.1f} s, top-1 {ref_acc:.1f}")
+    cached, cached_acc = timed_probe(common + ["--epochs", str(epochs), "--feature_cache",
+                                               os.path.join(work, "cache"), "--dump_path",
+                                               os.path.join(work, "cached")])
+    print(f"cached: {cached:.1f} s, top-1 {cached_acc:.1f} -> {reference / cached:.1f}x")
+    wds = ["1e-5", "1e-4", "5e-4", "1e-3", "5e-3", "1e-2", "5e-2", "1e-1"][:k]
+    sweep_common = common + ["--epochs", str(sweep_epochs), "--precision", "fp32"]
+    separate = sum(timed_probe(sweep_common + ["--wd", wd, "--dump_path", os.path.join(work, f"wd{wd}")])[0]
+                   for wd in wds)
+    together = timed_probe(sweep_common + ["--wd", *wds, "--dump_path", os.path.join(work, "sweep")],
+                           log_name="sweep.log")[0]
+    print(f"sweep of K={k} ({sweep_epochs} epochs each): {k} runs {separate:.1f} s, one {k}-head run "
+          f"{together:.1f} s -> {separate / together:.1f}x (target {0.8 * k:.1f}x)")
+    if not args.no_record:
+        record(args.results, "probe", PROBE_INTRO, PROBE_HEADER,
+               f"| {datetime.date.today().isoformat()} | {machine_description()}, load {load:.1f} | {setup} | "
+               f"{reference:.1f} ({ref_acc:.1f}) | {cached:.1f} ({cached_acc:.1f}) | {reference / cached:.1f}x | {k} | "
+               f"{separate:.1f} | {together:.1f} | {separate / together:.1f}x |")
+        print(f"recorded in {args.results}")
+    shutil.rmtree(work, ignore_errors=True)
+
+
+# ---------------------------------------------------------------- command line
+def get_args_parser():
+    common = ArgumentParser(add_help=False)  # options every section takes
+    common.add_argument("--results", default=RESULTS, help="markdown file the rows are appended to")
+    common.add_argument("--no_record", action="store_true", help="print only")
+    p = ArgumentParser("tools/benchmark.py", description="Time-Cat speed benchmarks",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    sections = p.add_subparsers(dest="section", required=True)
+    train = sections.add_parser("train", parents=[common], help="pretraining step: optimised path vs plain fp32 "
+                                "eager", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    train.add_argument("--quick", action="store_true", help="batch 16 and 3 timed steps on CPU (under a minute "
+                       "on 2 cores)")
+    train.add_argument("--arch", default="resnet50", help="torchvision ResNet")
+    train.add_argument("--img_size", type=int, default=None, help="default 224, the recipe's")
+    train.add_argument("--batch_size", type=int, default=None, help="default: CPU 32 (quick: 16), GPU 256")
+    train.add_argument("--steps", type=int, default=None, help="timed steps per variant")
+    train.add_argument("--compile", action="store_true", help="torch.compile the optimised path")
+    train.set_defaults(func=bench_train)
+    backbone = sections.add_parser("backbone", parents=[common], help="frozen-backbone forward: optimised vs plain "
+                                   "fp32 eager, as a share of the measured matmul peak",
+                                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    backbone.add_argument("--quick", action="store_true", help="128 px, batch 16, 2 timed steps on CPU")
+    backbone.add_argument("--arch", default="resnet50", help="torchvision ResNet")
+    backbone.add_argument("--img_size", type=int, default=None, help="default 224 (quick: 128)")
+    backbone.add_argument("--batch_size", type=int, default=None, help="default: CPU 32 (quick: 16), GPU 256")
+    backbone.add_argument("--steps", type=int, default=None, help="timed batches per variant")
+    backbone.add_argument("--compile", action="store_true", help="torch.compile the optimised path")
+    backbone.set_defaults(func=bench_backbone)
+    probe = sections.add_parser("probe", parents=[common], help="complete probes: per-epoch vs cached, and a "
+                                "K-value sweep as K runs vs one K-head run",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    probe.add_argument("--quick", action="store_true", help="tiny data, 2 epochs, K=2 (seconds)")
+    probe.add_argument("--arch", default="resnet18", help="backbone of the generated cat2 probe")
+    probe.add_argument("--epochs", type=int, default=None, help="probe epochs (default 28, the reference)")
+    probe.add_argument("--k", type=int, default=None, help="weight decays in the sweep (default 6; max 8)")
+    probe.add_argument("--workers", type=int, default=0, help="data-loading processes")
+    probe.set_defaults(func=bench_probe)
+    return p
+
+
+def main(args):
+    for name in ("img_size", "batch_size", "steps", "epochs", "k"):
+        value = getattr(args, name, None)
+        if value is not None and value < 1:
+            raise UserError(f"--{name} must be at least 1")
+    if getattr(args, "k", None) and args.k > 8:
+        raise UserError("--k: the sweep has 8 weight decays at most")
+    args.func(args)
+
+
+if __name__ == "__main__":
+    run_main(main, get_args_parser().parse_args())
