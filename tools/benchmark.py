@@ -327,26 +327,20 @@ def get_args_parser():
     p = ArgumentParser("tools/benchmark.py", description="Time-Cat speed benchmarks",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     sections = p.add_subparsers(dest="section", required=True)
-    train = sections.add_parser("train", parents=[common], help="pretraining step: optimised path vs plain fp32 "
-                                "eager", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    train.add_argument("--quick", action="store_true", help="batch 16 and 3 timed steps on CPU (under a minute "
-                       "on 2 cores)")
-    train.add_argument("--arch", default="resnet50", help="torchvision ResNet")
-    train.add_argument("--img_size", type=int, default=None, help="default 224, the recipe's")
-    train.add_argument("--batch_size", type=int, default=None, help="default: CPU 32 (quick: 16), GPU 256")
-    train.add_argument("--steps", type=int, default=None, help="timed steps per variant")
-    train.add_argument("--compile", action="store_true", help="torch.compile the optimised path")
-    train.set_defaults(func=bench_train)
-    backbone = sections.add_parser("backbone", parents=[common], help="frozen-backbone forward: optimised vs plain "
-                                   "fp32 eager, as a share of the measured matmul peak",
-                                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    backbone.add_argument("--quick", action="store_true", help="128 px, batch 16, 2 timed steps on CPU")
-    backbone.add_argument("--arch", default="resnet50", help="torchvision ResNet")
-    backbone.add_argument("--img_size", type=int, default=None, help="default 224 (quick: 128)")
-    backbone.add_argument("--batch_size", type=int, default=None, help="default: CPU 32 (quick: 16), GPU 256")
-    backbone.add_argument("--steps", type=int, default=None, help="timed batches per variant")
-    backbone.add_argument("--compile", action="store_true", help="torch.compile the optimised path")
-    backbone.set_defaults(func=bench_backbone)
+    model = ArgumentParser(add_help=False)  # options of the sections that time a model on synthetic batches
+    model.add_argument("--quick", action="store_true", help="smaller images or batches, 2-3 timed steps on CPU "
+                       "(under a minute on 2 cores)")
+    model.add_argument("--arch", default="resnet50", help="torchvision ResNet")
+    model.add_argument("--img_size", type=int, default=None, help="default 224 (backbone --quick: 128)")
+    model.add_argument("--batch_size", type=int, default=None, help="default: CPU 32 (quick: 16), GPU 256")
+    model.add_argument("--steps", type=int, default=None, help="timed steps per variant")
+    model.add_argument("--compile", action="store_true", help="torch.compile the optimised path")
+    for name, func, text in (("train", bench_train, "pretraining step: optimised path vs plain fp32 eager"),
+                             ("backbone", bench_backbone, "frozen-backbone forward: optimised vs plain fp32 eager, "
+                              "as a share of the measured matmul peak")):
+        section = sections.add_parser(name, parents=[common, model], help=text,
+                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        section.set_defaults(func=func)
     probe = sections.add_parser("probe", parents=[common], help="complete probes: per-epoch vs cached, and a "
                                 "K-value sweep as K runs vs one K-head run",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
