@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from util.distributed import all_reduce_sum
-from util.misc import AverageMeter, correct_topk
+from util.misc import AverageMeter, UserError, correct_topk
 
 
 class ShardSampler(torch.utils.data.Sampler):
@@ -70,11 +70,14 @@ def encoded_batches(loader, encoder, device, precision):
 
 class CachedBatches:
     """Batches of cached features in the order of `sampler` (the same order the per-epoch mode would see).
-    views: one N x D tensor per stored view; with several, each sample draws one at random each epoch."""
+    views: one N x D tensor per stored view; with several, each sample draws one at random each epoch.
+    Unreadable images (label -1 in the cache, --skip_bad_images) are dropped from their batch and counted in
+    .skipped, as the per-epoch loaders do."""
 
     def __init__(self, views, labels, sampler, batch_size, device, drop_last=False, generator=None):
         self.views, self.labels, self.sampler = views, labels, sampler
         self.batch_size, self.device, self.drop_last, self.generator = batch_size, device, drop_last, generator
+        self.skipped = 0
 
     def __len__(self):
         n = len(self.sampler)
@@ -87,10 +90,16 @@ class CachedBatches:
             choice = torch.randint(len(self.views), (len(indices),), generator=self.generator)
         for b in range(len(self)):
             rows = indices[b * self.batch_size:(b + 1) * self.batch_size]
-            if choice is None:
+            which = None if choice is None else choice[b * self.batch_size:(b + 1) * self.batch_size]
+            readable = self.labels[rows] >= 0
+            if not readable.all():
+                self.skipped += int((~readable).sum())
+                rows, which = rows[readable], None if which is None else which[readable]
+                if not len(rows):
+                    continue
+            if which is None:
                 features = self.views[0][rows]
             else:
-                which = choice[b * self.batch_size:(b + 1) * self.batch_size]
                 features = torch.empty(len(rows), self.views[0].shape[1], dtype=self.views[0].dtype)
                 for k, view in enumerate(self.views):
                     features[which == k] = view[rows[which == k]]
@@ -138,12 +147,14 @@ def train_one_epoch(model, batches, num_batches, optimizer, epoch, args, device,
 
 
 @torch.no_grad()
-def evaluate(model, batches, device, precision, expected_count, show_bar=False, num_heads=None):
+def evaluate(model, batches, device, precision, expected_count, show_bar=False, num_heads=None, source=None):
     """Exact loss / top-1 / top-5 (%) over a whole split, summed across ranks. `batches` yields (images or
     features, labels); `model` maps inputs to logits (returns one dict) or, with num_heads, to a list of
-    logits, one per head (returns a list of dicts)."""
+    logits, one per head (returns a list of dicts). `source`, the loader or cached batches behind `batches`,
+    counts in .skipped the unreadable images it dropped (--skip_bad_images): those are reported as 'skipped'
+    and not scored."""
     sums = torch.zeros(num_heads or 1, 3, dtype=torch.float64)
-    count = 0
+    count, skipped = 0, getattr(source, "skipped", 0)
     for inputs, labels in tqdm(batches, desc="eval", leave=False, disable=not show_bar):
         if inputs.dim() == 4:
             inputs, labels = to_device(inputs, labels, device)
@@ -155,10 +166,13 @@ def evaluate(model, batches, device, precision, expected_count, show_bar=False, 
             sums[h] += torch.tensor([F.cross_entropy(out, labels, reduction="sum").item(), c1, c5],
                                     dtype=torch.float64)
         count += len(labels)
-    totals = all_reduce_sum(sums.flatten().tolist() + [count], device)
-    count = int(totals[-1])
-    if count != expected_count:
-        raise RuntimeError(f"evaluation counted {count} samples, the split has {expected_count}")
+    totals = all_reduce_sum(sums.flatten().tolist() + [count, getattr(source, "skipped", 0) - skipped], device)
+    count, skipped = int(totals[-2]), int(totals[-1])
+    if count + skipped != expected_count:
+        raise RuntimeError(f"evaluation counted {count} samples and {skipped} unreadable ones, the split has "
+                           f"{expected_count}")
+    if not count:
+        raise UserError(f"all {skipped} images of the evaluation split are unreadable")
     stats = [{"loss": totals[3 * h] / count, "top1": 100.0 * totals[3 * h + 1] / count,
-              "top5": 100.0 * totals[3 * h + 2] / count} for h in range(len(sums))]
+              "top5": 100.0 * totals[3 * h + 2] / count, "skipped": skipped} for h in range(len(sums))]
     return stats[0] if num_heads is None else stats

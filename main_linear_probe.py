@@ -14,15 +14,17 @@ import torch
 import torch.nn as nn
 import yaml
 
-from datasets import WithTransform, build_dataset, dataset_targets, family_of, stratified_subset, subset_fraction
+from datasets import (WithTransform, build_dataset, dataset_targets, family_of, image_loader, stratified_subset,
+                      subset_fraction)
 from datasets.transforms import build_transform
 from engine import (CachedBatches, NonFiniteLoss, ShardSampler, encoded_batches, evaluate, image_batches,
                     resolve_precision, train_one_epoch)
 from models import ConcatEncoder, LinearHead, MultiHead
 from util.checkpoint import load_file, save_atomic
-from util.distributed import barrier, cleanup, init_distributed
+from util.distributed import all_reduce_sum, barrier, cleanup, init_distributed
 from util.feature_cache import load_or_build
-from util.logs import append_jsonl, close_logger, create_logger, log_startup, use_progress_bar, write_json_atomic
+from util.logs import (append_jsonl, claim_run_folder, close_logger, create_logger, log_startup, truncate_jsonl,
+                       use_progress_bar, write_json_atomic)
 from util.misc import ArgumentParser, StopSignal, UserError, requeue_slurm_job, run_main, set_seed
 
 PROJECT_ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -118,7 +120,11 @@ def get_args_parser():
     g.add_argument("--sync_bn", action="store_true", help="SyncBatchNorm for the head BN across processes "
                    "(the reference's iNat18 runs)")
     g.add_argument("--debug", action="store_true", help="force a single process, as the reference scripts did")
+    g.add_argument("--dist_timeout", type=float, default=30.0, help="minutes a process waits for the others "
+                   "(start-up rendezvous and every collective) before it stops with an error")
     g.add_argument("--print_freq", type=int, default=50, help="iterations between log lines")
+    g.add_argument("--skip_bad_images", action="store_true", help="skip unreadable image files (counted and "
+                   "reported in the log) instead of stopping at the first one")
     return p
 
 
@@ -179,6 +185,8 @@ def check_args(args):
         raise UserError("--img_size must be at least 8")
     if not 0 <= args.val_split < 1:
         raise UserError("--val_split must be in [0, 1)")
+    if not 0 < args.dist_timeout < math.inf:
+        raise UserError("--dist_timeout must be a positive number of minutes")
     args.lr_values = parse_values("lr", args.lr, allow_zero=False)
     args.wd_values = parse_values("wd", args.wd, allow_zero=True)
     if args.exp_mode == "finetune" and (len(args.lr) > 1 or len(args.wd) > 1 or args.feature_cache):
@@ -307,13 +315,14 @@ class PositionSampler(torch.utils.data.Sampler):
 # ---------------------------------------------------------------- main
 def main(args):
     check_args(args)
-    dist_info = init_distributed(debug=args.debug)
+    dist_info = init_distributed(debug=args.debug, timeout_minutes=args.dist_timeout)
     args.precision = resolve_precision(args.precision, dist_info.device)
     combos = head_combos(args)
     sweep = len(combos) > 1
     head_dirs = [os.path.join(args.dump_path, name) if sweep else args.dump_path for _, _, name in combos]
     for directory in head_dirs:
         os.makedirs(directory, exist_ok=True)
+    lock = claim_run_folder(args.dump_path, dist_info, head_dirs)  # before any log line: a refused run writes nothing
     logger = create_logger(args.dump_path, dist_info.rank, "sweep.log" if sweep else "train.log")
     head_loggers = [create_logger(d, dist_info.rank, console=False) for d in head_dirs] if sweep else [logger]
     try:
@@ -321,6 +330,8 @@ def main(args):
     finally:
         for lg in {id(lg): lg for lg in [logger] + head_loggers}.values():
             close_logger(lg)
+        if lock is not None:
+            lock.close()
         cleanup()
 
 
@@ -366,7 +377,8 @@ def probe(args, dist_info, combos, head_dirs, logger, head_loggers):
 
     # ---- batch sources: features on the fly (reference), from the cache, or images when fine-tuning
     def loader(dataset, sampler, **kw):
-        return torch.utils.data.DataLoader(dataset, args.batch_size, sampler=sampler, **loader_kwargs, **kw)
+        return image_loader(dataset, args.skip_bad_images, batch_size=args.batch_size, sampler=sampler,
+                            **loader_kwargs, **kw)
 
     train_loader = loader(train_aug, train_sampler, drop_last=drop_last, generator=loader_generator)
     test_loader = loader(test_set, ShardSampler(len(test_set), rank, world))
@@ -382,21 +394,25 @@ def probe(args, dist_info, combos, head_dirs, logger, head_loggers):
         views, plain_features, test_features = place_features(views, plain_features, test_features, device,
                                                               logger)
         val_rows = torch.tensor(val_positions, dtype=torch.long)
-        train_batches = lambda: CachedBatches(views, plain_labels, train_sampler, args.batch_size, device,
-                                              drop_last, loader_generator)
-        test_batches = lambda: CachedBatches([test_features], test_labels,
-                                             ShardSampler(len(test_set), rank, world), args.batch_size, device)
-        val_batches = lambda: CachedBatches([plain_features[val_rows]], plain_labels[val_rows], val_sampler,
-                                            args.batch_size, device)
-    elif finetune:
-        train_batches = lambda: image_batches(train_loader, device)
-        test_batches = lambda: image_batches(test_loader, device)
-        val_batches = lambda: image_batches(val_loader, device)
+        # sources are re-iterable; each counts the unreadable images it drops (.skipped, --skip_bad_images)
+        train_source = CachedBatches(views, plain_labels, train_sampler, args.batch_size, device, drop_last,
+                                     loader_generator)
+        test_source = CachedBatches([test_features], test_labels, ShardSampler(len(test_set), rank, world),
+                                    args.batch_size, device)
+        val_source = CachedBatches([plain_features[val_rows]], plain_labels[val_rows], val_sampler,
+                                   args.batch_size, device)
+        train_batches, test_batches, val_batches = (lambda: train_source), (lambda: test_source), (lambda: val_source)
     else:
-        train_batches = lambda: encoded_batches(train_loader, encoder, device, args.precision)
-        test_batches = lambda: encoded_batches(test_loader, encoder, device, args.precision)
-        val_batches = lambda: encoded_batches(val_loader, encoder, device, args.precision)
-    num_train_batches = len(train_loader)
+        train_source, test_source, val_source = train_loader, test_loader, val_loader
+        if finetune:
+            train_batches = lambda: image_batches(train_loader, device)
+            test_batches = lambda: image_batches(test_loader, device)
+            val_batches = lambda: image_batches(val_loader, device)
+        else:
+            train_batches = lambda: encoded_batches(train_loader, encoder, device, args.precision)
+            test_batches = lambda: encoded_batches(test_loader, encoder, device, args.precision)
+            val_batches = lambda: encoded_batches(val_loader, encoder, device, args.precision)
+    num_train_batches = len(train_source)
     eval_model = classifier if finetune else heads
 
     # ---- resume, or evaluate saved heads
@@ -415,9 +431,10 @@ def probe(args, dist_info, combos, head_dirs, logger, head_loggers):
         if args.optimizer == "sfadamw":
             optimizer.eval()
         for h, stats in enumerate(evaluate(eval_model, test_batches(), device, args.precision, len(test_set),
-                                           show_bar, num_heads=len(combos))):
+                                           show_bar, num_heads=len(combos), source=test_source)):
             head_loggers[h].info(f"Test: Loss {stats['loss']:.4f} Acc@1 {stats['top1']:.3f} Acc@5 "
-                                 f"{stats['top5']:.3f} (head of epoch {epochs[h]} from {best_paths[h]})")
+                                 f"{stats['top5']:.3f} (head of epoch {epochs[h]} from {best_paths[h]})"
+                                 + unreadable_note(stats))
         return
     n = len(combos)
     start_epoch, best_test, best_val, selected = 0, [0.0] * n, [-1.0] * n, [None] * n
@@ -432,6 +449,9 @@ def probe(args, dist_info, combos, head_dirs, logger, head_loggers):
                                                       state["selected"])
         for lg in head_loggers if sweep else [logger]:
             lg.info(f"Resumed from {checkpoint_path} at epoch {start_epoch}")
+        if dist_info.is_main:  # records of epochs the checkpoint does not hold (a crash before it was saved)
+            for directory in head_dirs:
+                truncate_jsonl(os.path.join(directory, "metrics.jsonl"), lambda r: r["epoch"] < start_epoch)
     elif dist_info.is_main:
         for stale in [checkpoint_path] + best_paths + [os.path.join(d, "metrics.jsonl") for d in head_dirs]:
             if os.path.exists(stale):
@@ -454,12 +474,13 @@ def probe(args, dist_info, combos, head_dirs, logger, head_loggers):
         trained.train()  # the heads, or encoder + heads when fine-tuning; a frozen encoder stays in eval mode
         if args.optimizer == "sfadamw":
             optimizer.train()
+        skipped_before = getattr(train_source, "skipped", 0)
         try:
             train_loss, train_top1, completed = train_one_epoch(trained, train_batches(), num_train_batches,
                                                                 optimizer, epoch, args, device, head_loggers,
                                                                 stop, show_bar and not sweep)
         except NonFiniteLoss as exc:
-            raise UserError(f"{exc}; the last good state is in {checkpoint_path}. Lower --lr?") from None
+            raise UserError(f"{exc}; {last_good_state(epoch, checkpoint_path)}. Lower --lr?") from None
         if not completed:
             for lg in {id(lg): lg for lg in [logger] + head_loggers}.values():
                 lg.info(f"Stopped by {stop.received} during epoch {epoch}; a rerun resumes from epoch {epoch} "
@@ -471,21 +492,33 @@ def probe(args, dist_info, combos, head_dirs, logger, head_loggers):
         if args.optimizer == "sfadamw":
             optimizer.eval()  # schedule-free: evaluate at the averaged weights
         test_stats = evaluate(eval_model, test_batches(), device, args.precision, len(test_set), show_bar,
-                              num_heads=n)
+                              num_heads=n, source=test_source)
         val_stats = evaluate(eval_model, val_batches(), device, args.precision, len(val_positions),
-                             num_heads=n) if val_positions else [None] * n
+                             num_heads=n, source=val_source) if val_positions else [None] * n
+        diverged = [h for h in range(n) if not math.isfinite(test_stats[h]["loss"])]
+        if diverged:  # weights that went non-finite in the epoch's last step are never saved as a good state
+            h = diverged[0]
+            raise UserError(f"the test loss is {test_stats[h]['loss']} after epoch {epoch}"
+                            + (f" (head {combos[h][2]})" if sweep else "")
+                            + f"; {last_good_state(epoch, checkpoint_path)}. Lower --lr?")
+        if args.skip_bad_images:
+            train_skipped = int(all_reduce_sum([train_source.skipped - skipped_before], device)[0])
+            for lg in {id(lg): lg for lg in [logger] + head_loggers}.values():
+                lg.info(f"Skipped {train_skipped} unreadable training images in epoch {epoch} (--skip_bad_images)")
         improved = []
         for h in range(n):
             test, val, lg = test_stats[h], val_stats[h], head_loggers[h]
             improved.append(test["top1"] > best_test[h])
             best_test[h] = max(best_test[h], test["top1"])
             lg.info(f"Test: Loss {test['loss']:.4f} Acc@1 {test['top1']:.3f} Best Acc@1 so far {best_test[h]:.2f}")
-            lg.info(f"Test: Acc@5 {test['top5']:.3f} over {len(test_set)} images")
+            lg.info(f"Test: Acc@5 {test['top5']:.3f} over {len(test_set) - test['skipped']} images"
+                    + unreadable_note(test))
             if val is not None:
                 if val["top1"] > best_val[h]:
                     best_val[h], selected[h] = val["top1"], (epoch, val["top1"], test["top1"])
                 lg.info(f"Val: Loss {val['loss']:.4f} Acc@1 {val['top1']:.3f} Best Val Acc@1 so far "
-                        f"{best_val[h]:.2f} over {len(val_positions)} held-out training images")
+                        f"{best_val[h]:.2f} over {len(val_positions) - val['skipped']} held-out training images"
+                        + unreadable_note(val))
             if sweep:
                 logger.info(f"epoch {epoch} {combos[h][2]}: test Acc@1 {test['top1']:.3f} (best {best_test[h]:.2f})"
                             + (f", val Acc@1 {val['top1']:.3f}" if val is not None else ""))
@@ -507,6 +540,8 @@ def probe(args, dist_info, combos, head_dirs, logger, head_loggers):
                           "seconds": round(time.time() - start, 3)}
                 if val_stats[h] is not None:
                     record.update(val_loss=val_stats[h]["loss"], val_top1=val_stats[h]["top1"])
+                if args.skip_bad_images:
+                    record.update(train_skipped=train_skipped, test_skipped=test_stats[h]["skipped"])
                 append_jsonl(record, os.path.join(head_dirs[h], "metrics.jsonl"))
             save_atomic(state, checkpoint_path)
         barrier()
@@ -537,6 +572,14 @@ def place_features(views, plain, test, device, logger):
         return views, plain, test
     moved = {key: t.to(device) for key, t in unique.items()}
     return [moved[id(v)] for v in views], moved[id(plain)], moved[id(test)]
+
+
+def last_good_state(epoch, checkpoint_path):
+    return f"the last good state is in {checkpoint_path}" if epoch else "no checkpoint was written"
+
+
+def unreadable_note(stats):
+    return f" ({stats['skipped']} unreadable skipped)" if stats["skipped"] else ""
 
 
 def check_same_recipe(saved_args, args, path):

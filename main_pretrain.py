@@ -32,7 +32,8 @@ from engine import ShardSampler, autocast, evaluate, resolve_precision, to_devic
 from models import RESNET_ARCHS, build_backbone
 from util.checkpoint import load_file, save_atomic
 from util.distributed import all_reduce_sum, barrier, cleanup, init_distributed
-from util.logs import append_jsonl, close_logger, create_logger, log_startup, use_progress_bar, write_json_atomic
+from util.logs import (append_jsonl, claim_run_folder, close_logger, create_logger, log_startup, truncate_jsonl,
+                       use_progress_bar, write_json_atomic)
 from util.misc import ArgumentParser, StopSignal, UserError, requeue_slurm_job, run_main
 
 PROJECT_ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -132,6 +133,10 @@ def get_args_parser():
                    "save the resume state and stop cleanly once it is spent, before a job's time limit")
     g.add_argument("--print_freq", type=int, default=100, help="steps between log lines")
     g.add_argument("--debug", action="store_true", help="force a single process")
+    g.add_argument("--dist_timeout", type=float, default=30.0, help="minutes a process waits for the others "
+                   "(start-up rendezvous and every collective) before it stops with an error")
+    g.add_argument("--skip_bad_images", action="store_true", help="skip unreadable image files (counted and "
+                   "reported in the log) instead of stopping at the first one")
     return p
 
 
@@ -169,6 +174,8 @@ def check_args(args):
             raise UserError(f"--{name} must be at least 1")
     if args.img_size < 8:
         raise UserError("--img_size must be at least 8")
+    if not 0 < args.dist_timeout < math.inf:
+        raise UserError("--dist_timeout must be a positive number of minutes")
     beyond = [s for s in args.save_steps if not 0 < s <= args.steps]
     if beyond:
         raise UserError(f"--save_steps {beyond[0]} is beyond --steps {args.steps} (milestones must be in 1..steps)")
@@ -436,15 +443,18 @@ def save_backbone(model, path, step, stats, args):
 # ---------------------------------------------------------------- main
 def main(args):
     check_args(args)
-    dist_info = init_distributed(debug=args.debug)
+    dist_info = init_distributed(debug=args.debug, timeout_minutes=args.dist_timeout)
     if dist_info.is_main:
         os.makedirs(args.dump_path, exist_ok=True)
     barrier()
+    lock = claim_run_folder(args.dump_path, dist_info)  # before any log line: a refused run writes nothing
     logger = create_logger(args.dump_path, dist_info.rank)
     try:
         pretrain(args, dist_info, logger)
     finally:
         close_logger(logger)
+        if lock is not None:
+            lock.close()
         cleanup()
 
 

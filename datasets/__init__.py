@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 from datasets.cifar import build_cifar
-from datasets.images import IMAGENET_HINT, INAT_HINT, INaturalist18, build_image_folder
+from datasets.images import IMAGENET_HINT, INAT_HINT, INaturalist18, UnreadableImage, build_image_folder
 from util.misc import UserError
 
 # imagefolder: any dataset laid out as <data_path>/{train,val}/<class>/<images>, with ImageNet's transforms
@@ -78,6 +78,56 @@ class WithTransform(torch.utils.data.Dataset):
     def __getitem__(self, index):
         image, label = self.dataset[index]
         return self.transform(image), label
+
+
+class SkipUnreadable(torch.utils.data.Dataset):
+    """A dataset whose unreadable images come out as None (--skip_bad_images), for collate_readable to drop."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        try:
+            return self.dataset[index]
+        except UnreadableImage:
+            return None
+
+
+def collate_readable(samples):
+    """(images, labels, kept) of a batch without its unreadable samples (None; images and labels are None when
+    none is left); kept marks the survivors, so the count of skipped images leaves DataLoader workers with the
+    batch."""
+    kept = torch.tensor([s is not None for s in samples], dtype=torch.bool)
+    readable = [s for s in samples if s is not None]
+    images, labels = torch.utils.data.default_collate(readable) if readable else (None, None)
+    return images, labels, kept
+
+
+class ReadableBatches:
+    """The (images, labels) batches of a loader built on collate_readable; .skipped counts the images dropped."""
+
+    def __init__(self, loader):
+        self.loader, self.skipped = loader, 0
+
+    def __len__(self):
+        return len(self.loader)
+
+    def __iter__(self):
+        for images, labels, kept in self.loader:
+            self.skipped += int((~kept).sum())
+            if images is not None:
+                yield images, labels
+
+
+def image_loader(dataset, skip_bad_images=False, **kwargs):
+    """A DataLoader; with skip_bad_images, batches without the unreadable images, counted in .skipped."""
+    if not skip_bad_images:
+        return torch.utils.data.DataLoader(dataset, **kwargs)
+    return ReadableBatches(torch.utils.data.DataLoader(SkipUnreadable(dataset), collate_fn=collate_readable,
+                                                       **kwargs))
 
 
 def build_dataset(data_name, data_path, split, download=True):

@@ -8,6 +8,10 @@ from PIL import Image
 from util.misc import UserError
 
 
+class UnreadableImage(UserError):
+    """An image file that is missing, truncated or not an image (--skip_bad_images skips those)."""
+
+
 def load_rgb(path):
     """Open an image as RGB; a missing, truncated or unreadable file stops the run and names the file."""
     try:
@@ -15,7 +19,7 @@ def load_rgb(path):
             img = Image.open(f)
             return img.convert("RGB")
     except (OSError, SyntaxError, ValueError) as exc:
-        raise UserError(f"cannot read image {path}: {exc}") from None
+        raise UnreadableImage(f"cannot read image {path}: {exc} (--skip_bad_images skips such files)") from None
 
 
 def build_image_folder(split_dir, dataset_label, hint, transform=None):

@@ -5,7 +5,7 @@
     python tools/summarize.py --root DIR --csv out.csv --plot out.png
 
 A run is a folder with a train.log (and metrics.jsonl, args.json) anywhere below the results root. Runs are
-grouped by configuration (catN: N concatenated ResNet50s of one step budget) x target dataset; runs of the same
+grouped by configuration (catN: N concatenated backbones of one step budget) x target dataset; runs of the same
 weight decay (and lr) are averaged (the single 450k runs run0..4 give the cat1 baseline, mean +- std), and the
 weight decay with the best mean wins. Runs without the final 'Top-1 test accuracy' line are listed as
 unfinished and left out of the table.
@@ -31,7 +31,8 @@ ALIASES = {"imagenet": "imagenet1k", "in1k": "imagenet1k", "inat": "inaturalist1
            "inaturalist": "inaturalist18"}
 STANDARD_CONFIGS = [(1, "full"), (2, "200"), (4, "100"), (5, "80")]
 FULL_STEPS_K = 450  # checkpoints_stepfull: the 450k-step runs
-STEP_DIR_RE = re.compile(r"^checkpoints_(?:step)?(full|\d+)k?$")
+# checkpoints_stepfull, checkpoints_step80 (thousands), checkpoints_80k, checkpoints_step60steps (small runs)
+STEP_DIR_RE = re.compile(r"^checkpoints_(?:step)?(full|\d+steps|\d+)k?$")
 FINAL_RE = re.compile(r"Top-1 test accuracy:\s*([\d.]+)")
 EPOCH_RE = re.compile(r"Epoch\[(\d+)\]")
 TEST_RE = re.compile(r"Test: Loss \S+ Acc@1 ([\d.]+) Best Acc@1 so far ([\d.]+)")
@@ -70,11 +71,15 @@ def steps_label(steps):
         return "?"
     if steps == "full":
         return f"{FULL_STEPS_K}k"
+    if steps.endswith("steps") and steps[:-5].isdigit():
+        return f"{steps[:-5]} steps"
     return f"{steps}k" if steps.isdigit() else steps
 
 
 def total_label(config):
     n, steps = config
+    if n and steps and steps.endswith("steps") and steps[:-5].isdigit():
+        return f"{n * int(steps[:-5])} steps"
     k = FULL_STEPS_K if steps == "full" else int(steps) if steps and steps.isdigit() else None
     return f"{n * k}k" if n and k else "?"
 
@@ -178,6 +183,8 @@ def read_args(run_dir, root, run):
 def identify(run, args):
     """Dataset, weight decay, lr and configuration: args.json first, the folder names for what it lacks."""
     run.data = dataset_name(args.get("data_name"))
+    if run.data == "imagefolder" and isinstance(args.get("data_path"), str):  # a folder dataset: named by its folder
+        run.data = os.path.basename(os.path.normpath(args["data_path"]))
     run.epochs = args.get("epochs") if isinstance(args.get("epochs"), int) else None
     for key in ("wd", "lr"):
         if isinstance(args.get(key), (int, float)) and not isinstance(args.get(key), bool):
@@ -326,7 +333,7 @@ def write_plot(path, cells, datasets):
             ax.annotate(steps_label(config[1]), (x, best["mean"]), textcoords="offset points", xytext=(4, 4),
                         fontsize=7)
         ax.set_title(COLUMNS.get(data, data))
-        ax.set_xlabel("concatenated ResNet50s")
+        ax.set_xlabel("concatenated backbones")
         ax.set_xticks(sorted(set(xs)))
     axes[0][0].set_ylabel("linear-probe top-1 (%)")
     fig.tight_layout()
@@ -384,7 +391,9 @@ def main(args):
         if n_heldout:
             print("Cells marked † use the held-out rule: the epoch was chosen on the validation split (and the "
                   "weight decay on validation top-1 where it was recorded); their test top-1 is reported.")
-        datasets = [d for d in COLUMNS] + sorted({r.data for r in usable} - set(COLUMNS))
+        found = {r.data for r in usable}
+        # the paper's four columns always (empty ones show what is missing), unless only other datasets were run
+        datasets = ([d for d in COLUMNS] if found & set(COLUMNS) else []) + sorted(found - set(COLUMNS))
         configs = sorted({r.config for r in usable}, key=config_order)
         header = ["Method", "steps per ResNet50", "total"] + [COLUMNS.get(d, d) for d in datasets]
         rows = {what: [[config_name(c), steps_label(c[1]), total_label(c)]

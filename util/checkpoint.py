@@ -1,10 +1,12 @@
 """Checkpoint I/O: atomic writes, and reading backbone weights from every format users bring."""
+import contextlib
 import os
 import pickle
 import zipfile
 
 import torch
 
+from util.logs import temporary_path
 from util.misc import UserError
 
 # Wrappers that training code puts in front of parameter names: torch.compile, DDP, model lists, SSL heads.
@@ -13,25 +15,37 @@ KNOWN_PREFIXES = ("_orig_mod.", "module.", "model0.", "backbone.")
 STATE_KEYS = ("model_params", "state_dict", "model")
 
 
+def _os_error(exc):
+    """The OSError behind a failed write, if any: torch.save reports one raised by the file as a RuntimeError."""
+    while exc is not None and not isinstance(exc, OSError):
+        exc = exc.__context__
+    return exc
+
+
 def save_atomic(obj, path):
-    """torch.save to a temporary file, fsync, then rename: a reader never sees a half-written file."""
-    directory = os.path.dirname(os.path.abspath(path))
-    tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp.{os.getpid()}")
+    """torch.save to a temporary file, fsync, then rename: a reader never sees a half-written file. A failed
+    write (disk full, I/O error) leaves the previous file as it was and stops the run with a one-line error."""
+    tmp = temporary_path(path)
     try:
         with open(tmp, "wb") as f:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
+    except BaseException as exc:
+        with contextlib.suppress(OSError):
             os.remove(tmp)
-        raise
-    dir_fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+        cause = _os_error(exc)
+        if cause is None:
+            raise
+        raise UserError(f"cannot write {path}: {cause.strerror or cause}; its previous version, if any, is "
+                        f"unchanged") from exc
+    with contextlib.suppress(OSError):  # makes the rename durable; some file systems cannot sync a folder
+        dir_fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
 
 
 def load_file(path, what="checkpoint"):

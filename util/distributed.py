@@ -8,6 +8,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from util.misc import UserError
+
 
 @dataclass
 class DistInfo:
@@ -55,7 +57,9 @@ def launch_environment(env=None):
 
 
 def init_distributed(debug=False, timeout_minutes=30):
-    """Join the process group (nccl on GPU, gloo on CPU). --debug forces one process, as the reference does."""
+    """Join the process group (nccl on GPU, gloo on CPU). --debug forces one process, as the reference does.
+    timeout_minutes bounds the rendezvous and every collective: a rank whose peers never come (or died) fails
+    instead of waiting forever."""
     launcher, rank, world_size, local_rank = ("single", 0, 1, 0) if debug else launch_environment()
     if torch.cuda.is_available():
         device = torch.device("cuda", local_rank % torch.cuda.device_count())
@@ -70,9 +74,15 @@ def init_distributed(debug=False, timeout_minutes=30):
                                                                   else os.environ["SLURM_JOB_NODELIST"]))
             os.environ.setdefault("MASTER_PORT", str(20000 + int(os.environ.get("SLURM_JOB_ID", 0)) % 20000))
         backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend, init_method="env://", rank=rank, world_size=world_size,
-                                timeout=timedelta(minutes=timeout_minutes),
-                                device_id=device if device.type == "cuda" else None)
+        try:
+            dist.init_process_group(backend, init_method="env://", rank=rank, world_size=world_size,
+                                    timeout=timedelta(minutes=timeout_minutes),
+                                    device_id=device if device.type == "cuda" else None)
+        except dist.DistError as exc:
+            where = f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}"
+            raise UserError(f"rank {rank} of {world_size} could not join the process group at {where} within "
+                            f"{timeout_minutes:g} min (--dist_timeout): {str(exc).strip().splitlines()[0].rstrip('.')}. Did every "
+                            f"process start, and can this node reach {where}?") from None
     return info
 
 

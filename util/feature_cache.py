@@ -13,6 +13,7 @@ import zlib
 import numpy as np
 import torch
 
+from datasets import SkipUnreadable, collate_readable
 from engine import ShardSampler, autocast, to_device
 from util.distributed import barrier, broadcast_object
 from util.logs import write_json_atomic
@@ -33,7 +34,10 @@ def entry_key(args, split, view, length):
             "checkpoints": [checkpoint_identity(p) for p in args.pretrained], "data_name": args.data_name,
             "data_path": os.path.abspath(args.data_path), "data_rate": args.data_rate if split == "train" else 1.0,
             "split": split, "view": view, "tf_name": args.tf_name, "img_size": args.img_size,
-            "precision": args.precision, "length": length, "seed": args.seed if view >= 0 else None}
+            "precision": args.precision, "length": length, "seed": args.seed if view >= 0 else None,
+            # an entry that skipped unreadable images serves only runs that skip them; absent when off, so the
+            # entries written before the flag existed stay valid
+            **({"skip_bad_images": True} if args.skip_bad_images else {})}
 
 
 def _crc32(path, chunk=1 << 24):
@@ -96,21 +100,26 @@ def _extract(encoder, dataset, directory, args, dist_info, view, logger, show_ba
     sampler = ShardSampler(n, rank, world)
     generator = torch.Generator().manual_seed(args.seed + 7919 * (view + 1) + rank)
     set_seed(args.seed + 7919 * (view + 1) + rank)  # augmented views are reproducible
-    loader = torch.utils.data.DataLoader(dataset, args.batch_size, sampler=sampler, num_workers=args.workers,
-                                         pin_memory=device.type == "cuda", generator=generator)
+    loader = torch.utils.data.DataLoader(SkipUnreadable(dataset) if args.skip_bad_images else dataset,
+                                         args.batch_size, sampler=sampler, num_workers=args.workers,
+                                         pin_memory=device.type == "cuda", generator=generator,
+                                         collate_fn=collate_readable)
     features = np.load(features_path, mmap_mode="r+")
     labels = np.load(labels_path, mmap_mode="r+")
-    order = sampler.indices
+    order = np.asarray(sampler.indices, dtype=np.int64)
     start = 0
     desc = f"caching {os.path.basename(directory)[:8]}"
-    for images, targets in tqdm(loader, desc=desc, leave=False, disable=not show_bar):
+    for images, targets, kept in tqdm(loader, desc=desc, leave=False, disable=not show_bar):
+        rows = order[start:start + len(kept)]
+        start += len(kept)
+        labels[rows[~kept.numpy()]] = -1  # unreadable (--skip_bad_images): the batch sources drop label -1
+        if images is None:
+            continue
         images, _ = to_device(images, targets, device)
         with torch.inference_mode(), autocast(device, args.precision):
             out = encoder(images)
-        rows = order[start:start + len(targets)]
-        features[rows] = out.float().cpu().numpy().astype(np.float16)
-        labels[rows] = targets.numpy()
-        start += len(targets)
+        features[rows[kept.numpy()]] = out.float().cpu().numpy().astype(np.float16)
+        labels[rows[kept.numpy()]] = targets.numpy()
     features.flush()
     labels.flush()
     del features, labels

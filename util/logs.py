@@ -1,13 +1,19 @@
-"""Logging: train.log (rank 0; other ranks train.log-{rank}), console on rank 0, metrics.jsonl, start-up banner."""
+"""Run folder: train.log (rank 0; other ranks train.log-{rank}), console on rank 0, metrics.jsonl, start-up banner,
+and the lock that keeps a second run out."""
+import contextlib
+import errno
+import fcntl
 import json
 import logging
 import os
+import socket
 import sys
 import time
 
 import torch
 
-from util.misc import git_revision
+from util.distributed import broadcast_object
+from util.misc import UserError, git_revision
 
 
 class _ElapsedFormatter(logging.Formatter):
@@ -52,24 +58,98 @@ def close_logger(logger):
 def log_startup(logger, args, dist_info, global_batch, lr):
     logger.info(f"git revision: {git_revision()}")
     logger.info("arguments:\n" + "\n".join(f"  {k}: {v}" for k, v in sorted(vars(args).items())))
-    logger.info(f"torch {torch.__version__}, device {dist_info.device}, launcher {dist_info.launcher}")
+    logger.info(f"torch {torch.__version__}, device {dist_info.device}, launcher {dist_info.launcher}, "
+                f"pid {os.getpid()} on {socket.gethostname()}")
     logger.info(f"world size: {dist_info.world_size}, global batch: {global_batch}, learning rate: {lr}")
 
 
+@contextlib.contextmanager
+def writing(path):
+    """A failed write of a small output file (disk full, I/O error) is a one-line error naming the file."""
+    try:
+        yield
+    except OSError as exc:
+        raise UserError(f"cannot write {path}: {exc.strerror or exc}") from exc
+
+
+def temporary_path(path):
+    """Where a file is written before its atomic rename (claim_run_folder removes those a crash left)."""
+    return os.path.join(os.path.dirname(os.path.abspath(path)), f".{os.path.basename(path)}.tmp.{os.getpid()}")
+
+
 def write_json_atomic(obj, path):
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True, default=str)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    tmp = temporary_path(path)
+    with writing(path):
+        try:
+            with open(tmp, "w") as f:
+                json.dump(obj, f, indent=2, sort_keys=True, default=str)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        finally:
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
 
 
 def append_jsonl(record, path):
-    with open(path, "a") as f:
+    with writing(path), open(path, "a") as f:
         f.write(json.dumps(record, sort_keys=True) + "\n")
         f.flush()
         os.fsync(f.fileno())
+
+
+def truncate_jsonl(path, keep):
+    """Keep the records for which keep(record) holds: a resumed run drops those after its checkpoint (written
+    before a crash that lost the checkpoint), which it writes again, and a line cut short by a crash."""
+    if not os.path.exists(path):
+        return
+    records = []
+    with open(path) as f:
+        for line in f:
+            with contextlib.suppress(json.JSONDecodeError):
+                records.append(json.loads(line))
+    kept = [r for r in records if keep(r)]
+    tmp = temporary_path(path)
+    with writing(path):
+        with open(tmp, "w") as f:
+            f.writelines(json.dumps(r, sort_keys=True) + "\n" for r in kept)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+
+
+def claim_run_folder(path, dist_info, folders=()):
+    """Lock <path>/.lock for this run's life (rank 0), so a second run on the same folder is refused instead of
+    mixing its logs and checkpoints with ours. POSIX locks go when their process does, even on SIGKILL (a killed
+    run never blocks its rerun), and unlike flock's they are not inherited by forked DataLoader workers, which
+    may outlive a failed run. The holder also removes the temporary files of writes a crash cut short (in path
+    and `folders`). Returns the open lock file (None on other ranks, or where the file system has no locks)."""
+    lock, error = None, None
+    if dist_info.is_main:
+        lock = open(os.path.join(path, ".lock"), "a+")
+        try:
+            fcntl.lockf(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            lock.seek(0)
+            owner = lock.read().strip()
+            lock.close()
+            lock = None
+            if exc.errno in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EACCES):
+                error = (f"{path} is in use by another run ({owner or 'owner unknown'}); wait for it to end or "
+                         f"stop it, or give this run another --dump_path")
+        if lock is not None:
+            lock.seek(0)
+            lock.truncate()
+            lock.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+            lock.flush()
+            for folder in (path, *folders):
+                for name in os.listdir(folder):
+                    if name.startswith(".") and ".tmp." in name:
+                        os.remove(os.path.join(folder, name))
+    error = broadcast_object(error)
+    if error:
+        raise UserError(error)
+    return lock
 
 
 def use_progress_bar(is_main):

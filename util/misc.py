@@ -24,7 +24,7 @@ class UserError(Exception):
 def user_error_line(exc):
     """The one-line message of a UserError, also when a DataLoader worker re-raised it with its traceback."""
     text = str(exc).strip()
-    marker = "UserError: "
+    marker = f"{type(exc).__name__}: "
     if marker in text:  # DataLoader wraps worker exceptions as "Caught UserError ... Traceback ... UserError: msg"
         text = text[text.rindex(marker) + len(marker):]
     return text.splitlines()[0] if text else type(exc).__name__
