@@ -291,6 +291,8 @@ def bench_probe(args):
         make_checkpoint(path, arch, "raw", seed=seed)
     common = ["--arch", arch, "--pretrained", *ckpts, "--data_path", data, "--img_size", str(size),
               "--batch_size", "64", "--workers", str(args.workers), "--print_freq", "1000", "--lr", "0.05"]
+    # one short untimed run first: the first probe in a process also pays for oneDNN kernel creation
+    timed_probe(common + ["--epochs", "1", "--data_rate", "0.1", "--dump_path", os.path.join(work, "warmup")])
     load = os.getloadavg()[0]
     setup = (f"cat2 {arch} {size}px, {n_train} train / {n_test} test, {epochs} epochs"
              f"{' (quick)' if args.quick else ''}")
