@@ -29,7 +29,7 @@ import requests  # noqa: E402
 import yaml  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from util.misc import UserError, run_main  # noqa: E402
+from util.misc import ArgumentParser, UserError, run_main  # noqa: E402
 
 DEFAULT_URL = ("https://dl.fbaipublicfiles.com/richreps-timecat/"
                "ckpt_resnet50_sfadamw_imagenet1k_supervised.tar.gz")
@@ -362,7 +362,8 @@ def extract_and_place(archive, dest):
 
 # ---- main
 def get_args_parser():
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
+        "tools/download.py",
         description="Download the released Time-Cat checkpoints into the README layout "
                     "<dest>/resnet50_sfadamw/checkpoints_step{full,200,100,80}/checkpoint_run{i}.pth.tar.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)

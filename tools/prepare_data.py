@@ -24,7 +24,7 @@ if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
 from tools.download import CorruptArchive, fetch, safe_extract, show  # noqa: E402
-from util.misc import UserError, run_main  # noqa: E402
+from util.misc import ArgumentParser, UserError, run_main  # noqa: E402
 
 DATASETS = ("cifar10", "cifar100", "inaturalist18", "imagenet1k")
 CIFAR_URL = "https://www.cs.toronto.edu/~kriz/cifar.html"
@@ -396,10 +396,11 @@ def check(args):
 
 
 def get_args_parser():
-    common = argparse.ArgumentParser(add_help=False)
+    common = ArgumentParser(add_help=False)
     common.add_argument("--data_path", default=show(os.path.join(REPO, "data")),
                         help="data folder (the linear probe's default is data/ of the project folder)")
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser("tools/prepare_data.py", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
 
     c = sub.add_parser("check", parents=[common], help="say which datasets are ready and what the others lack",

@@ -23,7 +23,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
-from util.misc import UserError, run_main  # noqa: E402
+from util.misc import ArgumentParser, UserError, run_main  # noqa: E402
 
 # table columns: dataset -> header, in the README's order; other datasets follow under their own name
 COLUMNS = {"imagenet1k": "ImageNet1k", "inaturalist18": "iNat18", "cifar100": "CIFAR100", "cifar10": "CIFAR10"}
@@ -347,7 +347,8 @@ def default_output(root, patterns, ext):
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser("tools/summarize.py", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("patterns", nargs="*", help="keep runs whose path, dataset or configuration (e.g. cat5, 80k) "
                    "contains every pattern (case-insensitive)")
     p.add_argument("--root", default=None, help="results root (default: $CAT_EXP_HOME/results, CAT_EXP_HOME "
