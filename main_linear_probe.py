@@ -135,13 +135,20 @@ def resolve_backbones(args):
             raise UserError("give either --tag or --arch/--pretrained, not both")
         if not os.path.isfile(args.tag_file):
             raise UserError(f"tag file {args.tag_file} not found")
-        with open(args.tag_file) as f:
-            tags = yaml.safe_load(f) or {}
-        if args.tag not in tags:
-            raise UserError(f"unknown --tag '{args.tag}': {args.tag_file} defines {', '.join(sorted(tags))}")
-        args.arch = list(tags[args.tag]["arch"])
-        args.pretrained = [p if os.path.isabs(p) else os.path.join(PROJECT_ROOT, p)
-                           for p in tags[args.tag]["pretrained"]]
+        try:
+            with open(args.tag_file) as f:
+                tags = yaml.safe_load(f) or {}
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+            raise UserError(f"cannot read the tag file {args.tag_file}: {str(exc).splitlines()[0]}") from None
+        if not isinstance(tags, dict) or args.tag not in tags:
+            raise UserError(f"unknown --tag '{args.tag}': {args.tag_file} defines "
+                            f"{', '.join(sorted(map(str, tags))) if isinstance(tags, dict) else 'no tags'}")
+        try:
+            args.arch = [str(a) for a in tags[args.tag]["arch"]]
+            args.pretrained = [p if os.path.isabs(p) else os.path.join(PROJECT_ROOT, p)
+                               for p in map(str, tags[args.tag]["pretrained"])]
+        except (KeyError, TypeError):
+            raise UserError(f"tag '{args.tag}' of {args.tag_file} needs an arch list and a pretrained list") from None
     if not args.arch or not args.pretrained:
         raise UserError("name the backbones: --tag NAME, or --arch A [A ...] with --pretrained P [P ...]")
     if len(args.arch) == 1 and len(args.pretrained) > 1:
@@ -185,6 +192,13 @@ def check_args(args):
         raise UserError("--img_size must be at least 8")
     if not 0 <= args.val_split < 1:
         raise UserError("--val_split must be in [0, 1)")
+    if not 0 <= args.seed < 2**62:
+        raise UserError("--seed must be 0 or more (and below 2**62)")
+    for name in ("momentum", "gamma", "final_lr"):
+        if not 0 <= getattr(args, name) < math.inf:
+            raise UserError(f"--{name} must be a finite number, 0 or more")
+    if args.optimizer == "sgd" and args.nesterov and not args.momentum:
+        raise UserError("Nesterov momentum needs --momentum above 0 (or --no-nesterov)")
     if not 0 < args.dist_timeout < math.inf:
         raise UserError("--dist_timeout must be a positive number of minutes")
     args.lr_values = parse_values("lr", args.lr, allow_zero=False)
@@ -354,6 +368,11 @@ def probe(args, dist_info, combos, head_dirs, logger, head_loggers):
     loader_generator = torch.Generator()
     loader_kwargs = dict(num_workers=args.workers, pin_memory=device.type == "cuda")
     drop_last = len(train_sampler) > args.batch_size  # keeps the head BN away from a last batch of one sample
+    per_batch = min(args.batch_size, len(train_sampler)) * (world if args.sync_bn else 1)
+    if (args.use_bn or args.exp_mode == "finetune") and per_batch < 2:
+        raise UserError(f"BatchNorm needs 2 samples or more per training batch; this run has {per_batch} "
+                        f"(--batch_size {args.batch_size}, {len(train_sampler)} training images per process): "
+                        f"raise them, or train the head with --no-use_bn")
     val_sampler = ShardSampler(len(val_positions), rank, world)
 
     # ---- model

@@ -26,6 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from datasets import image_loader
 from datasets.images import IMAGENET_HINT, build_image_folder
 from datasets.transforms import build_transform
 from engine import ShardSampler, autocast, evaluate, resolve_precision, to_device
@@ -194,8 +195,11 @@ def check_args(args):
         raise UserError("--lr must be positive and --wd non-negative")
     if args.warmup_steps < 0 or not 0 <= args.label_smoothing < 1:
         raise UserError("--warmup_steps must be 0 or more and --label_smoothing in [0, 1)")
-    if not all(0 <= b < 1 for b in args.betas):
-        raise UserError("--betas must be in [0, 1)")
+    if not (0 < args.betas[0] < 1 and 0 <= args.betas[1] < 1):  # schedule-free divides by beta1
+        raise UserError("--betas: the first must be in (0, 1), the second in [0, 1)")
+    for name in ("eps", "sf_r", "weight_lr_power", "momentum", "gamma"):
+        if not 0 <= getattr(args, name) < math.inf:
+            raise UserError(f"--{name} must be a finite number, 0 or more")
     name = f"{args.arch}_{args.optimizer}"
     if args.output_dir is None:
         args.output_dir = os.path.join(PROJECT_ROOT, "checkpoints", "supervised_pretrain", name)
@@ -220,6 +224,9 @@ def resolve_batch(args, world_size):
         raise UserError(f"--global_batch {args.global_batch} must equal --batch_size {args.batch_size} x "
                         f"{world_size} processes x --accum_steps {args.accum_steps} "
                         f"(= {args.batch_size * world_size * args.accum_steps})")
+    if args.batch_size * math.ceil(args.img_size / 32) ** 2 < 2:  # a ResNet's last feature map: img_size / 32
+        raise UserError(f"--batch_size 1 at --img_size {args.img_size} leaves BatchNorm one value per channel in the "
+                        f"last stage; use 2 images or more per process and micro-step, or --img_size 33 or more")
 
 
 # ---------------------------------------------------------------- data order
@@ -491,9 +498,9 @@ def pretrain(args, dist_info, logger):
     # validation loaders run every few thousand steps and release their workers (and memory) in between.
     loader_kwargs = dict(num_workers=args.workers, pin_memory=device.type == "cuda")
     refresh_sampler = RefreshBatches(len(train_set), args.seed, args.batch_size, args.bn_refresh_batches, rank, world)
-    refresh_loader = torch.utils.data.DataLoader(seeded, batch_sampler=refresh_sampler, **loader_kwargs)
-    val_loader = torch.utils.data.DataLoader(val_set, args.batch_size, sampler=ShardSampler(len(val_set), rank, world),
-                                             **loader_kwargs)
+    refresh_loader = image_loader(seeded, args.skip_bad_images, batch_sampler=refresh_sampler, **loader_kwargs)
+    val_loader = image_loader(val_set, args.skip_bad_images, batch_size=args.batch_size,
+                              sampler=ShardSampler(len(val_set), rank, world), **loader_kwargs)
     logger.info(f"data: {len(train_set)} train / {len(val_set)} val images, {num_classes} classes, "
                 f"{steps_per_epoch} steps per epoch")
 
@@ -509,13 +516,17 @@ def pretrain(args, dist_info, logger):
         train_model = ddp(train_model, device_ids=[device.index] if device.type == "cuda" else None, **no_buffer_sync)
 
     # ---- resume
-    start_step, best_acc = 0, 0.0
+    start_step, best_acc, loss_since_eval, steps_since_eval = 0, 0.0, 0.0, 0
     if os.path.exists(resume_path) and not args.start_over:
         state = load_file(resume_path, "resume state")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         start_step, best_acc = state["step"], state["best_acc"]
+        # the training loss of the steps since the last evaluation, summed over processes (a stop mid-interval)
+        loss_since_eval, steps_since_eval = state.get("since_eval", (0.0, 0))
         logger.info(f"Resumed from step {start_step} ({resume_path}), best Acc@1 so far {best_acc:.2f}")
+        if dist_info.is_main:  # records of steps the resume state does not hold (a crash before it was saved)
+            truncate_jsonl(os.path.join(args.dump_path, "metrics.jsonl"), lambda r: r["step"] <= start_step)
     elif dist_info.is_main:
         for stale in (resume_path, os.path.join(args.dump_path, "metrics.jsonl")):
             if os.path.exists(stale):
@@ -531,12 +542,19 @@ def pretrain(args, dist_info, logger):
                 f"accumulation step(s); {args.steps} steps = {args.steps / steps_per_epoch:.1f} epochs; precision "
                 f"{args.precision}; seed {args.seed} (run {args.run}); milestones {milestones} -> {args.output_dir}")
 
-    def resume_state(step):
+    def resume_state(step, since_eval=(0.0, 0)):
         return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-                "best_acc": best_acc, "args": vars(args)}
+                "best_acc": best_acc, "since_eval": since_eval, "args": vars(args)}
 
-    def evaluate_and_save(step):
-        """Validate (and write the checkpoints due) at x with statistics recomputed at x."""
+    def check_finite(value, what, step):
+        """A diverged run stops before it saves anything: the resume state on disk stays the last good one."""
+        if not math.isfinite(value):
+            last = resume_path if os.path.exists(resume_path) else "none was written"
+            raise UserError(f"the {what} is {value} at step {step}; the last resume state: {last}. Lower --lr?")
+
+    def evaluate_and_save(step, record, since):
+        """Validate (and write the checkpoints due) at x with statistics recomputed at x. The metrics line goes
+        before the resume state: a crash between the two leaves a line that the rerun drops and writes again."""
         nonlocal best_acc
         final = step == args.steps
         with at_average(model, optimizer, args):
@@ -546,10 +564,16 @@ def pretrain(args, dist_info, logger):
             else:
                 average_bn_buffers(model, world)
             model.eval()
-            stats = evaluate(model, val_loader, device, args.precision, len(val_set), show_bar)
+            stats = evaluate(model, val_loader, device, args.precision, len(val_set), show_bar, source=val_loader)
+            check_finite(stats["loss"], "validation loss", step)
             best_acc = max(best_acc, stats["top1"])
             logger.info(f"Test: Loss {stats['loss']:.4f} Acc@1 {stats['top1']:.3f} Best Acc@1 so far {best_acc:.2f}")
-            logger.info(f"Test: Acc@5 {stats['top5']:.3f} over {len(val_set)} images at step {step}")
+            logger.info(f"Test: Acc@5 {stats['top5']:.3f} over {len(val_set) - stats['skipped']} images at step {step}"
+                        + (f" ({stats['skipped']} unreadable skipped)" if stats["skipped"] else ""))
+            if args.skip_bad_images:
+                train_skipped = int(all_reduce_sum([train_source.skipped + refresh_loader.skipped], device)[0])
+                logger.info(f"Skipped {train_skipped} unreadable training images since start-up (--skip_bad_images)")
+                record.update(train_skipped=train_skipped, test_skipped=stats["skipped"])
             if dist_info.is_main:
                 folders = ([milestone_dir(args.output_dir, step)] if step in args.save_steps else []) + \
                           ([milestone_dir(args.output_dir, step, final=True)] if final else [])
@@ -558,19 +582,22 @@ def pretrain(args, dist_info, logger):
                     save_backbone(model, path, step, stats, args)
                     logger.info(f"saved {path}")
         if dist_info.is_main:
+            append_jsonl(dict(record, test_loss=stats["loss"], test_top1=stats["top1"], test_top5=stats["top5"],
+                              seconds=round(time.time() - since, 3)), os.path.join(args.dump_path, "metrics.jsonl"))
             save_atomic(resume_state(step), resume_path)
-        return stats
 
     # ---- train
-    batches = iter(torch.utils.data.DataLoader(
-        seeded, batch_sampler=TrainBatches(len(train_set), args.seed, args.global_batch, args.batch_size,
-                                           args.accum_steps, rank, start_step),
-        prefetch_factor=4 if args.workers else None, **loader_kwargs))
+    train_source = image_loader(
+        seeded, args.skip_bad_images, batch_sampler=TrainBatches(len(train_set), args.seed, args.global_batch,
+                                                                 args.batch_size, args.accum_steps, rank, start_step),
+        prefetch_factor=4 if args.workers else None, **loader_kwargs)
+    batches = iter(train_source)
     model.train()
     if args.optimizer == "sfadamw":
         optimizer.train()
     window = dict(start=time.time(), steps=0, data=0.0)  # since the last log line
-    since_eval = dict(start=time.time(), loss=torch.zeros((), device=device), steps=0)
+    since_eval = dict(start=time.time(), loss=torch.tensor(loss_since_eval if dist_info.is_main else 0.0,
+                                                           device=device), steps=steps_since_eval)
     bar = tqdm(total=args.steps, initial=start_step, desc="pretrain", disable=not show_bar)
     if start_step >= args.steps:
         logger.info(f"nothing to train: the run is at step {start_step} of --steps {args.steps}")
@@ -595,9 +622,7 @@ def pretrain(args, dist_info, logger):
         bar.update(1)
         if done % args.print_freq == 0 or done == args.steps or done == start_step + 1:
             loss_value = loss.item()  # synchronises, so the timing covers the device work
-            if not math.isfinite(loss_value):
-                raise UserError(f"the training loss is {loss_value} at step {done}; the last resume state is "
-                                f"{resume_path}. Lower --lr?")
+            check_finite(loss_value, "training loss", done)
             elapsed = time.time() - window["start"]
             logger.info(f"Epoch[{step // steps_per_epoch}] - Step: [{done}/{args.steps}] Loss {loss_value:.4f} "
                         f"LR {lr:.6g} img/s {window['steps'] * args.global_batch / elapsed:.1f} "
@@ -607,13 +632,10 @@ def pretrain(args, dist_info, logger):
         if done == args.steps or done in args.save_steps or (args.eval_every and done % args.eval_every == 0):
             train_seconds = time.time() - since_eval["start"]
             train_loss = all_reduce_sum([since_eval["loss"].item() / since_eval["steps"]], device)[0] / world
-            stats = evaluate_and_save(done)
-            if dist_info.is_main:
-                append_jsonl({"step": done, "epoch": step // steps_per_epoch, "train_loss": train_loss,
-                              "test_loss": stats["loss"], "test_top1": stats["top1"], "test_top5": stats["top5"],
-                              "lr": lr, "seconds": round(time.time() - since_eval["start"], 3),
-                              "img_per_s": round(since_eval["steps"] * args.global_batch / train_seconds, 2)},
-                             os.path.join(args.dump_path, "metrics.jsonl"))
+            check_finite(train_loss, "mean training loss since the last evaluation", done)
+            evaluate_and_save(done, {"step": done, "epoch": step // steps_per_epoch, "train_loss": train_loss,
+                                     "lr": lr, "img_per_s": round(since_eval["steps"] * args.global_batch /
+                                                                  train_seconds, 2)}, since_eval["start"])
             since_eval = dict(start=time.time(), loss=torch.zeros((), device=device), steps=0)
             window = dict(start=time.time(), steps=0, data=0.0)
 
@@ -622,8 +644,10 @@ def pretrain(args, dist_info, logger):
             out_of_time = args.max_seconds is not None and time.time() - started > args.max_seconds
             if all_reduce_sum([float(stop() or out_of_time)], device)[0] > 0:
                 reason = stop.received or f"--max_time {args.max_time}"
+                loss_sum = all_reduce_sum([since_eval["loss"].item()], device)[0]
+                check_finite(loss_sum, "training loss summed since the last evaluation", done)
                 if dist_info.is_main:
-                    save_atomic(resume_state(done), resume_path)
+                    save_atomic(resume_state(done, (loss_sum, since_eval["steps"])), resume_path)
                 logger.info(f"Stopped by {reason} at step {done}; a rerun resumes from step {done} ({resume_path})")
                 if dist_info.is_main:
                     requeue_slurm_job(logger)

@@ -1,13 +1,13 @@
 """Feature cache: the frozen encoder's outputs, computed once, stored as fp16 .npy files on disk.
 
 One entry per (split, view) lives in <cache_dir>/<hash of its key>/ with features.npy (N x D fp16), labels.npy
-and manifest.json. The manifest is written last, after every file is complete and checksummed, so a
-half-written entry is never used; an entry whose files do not match their manifest is rebuilt.
+(-1 for an image skipped as unreadable) and manifest.json. The manifest is written last, after every file is
+complete and checksummed, so a half-written entry is never used; an entry whose files do not match their manifest
+is rebuilt. A lock per entry keeps two runs from writing the same one.
 """
 import hashlib
 import json
 import os
-import shutil
 import zlib
 
 import numpy as np
@@ -17,9 +17,10 @@ from datasets import SkipUnreadable, collate_readable
 from engine import ShardSampler, autocast, to_device
 from util.distributed import barrier, broadcast_object
 from util.logs import write_json_atomic
-from util.misc import UserError, set_seed
+from util.misc import UserError, lock_file, set_seed
 
 FORMAT_VERSION = 1
+LOCK = ".lock"  # in each entry's folder, held by the run checking or computing the entry
 
 
 def checkpoint_identity(path):
@@ -77,6 +78,13 @@ def _allocate(path, shape, dtype):
             os.posix_fallocate(f.fileno(), 0, offset + nbytes)
 
 
+def _clear(directory):
+    """Remove an entry's files, keeping its lock."""
+    for name in os.listdir(directory):
+        if name != LOCK:
+            os.remove(os.path.join(directory, name))
+
+
 @torch.no_grad()
 def _extract(encoder, dataset, directory, args, dist_info, view, logger, show_bar):
     from tqdm import tqdm
@@ -85,13 +93,12 @@ def _extract(encoder, dataset, directory, args, dist_info, view, logger, show_ba
     features_path, labels_path = os.path.join(directory, "features.npy"), os.path.join(directory, "labels.npy")
     error = None
     if dist_info.is_main:
-        shutil.rmtree(directory, ignore_errors=True)
-        os.makedirs(directory)
+        _clear(directory)
         try:
             _allocate(features_path, (n, dim), np.float16)
             _allocate(labels_path, (n,), np.int64)
         except OSError as exc:
-            shutil.rmtree(directory, ignore_errors=True)
+            _clear(directory)
             error = (f"cannot write the feature cache in {os.path.dirname(directory)} "
                      f"({n * dim * 2 / 1e9:.2f} GB needed): {exc.strerror or exc}")
     error = broadcast_object(error)
@@ -133,18 +140,29 @@ def load_or_build(encoder, dataset, cache_dir, args, dist_info, split, view, log
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
     directory = os.path.join(cache_dir, digest)
     what = f"{split}{'' if view < 0 else f' view {view}'}"
-    status = broadcast_object(_valid(directory, key) if dist_info.is_main else None)
-    if status[0]:
-        logger.info(f"feature cache: reusing {what} from {directory}")
-    else:
-        logger.info(f"feature cache: computing {what} ({len(dataset)} images) into {directory} [{status[1]}]")
-        _extract(encoder, dataset, directory, args, dist_info, view, logger, show_bar)
-        if dist_info.is_main:
-            files = {name: {"size": os.path.getsize(os.path.join(directory, name)),
-                            "crc32": _crc32(os.path.join(directory, name))}
-                     for name in ("features.npy", "labels.npy")}
-            write_json_atomic({"key": key, "files": files}, os.path.join(directory, "manifest.json"))
-        barrier()
+    lock = None
+    if dist_info.is_main:  # one run at a time checks or builds an entry: runs sharing a cache (a sweep's jobs)
+        os.makedirs(directory, exist_ok=True)  # wait for the one computing it, then reuse its features
+        lock = open(os.path.join(directory, LOCK), "a+")
+        if lock_file(lock) is False:
+            logger.info(f"feature cache: another run is computing {what} in {directory}; waiting for it")
+            lock_file(lock, wait=True)
+    try:
+        status = broadcast_object(_valid(directory, key) if dist_info.is_main else None)
+        if status[0]:
+            logger.info(f"feature cache: reusing {what} from {directory}")
+        else:
+            logger.info(f"feature cache: computing {what} ({len(dataset)} images) into {directory} [{status[1]}]")
+            _extract(encoder, dataset, directory, args, dist_info, view, logger, show_bar)
+            if dist_info.is_main:
+                files = {name: {"size": os.path.getsize(os.path.join(directory, name)),
+                                "crc32": _crc32(os.path.join(directory, name))}
+                         for name in ("features.npy", "labels.npy")}
+                write_json_atomic({"key": key, "files": files}, os.path.join(directory, "manifest.json"))
+            barrier()
+    finally:
+        if lock is not None:
+            lock.close()
     # copy-on-write map: nothing is read into memory until used, and the file is never modified
     features = torch.from_numpy(np.load(os.path.join(directory, "features.npy"), mmap_mode="c"))
     labels = torch.from_numpy(np.load(os.path.join(directory, "labels.npy")))

@@ -1,8 +1,6 @@
 """Run folder: train.log (rank 0; other ranks train.log-{rank}), console on rank 0, metrics.jsonl, start-up banner,
 and the lock that keeps a second run out."""
 import contextlib
-import errno
-import fcntl
 import json
 import logging
 import os
@@ -13,7 +11,7 @@ import time
 import torch
 
 from util.distributed import broadcast_object
-from util.misc import UserError, git_revision
+from util.misc import UserError, git_revision, lock_file
 
 
 class _ElapsedFormatter(logging.Formatter):
@@ -120,21 +118,19 @@ def truncate_jsonl(path, keep):
 
 def claim_run_folder(path, dist_info, folders=()):
     """Lock <path>/.lock for this run's life (rank 0), so a second run on the same folder is refused instead of
-    mixing its logs and checkpoints with ours. POSIX locks go when their process does, even on SIGKILL (a killed
-    run never blocks its rerun), and unlike flock's they are not inherited by forked DataLoader workers, which
-    may outlive a failed run. The holder also removes the temporary files of writes a crash cut short (in path
-    and `folders`). Returns the open lock file (None on other ranks, or where the file system has no locks)."""
+    mixing its logs and checkpoints with ours; the lock goes with its process, so a killed run never blocks its
+    rerun. The holder also removes the temporary files of writes a crash cut short (in path and `folders`).
+    Returns the open lock file (None on other ranks, or where the file system has no locks)."""
     lock, error = None, None
     if dist_info.is_main:
         lock = open(os.path.join(path, ".lock"), "a+")
-        try:
-            fcntl.lockf(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
+        locked = lock_file(lock)
+        if not locked:
             lock.seek(0)
             owner = lock.read().strip()
             lock.close()
             lock = None
-            if exc.errno in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EACCES):
+            if locked is False:
                 error = (f"{path} is in use by another run ({owner or 'owner unknown'}); wait for it to end or "
                          f"stop it, or give this run another --dump_path")
         if lock is not None:

@@ -1,5 +1,7 @@
 """Small helpers shared by the scripts: user errors, seeding, meters, accuracy, git revision."""
 import argparse
+import errno
+import fcntl
 import os
 import random
 import signal
@@ -37,6 +39,17 @@ def run_main(main, args):
     except UserError as exc:
         print(f"error: {user_error_line(exc)}", file=sys.stderr)
         sys.exit(2)
+
+
+def lock_file(file, wait=False):
+    """POSIX lock on an open file, held until it is closed or the process ends (even by SIGKILL), and not
+    inherited by forked DataLoader workers. True: locked; False: another process holds it (without wait);
+    None: the file system has no locks (the caller goes on unlocked)."""
+    try:
+        fcntl.lockf(file, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        return True
+    except OSError as exc:
+        return False if exc.errno in (errno.EAGAIN, errno.EACCES) else None
 
 
 def set_seed(seed):
