@@ -21,11 +21,12 @@ from engine import (CachedBatches, NonFiniteLoss, ShardSampler, encoded_batches,
                     resolve_precision, train_one_epoch)
 from models import ConcatEncoder, LinearHead, MultiHead
 from util.checkpoint import load_file, save_atomic
-from util.distributed import all_reduce_sum, barrier, cleanup, init_distributed
+from util.distributed import all_reduce_sum, any_process, barrier, cleanup, init_distributed
 from util.feature_cache import load_or_build
 from util.logs import (append_jsonl, claim_run_folder, close_logger, create_logger, log_startup, truncate_jsonl,
                        use_progress_bar, write_json_atomic)
-from util.misc import ArgumentParser, StopSignal, UserError, requeue_slurm_job, run_main, set_seed
+from util.misc import ArgumentParser, UserError, requeue_slurm_job, run_main, set_seed
+from util.signals import StopSignal
 
 PROJECT_ROOT = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_TAG_FILE = os.path.join(PROJECT_ROOT, "configs", "pretrained_checkpoints.yaml")
@@ -340,7 +341,8 @@ def main(args):
     logger = create_logger(args.dump_path, dist_info.rank, "sweep.log" if sweep else "train.log")
     head_loggers = [create_logger(d, dist_info.rank, console=False) for d in head_dirs] if sweep else [logger]
     try:
-        probe(args, dist_info, combos, head_dirs, logger, head_loggers)
+        with StopSignal() as stop:
+            probe(args, dist_info, combos, head_dirs, logger, head_loggers, stop)
     finally:
         for lg in {id(lg): lg for lg in [logger] + head_loggers}.values():
             close_logger(lg)
@@ -349,7 +351,7 @@ def main(args):
         cleanup()
 
 
-def probe(args, dist_info, combos, head_dirs, logger, head_loggers):
+def probe(args, dist_info, combos, head_dirs, logger, head_loggers, stop):
     device, rank, world = dist_info.device, dist_info.rank, dist_info.world_size
     show_bar = use_progress_bar(dist_info.is_main)
     sweep = len(combos) > 1
@@ -481,7 +483,9 @@ def probe(args, dist_info, combos, head_dirs, logger, head_loggers):
             write_json_atomic(dict(vars(args), lr=lr, wd=wd, head=name), os.path.join(directory, "args.json"))
 
     # ---- train
-    stop = StopSignal()
+    # the processes agree on a stop at every iteration, so they all stop at the same one (slurm signals them at
+    # different moments)
+    stop_agreed = lambda: any_process(stop(), device)
     for epoch in range(start_epoch, args.epochs):
         start = time.time()
         for group in optimizer.param_groups:
@@ -497,12 +501,12 @@ def probe(args, dist_info, combos, head_dirs, logger, head_loggers):
         try:
             train_loss, train_top1, completed = train_one_epoch(trained, train_batches(), num_train_batches,
                                                                 optimizer, epoch, args, device, head_loggers,
-                                                                stop, show_bar and not sweep)
+                                                                stop_agreed, show_bar and not sweep)
         except NonFiniteLoss as exc:
             raise UserError(f"{exc}; {last_good_state(epoch, checkpoint_path)}. Lower --lr?") from None
         if not completed:
             for lg in {id(lg): lg for lg in [logger] + head_loggers}.values():
-                lg.info(f"Stopped by {stop.received} during epoch {epoch}; a rerun resumes from epoch {epoch} "
+                lg.info(f"Stopped by {stop.received or 'a stop signal to another process'} during epoch {epoch}; a rerun resumes from epoch {epoch} "
                         f"({checkpoint_path})")
             if dist_info.is_main:
                 requeue_slurm_job(logger)

@@ -32,10 +32,11 @@ from datasets.transforms import build_transform
 from engine import ShardSampler, autocast, evaluate, resolve_precision, to_device
 from models import RESNET_ARCHS, build_backbone
 from util.checkpoint import load_file, save_atomic
-from util.distributed import all_reduce_sum, barrier, cleanup, init_distributed
+from util.distributed import all_reduce_sum, any_process, barrier, cleanup, init_distributed
 from util.logs import (append_jsonl, claim_run_folder, close_logger, create_logger, log_startup, truncate_jsonl,
                        use_progress_bar, write_json_atomic)
-from util.misc import ArgumentParser, StopSignal, UserError, requeue_slurm_job, run_main
+from util.misc import ArgumentParser, UserError, requeue_slurm_job, run_main
+from util.signals import StopSignal
 
 PROJECT_ROOT = os.path.dirname(os.path.abspath(__file__))
 RELEASED_SEEDS = (2, 550, 23, 477, 8529)  # seeds of the released runs 0..4
@@ -457,7 +458,8 @@ def main(args):
     lock = claim_run_folder(args.dump_path, dist_info)  # before any log line: a refused run writes nothing
     logger = create_logger(args.dump_path, dist_info.rank)
     try:
-        pretrain(args, dist_info, logger)
+        with StopSignal() as stop:  # early: a signal during the (long) dataset scan still ends in a clean stop
+            pretrain(args, dist_info, logger, stop)
     finally:
         close_logger(logger)
         if lock is not None:
@@ -465,9 +467,8 @@ def main(args):
         cleanup()
 
 
-def pretrain(args, dist_info, logger):
+def pretrain(args, dist_info, logger, stop):
     device, rank, world = dist_info.device, dist_info.rank, dist_info.world_size
-    stop = StopSignal()  # early: a signal during the (long) dataset scan still ends in a clean stop
     started = time.time()
     resolve_batch(args, world)
     args.precision = resolve_precision(args.precision, device)
@@ -642,8 +643,9 @@ def pretrain(args, dist_info, logger):
         # ---- preemption and time limit: every process must stop at the same step
         if done < args.steps and (not dist_info.distributed or done % STOP_POLL_STEPS == 0):
             out_of_time = args.max_seconds is not None and time.time() - started > args.max_seconds
-            if all_reduce_sum([float(stop() or out_of_time)], device)[0] > 0:
-                reason = stop.received or f"--max_time {args.max_time}"
+            if any_process(stop() or out_of_time, device):
+                reason = stop.received or (f"--max_time {args.max_time}" if out_of_time else
+                                           "a stop signal to another process")
                 loss_sum = all_reduce_sum([since_eval["loss"].item()], device)[0]
                 check_finite(loss_sum, "training loss summed since the last evaluation", done)
                 if dist_info.is_main:

@@ -8,6 +8,7 @@ import torch
 from datasets.cifar import build_cifar
 from datasets.images import IMAGENET_HINT, INAT_HINT, INaturalist18, UnreadableImage, build_image_folder
 from util.misc import UserError
+from util.signals import StopSafeDataLoader
 
 # imagefolder: any dataset laid out as <data_path>/{train,val}/<class>/<images>, with ImageNet's transforms
 DATA_NAMES = ("cifar10", "cifar100", "inaturalist18", "imagenet1k", "imagefolder")
@@ -123,11 +124,11 @@ class ReadableBatches:
 
 
 def image_loader(dataset, skip_bad_images=False, **kwargs):
-    """A DataLoader; with skip_bad_images, batches without the unreadable images, counted in .skipped."""
+    """A DataLoader whose workers leave SIGTERM/SIGUSR1 to the main process; with skip_bad_images, batches
+    without the unreadable images, counted in .skipped."""
     if not skip_bad_images:
-        return torch.utils.data.DataLoader(dataset, **kwargs)
-    return ReadableBatches(torch.utils.data.DataLoader(SkipUnreadable(dataset), collate_fn=collate_readable,
-                                                       **kwargs))
+        return StopSafeDataLoader(dataset, **kwargs)
+    return ReadableBatches(StopSafeDataLoader(SkipUnreadable(dataset), collate_fn=collate_readable, **kwargs))
 
 
 def build_dataset(data_name, data_path, split, download=True):

@@ -26,7 +26,7 @@ import main_linear_probe as probe
 import main_pretrain as pretrain
 import util.checkpoint
 import util.logs
-from helpers import ROOT, make_checkpoint, make_cifar, make_imagenet, make_inat, run_script
+from helpers import ROOT, make_checkpoint, make_cifar, make_imagenet, make_inat
 from util.checkpoint import load_file
 from util.misc import run_main
 
@@ -130,22 +130,28 @@ def leftovers(folder):
     return [name for _, _, files in os.walk(folder) for name in files if ".tmp." in name]
 
 
-@pytest.fixture(scope="module")
-def probe_reference(world):
-    dump = world["base"] / "probe_reference"
-    run_probe(world, dump)
+def probe_reference_run(world, dump, *extra):
+    run_probe(world, dump, *extra)
     return {"heads": load_file(str(dump / "checkpoint.pth.tar"))["heads"],
             "best": load_file(str(dump / "best.pth.tar"))["head"],
             "metrics": metrics(dump / "metrics.jsonl"), "log": read(dump / "train.log")}
 
 
 @pytest.fixture(scope="module")
-def pretrain_reference(world):
-    out = world["base"] / "pretrain_reference"
-    run_pretrain(world, out)
+def probe_reference(world):
+    return probe_reference_run(world, world["base"] / "probe_reference")
+
+
+def pretrain_reference_run(world, out, *extra):
+    run_pretrain(world, out, *extra)
     return {"ckpt": {folder: load_file(str(out / "ckpt" / folder / "checkpoint_run0.pth.tar"))
                      for folder in ("checkpoints_step20steps", "checkpoints_stepfull")},
             "metrics": metrics(out / "run" / "metrics.jsonl")}
+
+
+@pytest.fixture(scope="module")
+def pretrain_reference(world):
+    return pretrain_reference_run(world, world["base"] / "pretrain_reference")
 
 
 def final_line(log):
@@ -200,36 +206,36 @@ def signal_at_line(proc, log, marker, count, signame, offset):
 
 def kill_chain(rng, points, kinds, start, log, marker, lines_per_unit, done_units, total_units, units_per_write,
                target):
-    """Interrupt a run `points` times at seeded random moments, each time in a new process resuming the last.
-    done_units() reads progress (epochs or steps) from the last good state on disk; `marker` starts a log line
-    of each iteration. Returns the faults sent."""
+    """Interrupt a run at `points` seeded random moments, each time in a new process resuming the last one.
+    kinds: the first faults' kinds (the rest are drawn); done_units() reads the progress (epochs or steps) of the
+    last good state on disk; `marker` starts the log line of each iteration. Returns the faults that interrupted
+    the run; a signal that comes after its last stop point (or as it exits) lets it finish and ends the chain."""
     sent = []
-    for point in range(points):
+    while len(sent) < points and done_units() < total_units:
         done = done_units()
-        if done >= total_units:
-            break
-        kind = kinds[point] if point < len(kinds) else rng.choice(["signal", "kill-in-write", "signal-in-write"])
+        kind = kinds[len(sent)] if len(sent) < len(kinds) else \
+            rng.choice(["signal", "kill-in-write", "signal-in-write"])
         signame = rng.choice(["SIGTERM", "SIGUSR1"])
-        writes_left = max(1, (total_units - done) // units_per_write)
-        nth = rng.randint(1, max(1, writes_left - (kind == "signal-in-write")))  # the last write ends the run
+        share = points - len(sent)  # the rest of the run is shared among the faults still to come
+        writes_left = (total_units - done) // units_per_write - (kind == "signal-in-write")  # the last ends the run
+        nth = rng.randint(1, max(1, writes_left // share))
         offset = len(read(log)) if log.exists() else 0
         proc = start(kind, signame, nth, target)
         if kind == "signal":
-            count = rng.randint(1, (total_units - done) * lines_per_unit)
-            hit = signal_at_line(proc, log, marker, count, signame, offset)
+            count = rng.randint(1, max(1, ((total_units - done) * lines_per_unit - 1) // share))
+            assert signal_at_line(proc, log, marker, count, signame, offset)
         _, err = proc.communicate(timeout=180)
+        text = read(log)[offset:]
+        if "Top-1 test accuracy" in text:
+            assert proc.returncode in (0, -getattr(signal, signame)), err
+            break
         if kind == "kill-in-write":
             assert proc.returncode == -signal.SIGKILL, err
-            sent.append(f"SIGKILL during write {nth} after {done}")
+            sent.append(f"SIGKILL while writing {target} (its write {nth}, from {done})")
         else:
-            assert proc.returncode == 0, err
-            text = read(log)[offset:]
-            if "Top-1 test accuracy" in text:  # the signal came after the last point where a run stops
-                sent.append(f"{signame} ({kind}) too late to stop")
-                break
-            assert f"Stopped by {signame}" in text, text[-2000:]
-            sent.append(f"{signame} ({kind}" + (f" at line {count})" if kind == "signal" else f" {nth})"))
-        assert kind != "signal" or hit
+            assert proc.returncode == 0 and f"Stopped by {signame}" in text, err + text[-2000:]
+            sent.append(f"{signame} after iteration line {count} (from {done})" if kind == "signal" else
+                        f"{signame} while writing {target} (its write {nth}, from {done})")
     return sent
 
 
@@ -238,30 +244,33 @@ def probe_epochs_done(dump):
     return load_file(str(path))["epoch"] if path.exists() else 0
 
 
-def check_probe_preemption(world, probe_reference, dump, seed, points, kinds):
+def check_probe_preemption(world, reference, dump, seed, points, kinds, epochs=PROBE_EPOCHS):
     rng = random.Random(seed)
-    start = lambda kind, signame, nth, target: launch(["main_linear_probe.py", *probe_argv(world, dump)], kind,
-                                                      signame, nth, target)
+    argv = ["main_linear_probe.py", *probe_argv(world, dump, "--epochs", str(epochs))]
+    start = lambda kind, signame, nth, target: launch(argv, kind, signame, nth, target)
     sent = kill_chain(rng, points, kinds, start, dump / "train.log", "Iter: [", PROBE_ITERS,
-                      lambda: probe_epochs_done(dump), PROBE_EPOCHS, 1, "checkpoint.pth.tar")
+                      lambda: probe_epochs_done(dump), epochs, 1, "checkpoint.pth.tar")
     assert os.path.exists(dump / ".lock")  # every rerun got through the lock its killed predecessor held
-    if probe_epochs_done(dump) < PROBE_EPOCHS:
-        run_probe(world, dump)
-    assert_probe_matches(dump, probe_reference)
-    print(f"probe, seed {seed}: {sent}")
+    if probe_epochs_done(dump) < epochs:
+        run_probe(world, dump, "--epochs", str(epochs))
+    assert_probe_matches(dump, reference)
+    print(f"probe, seed {seed}, {len(sent)} kill points: {sent}")
     return sent
 
 
 def test_probe_preempted_at_seeded_points_resumes_to_the_same_result(world, probe_reference, tmp_path):
     sent = check_probe_preemption(world, probe_reference, tmp_path / "run", seed=7, points=3,
                                   kinds=["signal", "kill-in-write", "signal-in-write"])
-    assert len(sent) >= 2, sent
+    assert len(sent) == 3, sent
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("seed", range(3))
-def test_probe_preempted_at_many_seeded_points(world, probe_reference, tmp_path, seed):
-    check_probe_preemption(world, probe_reference, tmp_path / "run", seed=100 + seed, points=8, kinds=[])
+def test_probe_preempted_at_many_seeded_points(world, tmp_path, seed):
+    reference = probe_reference_run(world, tmp_path / "reference", "--epochs", "12")
+    sent = check_probe_preemption(world, reference, tmp_path / "run", seed=100 + seed, points=8, kinds=[],
+                                  epochs=12)
+    assert len(sent) >= 3, sent
 
 
 def pretrain_steps_done(out):
@@ -269,16 +278,16 @@ def pretrain_steps_done(out):
     return load_file(str(path))["step"] if path.exists() else 0
 
 
-def check_pretrain_preemption(world, pretrain_reference, out, seed, points, kinds):
+def check_pretrain_preemption(world, reference, out, seed, points, kinds, steps=PRETRAIN_STEPS):
     rng = random.Random(seed)
-    start = lambda kind, signame, nth, target: launch(["main_pretrain.py", *pretrain_argv(world, out)], kind,
-                                                      signame, nth, target)
+    argv = ["main_pretrain.py", *pretrain_argv(world, out, "--steps", str(steps))]
+    start = lambda kind, signame, nth, target: launch(argv, kind, signame, nth, target)
     sent = kill_chain(rng, points, kinds, start, out / "run" / "train.log", "Step: [", 1,
-                      lambda: pretrain_steps_done(out), PRETRAIN_STEPS, 10, "resume.pth.tar")
-    if pretrain_steps_done(out) < PRETRAIN_STEPS:
-        run_pretrain(world, out)
-    assert_pretrain_matches(out, pretrain_reference)
-    print(f"pretraining, seed {seed}: {sent}")
+                      lambda: pretrain_steps_done(out), steps, 10, "resume.pth.tar")
+    if pretrain_steps_done(out) < steps:
+        run_pretrain(world, out, "--steps", str(steps))
+    assert_pretrain_matches(out, reference)
+    print(f"pretraining, seed {seed}, {len(sent)} kill points: {sent}")
     return sent
 
 
@@ -290,8 +299,11 @@ def test_pretraining_preempted_at_seeded_points_resumes_to_the_same_weights(worl
 
 @pytest.mark.slow
 @pytest.mark.parametrize("seed", range(3))
-def test_pretraining_preempted_at_many_seeded_points(world, pretrain_reference, tmp_path, seed):
-    check_pretrain_preemption(world, pretrain_reference, tmp_path, seed=200 + seed, points=6, kinds=[])
+def test_pretraining_preempted_at_many_seeded_points(world, tmp_path, seed):
+    reference = pretrain_reference_run(world, tmp_path / "reference", "--steps", "80")
+    sent = check_pretrain_preemption(world, reference, tmp_path / "run", seed=200 + seed, points=6, kinds=[],
+                                     steps=80)
+    assert len(sent) >= 2, sent
 
 
 def test_signal_during_a_checkpoint_write_stops_after_it(world, probe_reference, tmp_path, monkeypatch):

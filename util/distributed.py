@@ -110,3 +110,13 @@ def broadcast_object(obj):
 def barrier():
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
+
+
+def any_process(flag, device):
+    """True on every process when `flag` is true on at least one (identity for a single process): the processes of
+    a run take decisions such as "stop now" together, at the same iteration."""
+    if dist.is_available() and dist.is_initialized():
+        tensor = torch.tensor([1.0 if flag else 0.0], device=device)
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+        return bool(tensor.item() > 0)
+    return bool(flag)

@@ -18,6 +18,7 @@ from engine import ShardSampler, autocast, to_device
 from util.distributed import barrier, broadcast_object
 from util.logs import write_json_atomic
 from util.misc import UserError, lock_file, set_seed
+from util.signals import StopSafeDataLoader
 
 FORMAT_VERSION = 1
 LOCK = ".lock"  # in each entry's folder, held by the run checking or computing the entry
@@ -107,10 +108,9 @@ def _extract(encoder, dataset, directory, args, dist_info, view, logger, show_ba
     sampler = ShardSampler(n, rank, world)
     generator = torch.Generator().manual_seed(args.seed + 7919 * (view + 1) + rank)
     set_seed(args.seed + 7919 * (view + 1) + rank)  # augmented views are reproducible
-    loader = torch.utils.data.DataLoader(SkipUnreadable(dataset) if args.skip_bad_images else dataset,
-                                         args.batch_size, sampler=sampler, num_workers=args.workers,
-                                         pin_memory=device.type == "cuda", generator=generator,
-                                         collate_fn=collate_readable)
+    loader = StopSafeDataLoader(SkipUnreadable(dataset) if args.skip_bad_images else dataset,
+                                args.batch_size, sampler=sampler, num_workers=args.workers,
+                                pin_memory=device.type == "cuda", generator=generator, collate_fn=collate_readable)
     features = np.load(features_path, mmap_mode="r+")
     labels = np.load(labels_path, mmap_mode="r+")
     order = np.asarray(sampler.indices, dtype=np.int64)

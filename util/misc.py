@@ -4,7 +4,6 @@ import errno
 import fcntl
 import os
 import random
-import signal
 import subprocess
 import sys
 
@@ -92,22 +91,6 @@ def correct_topk(logits, target, ks=(1, 5)):
     pred = logits.topk(maxk, dim=1).indices
     hit = pred.eq(target.unsqueeze(1))
     return [hit[:, :min(k, maxk)].any(dim=1).sum().item() for k in ks]
-
-
-class StopSignal:
-    """Turns SIGTERM / SIGUSR1 (slurm's preemption and time-limit warnings) into a flag the loops poll,
-    so a run stops at a clean point and a rerun resumes from its last checkpoint."""
-
-    def __init__(self):
-        self.received = None
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, self._handle)
-
-    def _handle(self, signum, frame):
-        self.received = signal.Signals(signum).name
-
-    def __call__(self):
-        return self.received is not None
 
 
 def requeue_slurm_job(logger):
