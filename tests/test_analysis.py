@@ -1,7 +1,9 @@
 """Feature-richness analysis: CKA, effective rank, weight share, kNN, analyze_features on cache entries, the
 subset folder naming and the cat-n curve of tools/summarize.py."""
+import csv
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -103,3 +105,90 @@ def test_knn_leaves_out_unreadable_images():
     test_labels[:5] = -1
     result = knn_accuracy(train, wrong, test, test_labels, k=5)
     assert (result.top1, result.count) == (100.0, 25)
+
+
+# ---------------------------------------------------------------- subset folders and the cat-n curve
+def test_subset_enumeration_and_folder_naming():
+    assert subsets_for("none", 5) == [] and subsets_for("each", 3) == [(0,), (1,), (2,)]
+    assert subsets_for("prefix", 3) == [(0,), (0, 1), (0, 1, 2)]
+    assert len(subsets_for("all", 5)) == 31 and len(subsets_for("all", 6)) == 63
+    with pytest.raises(UserError, match="at most 63"):
+        subsets_for("all", 7)
+    assert subset_folder((0, 2, 3)) == "sub0-2-3" and parse_subset_folder("sub0-2-3") == (0, 2, 3)
+    assert parse_subset_folder("sub2-1") is None and parse_subset_folder("subway") is None
+    assert subset_of_folder("results/sub1/x/sub0-2/wd0.001_lr0.01") == ("results/sub1/x", (0, 2))
+    assert subset_of_folder("sub3") == (".", (3,)) and subset_of_folder("results/x/wd0.001_lr0.01") is None
+
+
+PREFIX = "INFO - 2025-06-01 12:00:00 - 0:00:01 - "
+
+
+def write_head(folder, top1, wd, n_models=3, steps="80", lr=0.01, data="cifar10", index=None):
+    """A finished probe head as main_linear_probe.py leaves it: args.json, train.log, metrics.jsonl."""
+    os.makedirs(folder, exist_ok=True)
+    runs = range(n_models) if index is None else [index]
+    with open(os.path.join(folder, "args.json"), "w") as f:
+        json.dump({"data_name": data, "wd": wd, "lr": lr, "arch": ["resnet50"] * n_models, "epochs": 2,
+                   "pretrained": [f"checkpoints/supervised_pretrain/resnet50_sfadamw/checkpoints_step{steps}/"
+                                  f"checkpoint_run{i}.pth.tar" for i in runs]}, f)
+    with open(os.path.join(folder, "train.log"), "w") as f:
+        f.write(f"{PREFIX}Epoch[1] - Iter: [0/10] Time 0.100 (0.100) Data 0.01 (0.01) Loss 2.3000 (2.3000) "
+                f"Prec 10.000 (10.000) LR 0.0100\n{PREFIX}Test: Loss 1.0000 Acc@1 {top1:.3f} Best Acc@1 so far "
+                f"{top1:.2f}\n{PREFIX}Top-1 test accuracy: {top1:.1f}\n")
+    with open(os.path.join(folder, "metrics.jsonl"), "w") as f:
+        f.write(json.dumps({"epoch": 1, "test_top1": top1, "test_top5": 99.0, "test_loss": 1.0}) + "\n")
+
+
+def subset_acc(indices, wd, probe):
+    """Made-up accuracies: more backbones help, backbone 2 is the best alone, wd 1e-4 wins, seeds differ."""
+    return 60.0 + 5 * len(indices) + 2 * (2 in indices) + (1.0 if wd == 1e-4 else 0.0) + probe
+
+
+def build_subset_results(root):
+    """Two seed groups probed with subset heads (one 'prefix', one 'each'), plus separate reference runs."""
+    for probe, subsets in ((0, subsets_for("prefix", 3)), (1, subsets_for("each", 3))):
+        base = os.path.join(root, "catn", f"seed{probe}")
+        for wd in (1e-4, 1e-3):
+            head = f"wd{wd}_lr0.01"
+            # the full concatenation; the sub0-1-2 heads of 'prefix' repeat it with their own numbers
+            write_head(os.path.join(base, head), subset_acc((0, 1, 2), wd, probe) + 0.5, wd)
+            for indices in subsets:
+                write_head(os.path.join(base, subset_folder(indices), head), subset_acc(indices, wd, probe), wd)
+    transfer = os.path.join(root, "supervised", "imagenet", "transfer")
+    for i in range(2):
+        write_head(os.path.join(transfer, "lineareval_seer", "cifar10_0.0001", "resnet50_sfadamw", f"run{i}"),
+                   70.0 + i, 1e-4, n_models=1, steps="full", index=i)
+    write_head(os.path.join(transfer, "lineareval", "cifar10_0.0001", "resnet50_sfadamw_cat5_step80k"), 78.0, 1e-4,
+               n_models=5)
+
+
+def test_catn_curve_groups_subset_heads_by_size(tmp_path, capsys):
+    from tools import summarize
+    build_subset_results(tmp_path)
+    summarize.main(summarize.get_args_parser().parse_args(["--root", str(tmp_path)]))
+    out = capsys.readouterr().out
+    table = out[out.index("Linear-probe top-1"):out.index("Winning weight decay")]
+    # the table keeps the separate runs and the probes' full heads (cat3, mean of the two seed groups) only
+    assert "| cat1 " in table and "| cat5 " in table
+    assert f"| {(subset_acc((0, 1, 2), 1e-4, 0) + subset_acc((0, 1, 2), 1e-4, 1)) / 2 + 0.5:.1f} ± 0.7" in table
+    curve = out[out.index("Cat-n curve"):]
+    singles = [subset_acc((0,), 1e-4, 0)] + [subset_acc((i,), 1e-4, 1) for i in range(3)]
+    mean, std = np.mean(singles), np.std(singles, ddof=1)
+    assert f"| 1 | 80k | {mean:.1f} ± {std:.1f} (n=4) |" in re.sub(r" +", " ", curve)
+    with open(tmp_path / "summary_catn.csv") as f:
+        rows = [r for r in csv.DictReader(f) if r["selected"] == "1"]
+    by_k = {int(r["n_backbones"]): r for r in rows}
+    assert sorted(by_k) == [1, 2, 3] and all(r["wd"] == "0.0001" for r in rows)
+    assert by_k[1]["n_subsets"] == "4" and by_k[2]["n_subsets"] == "1"
+    # k = 3: seed0's sub0-1-2 heads (not also its full heads: the same subset) and seed1's full heads
+    assert sorted(by_k[3]["subsets"].split(";")) == ["catn/seed0/sub0-1-2", "catn/seed1/sub0-1-2"]
+    three = [subset_acc((0, 1, 2), 1e-4, 0), subset_acc((0, 1, 2), 1e-4, 1) + 0.5]
+    assert float(by_k[3]["top1_mean"]) == pytest.approx(np.mean(three), abs=1e-3)
+    assert (tmp_path / "summary_catn.png").stat().st_size > 0 and (tmp_path / "summary.png").exists()
+
+
+def test_no_curve_without_subset_heads(tmp_path, capsys):
+    from tools import summarize
+    write_head(tmp_path / "probe", 80.0, 1e-4)
+    summarize.main(summarize.get_args_parser().parse_args(["--root", str(tmp_path)]))
+    assert "Cat-n curve" not in capsys.readouterr().out and not (tmp_path / "summary_catn.csv").exists()
