@@ -12,6 +12,7 @@ ImageNet-size cache streams through in bounded memory: 8 D^2 bytes (float64), 0.
 import math
 from typing import NamedTuple
 
+import numpy as np
 import torch
 
 from models.backbones import build_backbone
@@ -34,6 +35,13 @@ def block_slices(dims):
     return [slice(a, b) for a, b in zip(edges, edges[1:])]
 
 
+def as_float32(rows, device):
+    """A float32 tensor on `device` of a tensor or a numpy array (a read-only memory map is copied, not viewed)."""
+    if not isinstance(rows, torch.Tensor):
+        rows = torch.from_numpy(np.array(rows, dtype=np.float32))
+    return rows.to(device, torch.float32)
+
+
 class MomentAccumulator:
     """Running count, sum and Gram matrix of feature rows: their covariance after any number of chunks."""
 
@@ -44,7 +52,7 @@ class MomentAccumulator:
         self.gram = torch.zeros(dim, dim, dtype=torch.float64, device=self.device)
 
     def update(self, chunk):
-        x = torch.as_tensor(chunk).to(self.device, torch.float32)
+        x = as_float32(chunk, self.device)
         if not len(x):
             return
         if self.shift is None:

@@ -5,6 +5,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from analysis.features import as_float32
+
 
 class KnnResult(NamedTuple):
     top1: float  # %
@@ -21,7 +23,7 @@ def knn_log_line(result):
 
 
 def _normalised(rows, device):
-    return F.normalize(torch.as_tensor(rows).to(device, torch.float32), dim=1)
+    return F.normalize(as_float32(rows, device), dim=1)
 
 
 def _take(features, index):

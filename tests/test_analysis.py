@@ -192,3 +192,90 @@ def test_no_curve_without_subset_heads(tmp_path, capsys):
     write_head(tmp_path / "probe", 80.0, 1e-4)
     summarize.main(summarize.get_args_parser().parse_args(["--root", str(tmp_path)]))
     assert "Cat-n curve" not in capsys.readouterr().out and not (tmp_path / "summary_catn.csv").exists()
+
+
+# ---------------------------------------------------------------- tools/analyze_features.py
+def write_entry(directory, features, labels, split, archs):
+    """A feature-cache entry in util/feature_cache.py's format: fp16 features.npy, labels.npy, manifest.json."""
+    os.makedirs(directory)
+    np.save(os.path.join(directory, "features.npy"), np.asarray(features, dtype=np.float16))
+    np.save(os.path.join(directory, "labels.npy"), np.asarray(labels, dtype=np.int64))
+    files = {name: {"size": os.path.getsize(os.path.join(directory, name)), "crc32": 0}
+             for name in ("features.npy", "labels.npy")}
+    key = {"version": 1, "arch": archs, "checkpoints": [{"path": f"/c/run{i}.pth", "size": 1, "mtime_ns": 1}
+                                                        for i in range(len(archs))],
+           "data_name": "cifar10", "data_path": "/d", "data_rate": 1.0, "split": split, "view": -1, "tf_name": "224px",
+           "img_size": None, "precision": "fp32", "length": len(labels), "seed": None}
+    with open(os.path.join(directory, "manifest.json"), "w") as f:
+        json.dump({"key": key, "files": files}, f)
+
+
+def run_tool(*argv):
+    analyze_features.main(analyze_features.get_args_parser().parse_args([str(a) for a in argv]))
+
+
+def test_analyze_features_streams_a_cache_entry(tmp_path, capsys):
+    """Two resnet18 blocks of 512 columns: the second is a rotated copy of the first (CKA 1); kNN and the
+    weight share of a head checkpoint in the probe's formats."""
+    rng = np.random.default_rng(0)
+    rotation = np.linalg.qr(rng.normal(size=(512, 512)))[0]
+    blocks = lambda x: np.concatenate([x, x @ rotation], 1)  # noqa: E731
+    centres = rng.normal(size=(4, 512))
+    train_labels, test_labels = np.arange(200) % 4, np.arange(40) % 4
+    train = blocks(centres[train_labels] + 0.1 * rng.normal(size=(200, 512)))
+    test = blocks(centres[test_labels] + 0.1 * rng.normal(size=(40, 512)))
+    test_labels[0] = -1  # an unreadable image: left out
+    write_entry(tmp_path / "cache" / "aaa", train, train_labels, "train", ["resnet18"] * 2)
+    write_entry(tmp_path / "cache" / "bbb", test, test_labels, "test", ["resnet18"] * 2)
+    weight = torch.cat([torch.full((4, 512), 0.3), torch.full((4, 512), 0.1)], 1)
+    torch.save({"head": {"bn.weight": torch.ones(1024), "linear.weight": weight, "linear.bias": torch.zeros(4)},
+                "epoch": 2}, tmp_path / "best.pth.tar")
+    run_tool(tmp_path / "cache", "--chunk", "7", "--knn", "5", "--head", tmp_path / "best.pth.tar",
+             "--out", tmp_path / "out", "--device", "cpu")
+    out = capsys.readouterr().out
+    assert "kNN Acc@1 100.000" in out and "39 test images" in out
+    with open(tmp_path / "out" / "analysis.json") as f:
+        report = json.load(f)
+    assert report["rows"] == 39 and report["dims"] == [512, 512]
+    assert np.allclose(report["cka"], 1.0, atol=2e-3)  # fp16 storage: equal up to rounding
+    assert report["effective_rank"][0] == pytest.approx(report["effective_rank"][1], rel=1e-2)
+    assert report["effective_rank_concat"] == pytest.approx(report["effective_rank"][0], rel=1e-2)  # no new direction
+    share = report["weight_share"][f"{tmp_path / 'best.pth.tar'}:head.linear.weight"]["share"]
+    assert share == pytest.approx([0.75, 0.25], abs=1e-6)
+    assert (tmp_path / "out" / "cka.png").stat().st_size > 0
+
+
+def test_analyze_features_user_errors(tmp_path):
+    with pytest.raises(UserError, match="neither a feature-cache entry nor a cache folder"):
+        run_tool(tmp_path / "missing")
+    write_entry(tmp_path / "cache" / "t", np.zeros((4, 1024)), [0, 1, 0, 1], "test", ["resnet18"] * 2)
+    with pytest.raises(UserError, match="--knn needs the train entry"):
+        run_tool(tmp_path / "cache", "--knn", "3", "--out", tmp_path / "o", "--device", "cpu")
+    with pytest.raises(UserError, match="no Linear weight acting on 1024-d"):
+        torch.save({"state_dict": {"fc.weight": torch.zeros(3, 2048)}}, tmp_path / "other.pth")
+        run_tool(tmp_path / "cache", "--head", tmp_path / "other.pth", "--out", tmp_path / "o", "--device", "cpu")
+
+
+def test_analyze_features_on_a_real_probe_cache(tmp_path, capsys):
+    """The feature cache and head checkpoints that main_linear_probe.py writes, read back by the tool."""
+    import main_linear_probe as probe
+    from helpers import make_checkpoint, make_cifar
+    make_cifar(str(tmp_path / "data"), "cifar10", n_train=100, n_test=30)
+    ckpts = [str(tmp_path / f"{i}.pth") for i in range(2)]
+    for seed, path in enumerate(ckpts):
+        make_checkpoint(path, "resnet18", "raw", seed=seed)
+    probe.main(probe.get_args_parser().parse_args([
+        "--arch", "resnet18", "--pretrained", *ckpts, "--data_path", str(tmp_path / "data"), "--epochs", "1",
+        "--dump_path", str(tmp_path / "run"), "--img_size", "32", "--workers", "0", "--batch_size", "32",
+        "--precision", "fp32", "--feature_cache", str(tmp_path / "cache"), "--wd", "1e-4", "1e-3"]))
+    capsys.readouterr()
+    run_tool(tmp_path / "cache", "--knn", "20", "--out", tmp_path / "out", "--device", "cpu",
+             "--head", tmp_path / "run" / "checkpoint.pth.tar", tmp_path / "run" / "wd1e-4_lr0.01" / "best.pth.tar")
+    assert "kNN Acc@1" in capsys.readouterr().out
+    with open(tmp_path / "out" / "analysis.json") as f:
+        report = json.load(f)
+    assert report["rows"] == 30 and report["dims"] == [512, 512] and report["knn"]["count"] == 30
+    assert np.allclose(np.diag(report["cka"]), 1.0) and 0 <= report["cka"][0][1] <= 1
+    shares = report["weight_share"]
+    assert len(shares) == 3  # the sweep checkpoint's two heads and one best head
+    assert all(sum(s["share"]) == pytest.approx(1.0) for s in shares.values())

@@ -97,6 +97,13 @@ def sibling_entry(directory, key, split):
                     f"{os.path.dirname(os.path.abspath(directory))}: run the probe with --feature_cache there first")
 
 
+def entry_dims(directory, key):
+    """Per-backbone widths: the manifest's 'dims' where a cache writer records them, else from the archs."""
+    with open(os.path.join(directory, "manifest.json")) as f:
+        dims = json.load(f).get("dims")
+    return dims if isinstance(dims, list) and len(dims) == len(key["arch"]) else backbone_dims(key["arch"])
+
+
 # ---------------------------------------------------------------- reports
 def backbone_names(key):
     names = [os.path.basename(c["path"]) if isinstance(c, dict) else str(c) for c in key.get("checkpoints", [])]
@@ -211,7 +218,7 @@ def main(args):
     device = resolve_device(args.device)
     entry = choose_entry(args.features, args.split)
     key, features, labels = read_entry(entry)
-    dims, names = backbone_dims(key["arch"]), backbone_names(key)
+    dims, names = entry_dims(entry, key), backbone_names(key)
     if features.shape[1] != sum(dims):
         raise UserError(f"{entry}: {features.shape[1]}-d features, but {key['arch']} give {sum(dims)}")
     print(f"{entry}: {describe(key)}, {features.shape[0]} rows x {features.shape[1]} dims {dims}")

@@ -122,7 +122,7 @@ def write_curve_plot(path, curve, datasets, steps_label, columns):
         for (d, steps), points in separate.items():
             if d == data and points[0][0] is not None:
                 ax.errorbar([k for k, _ in points], [b["mean"] for _, b in points], yerr=spread(points), marker="s",
-                            linestyle="none", capsize=3, label=f"separate runs, {steps_label(steps)}")
+                            linestyle="none", capsize=3, label=f"separate runs, {steps_label(steps)} steps each")
         ax.set_title(columns.get(data, data))
         ax.set_xlabel("concatenated backbones")
         ax.xaxis.get_major_locator().set_params(integer=True)
