@@ -16,9 +16,10 @@ For the backbones of one feature-cache entry (main_linear_probe.py --feature_cac
 Rows are streamed in --chunk row blocks from the memory-mapped fp16 files: memory is bounded by the D x D
 statistics, 12 D^2 bytes (1.26 GB for cat5 ResNet50s, D = 10,240), plus one chunk of rows (4 x chunk x D bytes);
 the compute is 2 N D^2 flop (N rows), about 2 TFLOP for CIFAR's test set at cat5: seconds on a GPU, a minute or
-two on a 2-core CPU. kNN keeps the normalised test features (4 x N_test x D bytes) and one chunk x chunk block. Computing features
-from checkpoints and a dataset is the probe's job (it owns the data pipeline and the cache key): run
-main_linear_probe.py --feature_cache DIR once (--epochs 1 is enough), then point this tool at DIR.
+two on a 2-core CPU. kNN keeps the normalised test features (4 x N_test x D bytes) and one chunk x chunk block.
+
+Computing features from checkpoints and a dataset is the probe's job (it owns the data pipeline and the cache
+key): run main_linear_probe.py --feature_cache DIR once (--epochs 1 is enough), then point this tool at DIR.
 """
 import argparse
 import json
@@ -184,8 +185,10 @@ def get_args_parser():
                    "checkpoint.pth.tar) whose Linear weights give the per-backbone weight share")
     p.add_argument("--knn", type=int, default=0, metavar="K", help="also the K-nearest-neighbour accuracy of the "
                    "test entry against the training entry (recommended and DINO's: 20; default: off)")
-    p.add_argument("--temperature", type=float, default=0.07, help="kNN vote weight exp(sim / T) (DINO: 0.07)")
-    p.add_argument("--chunk", type=int, default=4096, help="feature rows read at a time")
+    p.add_argument("--temperature", type=float, default=0.07, help="kNN votes weigh exp(similarity / T) "
+                   "(recommended and DINO's: 0.07; the reference protocol has no kNN)")
+    p.add_argument("--chunk", type=int, default=4096, help="feature rows read at a time (default: "
+                   "4096; memory 4 x chunk x D bytes per block, larger is faster until it no longer fits)")
     p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1, ...")
     p.add_argument("--out", default=None, help="folder of cka.png and analysis.json (default: "
                    "results/analysis/<entry folder name>)")
