@@ -8,7 +8,8 @@ A run is a folder with a train.log (and metrics.jsonl, args.json) anywhere below
 grouped by configuration (catN: N concatenated backbones of one step budget) x target dataset; runs of the same
 weight decay (and lr) are averaged (the single 450k runs run0..4 give the cat1 baseline, mean +- std), and the
 weight decay with the best mean wins. Runs without the final 'Top-1 test accuracy' line are listed as
-unfinished and left out of the table.
+unfinished and left out of the table. Heads of sub-concatenations (<probe>/sub{i}-{j}/..., util/subsets.py) give
+the cat-n curve instead (tools/catn_curve.py): its table, <csv>_catn.csv and <plot>_catn.png.
 """
 import argparse
 import csv
@@ -23,6 +24,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
+from tools import catn_curve  # noqa: E402
 from util.misc import ArgumentParser, UserError, run_main  # noqa: E402
 
 # table columns: dataset -> header, in the README's order; other datasets follow under their own name
@@ -341,6 +343,13 @@ def write_plot(path, cells, datasets):
     plt.close(fig)
 
 
+def print_curve(curve):
+    header, rows = catn_curve.curve_table(curve, catn_curve.curve_datasets(curve, COLUMNS), steps_label, COLUMNS)
+    print("\nCat-n curve from subset heads: top-1 (%) against the number of concatenated backbones, mean ± std "
+          "over the subsets of each size (n subsets), at the weight decay with the best mean:\n")
+    print(markdown(header, rows))
+
+
 def default_output(root, patterns, ext):
     suffix = "_".join(re.sub(r"[^A-Za-z0-9.-]+", "-", p) for p in patterns)
     return os.path.join(root, f"summary_{suffix}.{ext}" if suffix else f"summary.{ext}")
@@ -380,6 +389,8 @@ def main(args):
     unknown = [r for r in finished if r.data is None or r.n_models is None]
     usable = [r for r in finished if r not in unknown]
     unfinished = [r for r in kept if not r.finished]
+    curve = catn_curve.build_curve(usable, select)
+    usable = [r for r in usable if not catn_curve.is_subset_head(r)]  # subset heads: in the cat-n curve only
 
     # ---- the table
     if usable:
@@ -416,6 +427,9 @@ def main(args):
     else:
         print("\nNo finished run yet: nothing to tabulate.")
 
+    if curve:
+        print_curve(curve)
+
     # ---- what stayed out of the table
     if unfinished:
         print(f"\nUnfinished runs (no 'Top-1 test accuracy' line yet), left out of the table ({len(unfinished)}):")
@@ -440,6 +454,9 @@ def main(args):
     csv_path = args.csv or default_output(root, args.patterns, "csv")
     write_csv(csv_path, cells)
     print(f"\nWrote {csv_path}")
+    if curve:
+        catn_curve.write_curve_csv(catn_curve.curve_path(csv_path), curve, steps_label)
+        print(f"Wrote {catn_curve.curve_path(csv_path)}")
     try:
         import matplotlib  # noqa: F401
     except ImportError:
@@ -450,6 +467,10 @@ def main(args):
     plot_path = args.plot or default_output(root, args.patterns, "png")
     write_plot(plot_path, cells, [d for d in datasets if any(k[1] == d for k in cells)])
     print(f"Wrote {plot_path}")
+    if curve:
+        catn_curve.write_curve_plot(catn_curve.curve_path(plot_path), curve,
+                                    catn_curve.curve_datasets(curve, COLUMNS), steps_label, COLUMNS)
+        print(f"Wrote {catn_curve.curve_path(plot_path)}")
 
 
 if __name__ == "__main__":
