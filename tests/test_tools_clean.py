@@ -96,7 +96,7 @@ def test_full_unpickling_warns_with_the_file_name(tmp_path, capsys):
     torch.save({"w": torch.zeros(1)}, plain)
     torch.save({"w": torch.zeros(1), "note": io.StringIO("python object")}, pickled)
     load_file(str(plain))
-    assert "warning" not in capsys.readouterr().err
+    assert "warning" not in capsys.readouterr().out
     load_file(str(pickled))
-    err = capsys.readouterr().err
-    assert err.startswith("warning: ") and str(pickled) in err and "weights_only=False" in err
+    out = capsys.readouterr().out
+    assert out.startswith("warning: ") and str(pickled) in out and "weights_only=False" in out
