@@ -1,5 +1,6 @@
 """tools/prepare_data.py on generated dataset folders (no network beyond 127.0.0.1)."""
 import functools
+import hashlib
 import http.server
 import io
 import json
@@ -174,9 +175,12 @@ def test_inat_without_archives_says_what_to_download(tmp_path, capsys):
     assert f"download {prepare_data.INAT_URL}/train_val2018.tar.gz" in out
 
 
-def test_inat_download_from_local_server(tmp_path, capsys):
+def test_inat_download_from_local_server(tmp_path, capsys, monkeypatch):
     served = tmp_path / "served"
     make_inat_archives(tmp_path, served)
+    # the generated archive stands for the published one: its MD5 is the one to check
+    image_archive = served / "train_val2018.tar.gz"
+    monkeypatch.setattr(prepare_data, "INAT_MD5", {image_archive.name: hashlib.md5(image_archive.read_bytes()).hexdigest()})
     handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(served))
     handler.log_message = lambda *a: None
     srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
@@ -189,6 +193,7 @@ def test_inat_download_from_local_server(tmp_path, capsys):
         srv.shutdown()
         srv.server_close()
     assert (data / "inaturalist18" / "train_val2018" / "Plantae").is_dir()
+    assert "MD5 verified" in capsys.readouterr().out
 
 
 def test_inat_refuses_malicious_archive(tmp_path):

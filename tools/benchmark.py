@@ -7,7 +7,10 @@ run; every run appends a dated row to its section of docs/benchmarks.md.
     python tools/benchmark.py backbone         # frozen-backbone forward: optimised vs fp32 eager, share of matmul peak
     python tools/benchmark.py probe            # complete probes: per-epoch vs cached; K-value sweep: K runs vs one
 
-Sections are subcommands; each writes under its own `## <section>` heading of the results file.
+Sections are subcommands; each writes under its own `## <section>` heading of results/benchmarks.md (ignored by
+git), or of the file given with --record (`--record docs/benchmarks.md` adds the row to the published table).
+CPU runs use util/cpu_runtime's OpenMP settings (passive waiting, threads = cores) unless OMP_* are set; every
+row records them.
 """
 import argparse
 import datetime
@@ -20,13 +23,17 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
+from util.cpu_runtime import configure_cpu_runtime  # noqa: E402
+
+CPU_RUNTIME = configure_cpu_runtime()  # before torch: OpenMP reads its settings when torch loads it
+
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from engine import autocast, resolve_precision  # noqa: E402
 from util.misc import ArgumentParser, UserError, run_main  # noqa: E402
 
-RESULTS = os.path.join(REPO, "docs", "benchmarks.md")
+RESULTS = os.path.join(REPO, "results", "benchmarks.md")  # a tool never modifies tracked files by default
 
 
 # ---------------------------------------------------------------- machine and results file
@@ -41,11 +48,13 @@ def machine_description():
     except (OSError, StopIteration):
         pass
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return f"{model}, {cores} cores, {torch.get_num_threads()} torch threads"
+    return (f"{model}, {cores} cores, {torch.get_num_threads()} torch threads, "
+            f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}")
 
 
 def record(path, section, intro, header, row):
     """Append a table row under `## section` (created with its intro and table header when missing)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     text = open(path).read() if os.path.exists(path) else "# Benchmarks\n\nWritten by `python tools/benchmark.py`.\n"
     lines = text.rstrip("\n").split("\n")
     title = f"## {section}"
@@ -324,7 +333,8 @@ def bench_probe(args):
 # ---------------------------------------------------------------- command line
 def get_args_parser():
     common = ArgumentParser(add_help=False)  # options every section takes
-    common.add_argument("--results", default=RESULTS, help="markdown file the rows are appended to")
+    common.add_argument("--record", "--results", dest="results", default=RESULTS, help="markdown file the rows "
+                        "are appended to (the published table: docs/benchmarks.md)")
     common.add_argument("--no_record", action="store_true", help="print only")
     p = ArgumentParser("tools/benchmark.py", description="Time-Cat speed benchmarks",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -356,6 +366,7 @@ def get_args_parser():
 
 
 def main(args):
+    print(CPU_RUNTIME.line)
     for name in ("img_size", "batch_size", "steps", "epochs", "k"):
         value = getattr(args, name, None)
         if value is not None and value < 1:

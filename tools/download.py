@@ -420,6 +420,8 @@ def main(args):
             removed = " (the downloaded archive was deleted; run again to download it afresh)" if ours else ""
             raise UserError(f"SHA-256 mismatch for {show(archive)}: expected {args.sha256}, got {actual}{removed}")
         print(f"SHA-256 verified: {actual}")
+    else:  # print it, so a lab can pin what it fetched: --sha256 HEX on the next machine
+        print(f"SHA-256 of {show(archive)}: {sha256sum(archive)} (pin it with --sha256)")
 
     # ---- extract, place, clean up
     try:

@@ -24,8 +24,9 @@ import yaml  # noqa: E402
 from main_pretrain import default_seed, milestone_dir  # noqa: E402
 from util.misc import ArgumentParser, UserError, run_main  # noqa: E402
 
-DEFAULT_TAGS = os.path.join("configs", "timecat_plan.yaml")
-DEFAULT_SBATCH = os.path.join("scripts", "pretrain_timecat.sbatch")
+# under results/ (ignored): a tool never modifies tracked files unless given their path
+DEFAULT_TAGS = os.path.join("results", "timecat_plan", "timecat_plan.yaml")
+DEFAULT_SBATCH = os.path.join("results", "timecat_plan", "pretrain_timecat.sbatch")
 
 
 def get_args_parser():
@@ -111,7 +112,8 @@ def sbatch_script(args, runs, command):
         "# Time-Cat pretraining: one array task per ResNet run, each on one node with "
         f"{args.gpus_per_task} GPU(s).",
         f"# Written by: {command}",
-        "# Submit from the project folder:  sbatch scripts/pretrain_timecat.sbatch [more main_pretrain.py flags]",
+        "# Submit from anywhere:  python tools/submit.py pretrain [--script THIS_FILE] [-- more sbatch flags]",
+        "# (it creates results/slurm/ first: slurm does not start a job whose log folder is missing)",
         "# A job that is preempted or reaches its time limit gets SIGUSR1, saves resume.pth.tar, requeues itself,",
         "# and the requeued job resumes at the same step.",
         "#SBATCH --job-name=timecat_pretrain",
@@ -124,12 +126,13 @@ def sbatch_script(args, runs, command):
         "#SBATCH --signal=USR1@300",
         "#SBATCH --requeue",
         "#SBATCH --open-mode=append",
-        "#SBATCH --output=slurm-timecat-%A_%a.out",
+        "#SBATCH --output=results/slurm/%x-%A_%a.out",
     ]
     if args.partition:
         lines.append(f"#SBATCH --partition={args.partition}")
     lines += [
         "set -euo pipefail",
+        'cd "${CAT_EXP_HOME:-$SLURM_SUBMIT_DIR}"',
         "",
         f"RUNS=({' '.join(str(i) for i in order)})",
         f"STEPS=({' '.join(str(max(runs[i])) for i in order)})",
@@ -138,7 +141,7 @@ def sbatch_script(args, runs, command):
         "run=${RUNS[$i]}",
         "",
         "export OMP_NUM_THREADS=1",
-        "srun --kill-on-bad-exit=1 ${PYTHON:-python} main_pretrain.py \\",
+        "srun --kill-on-bad-exit=1 ${PYTHON:-.venv/bin/python} main_pretrain.py \\",
         f"    --arch {args.arch} --run \"$run\" --steps \"${{STEPS[$i]}}\" --save_steps ${{SAVE_STEPS[$i]}} \\",
         f"    --data_path {shlex.quote(args.data_path)} --workers {data_workers} \\",
         f"    --output_dir {shlex.quote(args.output_dir)} --dump_path {shlex.quote(args.dump_root)}/run\"$run\" \\",
@@ -176,7 +179,7 @@ def main(args, argv=None):
         with open(path, "w") as f:
             f.write(text)
         print(f"wrote {path}")
-    print(f"train: sbatch {args.sbatch_out}   probe: python main_linear_probe.py --tag_file {args.tags_out} "
+    print(f"train: python tools/submit.py pretrain --script {args.sbatch_out}   probe: python main_linear_probe.py --tag_file {args.tags_out} "
           f"--tag {configs[-1][1]} --data_name cifar10")
 
 

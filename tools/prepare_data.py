@@ -10,6 +10,7 @@ data/inaturalist18/{train_val2018/, train2018.json, val2018.json}.
 Exit code: 0 when the datasets concerned are ready, 1 when not (the output says what is missing), 2 on errors.
 """
 import argparse
+import hashlib
 import json
 import os
 import re
@@ -36,6 +37,9 @@ INAT_URL = "https://ml-inat-competition-datasets.s3.amazonaws.com/2018"
 # archive -> what it holds; the annotations first, they are small
 INAT_ARCHIVES = {"train2018.json.tar.gz": "train2018.json", "val2018.json.tar.gz": "val2018.json",
                  "train_val2018.tar.gz": "train_val2018"}
+# published MD5 of the iNat 2018 archives (torchvision.datasets.INaturalist lists the image archive's; the
+# annotation archives have none published): a download is checked before it is extracted
+INAT_MD5 = {"train_val2018.tar.gz": "b1c6952ce38f31868cc50ea72d066cc3"}
 IMAGENET_COUNTS = {"classes": 1000, "train": 1281167, "val": 50000}
 IMAGENET_HOWTO = ("ImageNet needs your own download: register at https://www.image-net.org/, get "
                   "ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar, extract them to {root}/train/<wnid>/*.JPEG "
@@ -215,6 +219,24 @@ def extract_inat_archive(archive, folder, target):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def verify_md5(path, expected):
+    """Check a downloaded archive against its published MD5; a mismatch deletes it (the next run downloads it
+    afresh). Without a published value, print the MD5 so it can be compared by hand."""
+    digest = hashlib.md5(usedforsecurity=False)
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    actual = digest.hexdigest()
+    if expected is None:
+        print(f"  MD5 {actual} (no published value to check against)")
+    elif actual != expected:
+        os.remove(path)
+        raise UserError(f"MD5 mismatch for {show(path)}: expected {expected} (published), got {actual}; the "
+                        "download was deleted: run again to download it afresh")
+    else:
+        print(f"  MD5 verified: {actual}")
+
+
 def prepare_inat(args):
     folder = os.path.join(args.data_path, "inaturalist18")
     archive_dir = args.archive_dir or folder
@@ -230,6 +252,7 @@ def prepare_inat(args):
             os.makedirs(archive_dir, exist_ok=True)
             print(f"Downloading {args.base_url}/{archive} to {show(path)}")
             fetch(f"{args.base_url}/{archive}", path, args.retries, args.backoff, args.timeout)
+            verify_md5(path, INAT_MD5.get(archive))
         print(f"Extracting {show(path)}")
         extract_inat_archive(path, folder, target)
     return [check_inat(args.data_path, archive_dir)]

@@ -61,6 +61,9 @@ def load_file(path, what="checkpoint"):
         raise UserError(f"cannot read {what} {path} (truncated or corrupt?): {str(exc).splitlines()[0]}") from exc
     # Training checkpoints (AlgoPerf's among them) also pickle plain Python objects such as numpy scalars;
     # weights-only loading refuses those, so we unpickle fully: only load checkpoints you trust.
+    # on stdout, with the run's other messages: stderr is kept for the one-line `error: ...` of a user error
+    print(f"warning: {path} needs full unpickling (torch.load weights_only=False), which can run code stored in "
+          "the file: load only checkpoints you trust")
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as exc:

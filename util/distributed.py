@@ -120,3 +120,49 @@ def any_process(flag, device):
         dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
         return bool(tensor.item() > 0)
     return bool(flag)
+
+
+# slurm's variables that say the job was given GPUs (sbatch/srun --gpus*, --gres=gpu)
+SLURM_GPU_VARIABLES = ("SLURM_GPUS_ON_NODE", "SLURM_JOB_GPUS", "SLURM_STEP_GPUS", "SLURM_GPUS", "SLURM_GPUS_PER_NODE",
+                       "SLURM_GPUS_PER_TASK")
+
+
+def gpu_request(device_flag=None, env=None):
+    """Why the job clearly asked for GPUs ('--device cuda', 'SLURM_GPUS_ON_NODE=4', ...), or None."""
+    env = os.environ if env is None else env
+    if device_flag is not None:
+        return f"--device {device_flag}" if str(device_flag).startswith("cuda") else None  # the user chose
+    for name in SLURM_GPU_VARIABLES:
+        value = env.get(name, "").strip()
+        if value and value not in ("0", "(null)"):
+            return f"{name}={value}"
+    visible = env.get("CUDA_VISIBLE_DEVICES", "").strip()
+    if visible and visible not in ("-1", "none", "NoDevFiles"):  # an empty or -1 value hides the GPUs on purpose
+        return f"CUDA_VISIBLE_DEVICES={visible}"
+    return None
+
+
+def nvidia_driver_version():
+    """The loaded NVIDIA kernel driver's version, or None when there is none."""
+    try:
+        with open("/proc/driver/nvidia/version") as f:
+            match = re.search(r"Kernel Module\s+(?:for \S+\s+)?([0-9]+\.[0-9.]+)", f.read())
+        return match.group(1) if match else "unknown"
+    except OSError:
+        return None
+
+
+def require_cuda_if_requested(device_flag=None, env=None, cuda_available=None):
+    """Refuse to run on the CPU when the job clearly asked for GPUs but this torch cannot use them: a UserError
+    naming the driver and the build (an old driver with a new CUDA build silently gives is_available() False)."""
+    reason = gpu_request(device_flag, env)
+    available = torch.cuda.is_available() if cuda_available is None else cuda_available
+    if reason is None or available:
+        return
+    build = f"torch {torch.__version__} built for CUDA {torch.version.cuda}" if torch.version.cuda \
+        else f"torch {torch.__version__} is a CPU-only build"
+    driver = nvidia_driver_version()
+    driver = "no NVIDIA driver is loaded on this node" if driver is None else f"NVIDIA driver {driver}"
+    raise UserError(f"the job asked for GPUs ({reason}) but torch.cuda.is_available() is False: {build}, "
+                    f"{driver}; an older driver needs an older CUDA build: rerun `CUDA=cu126 ./setup.sh` (or "
+                    f"cu128; see README 'Cluster'), or run on CPU with CUDA_VISIBLE_DEVICES= set empty")

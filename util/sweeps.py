@@ -1,0 +1,73 @@
+"""The reference's linear-probe sweeps, defined once: weight-decay grids, configurations, batches, result folders.
+
+Read by tools/submit.py and scripts/lineareval.sbatch (through `tools/submit.py task`). Facts from the original
+release's six linear-probing sbatch scripts (docs: /work/shared/REFERENCE.md, "Linear-probe protocol").
+Depends on nothing of ours (a util module).
+"""
+from dataclasses import dataclass
+
+# Weight-decay grids of the original sweeps, per --data_name (as the original scripts spelled them)
+WD_GRIDS = {
+    "cifar10": ("1e-2", "5e-2", "1e-4", "5e-4", "1e-3", "5e-3"),
+    "cifar100": ("1e-2", "5e-2", "1e-4", "5e-4", "1e-3", "5e-3"),
+    "inaturalist18": ("1e-6", "1e-5", "1e-4"),
+    "imagenet1k": ("1e-4", "5e-4"),
+}
+# Per-process batch of the original (single-process) jobs = the global batch to keep
+GLOBAL_BATCH = {"cifar10": 256, "cifar100": 256, "inaturalist18": 32, "imagenet1k": 32}
+# Flags the original added per dataset (iNat: SyncBatchNorm on the head)
+EXTRA_FLAGS = {"inaturalist18": ("--sync_bn",)}
+# The sweeps a user submits: SWEEP name -> datasets
+SWEEPS = {"cifar": ("cifar10", "cifar100"), "inat18": ("inaturalist18",), "imagenet": ("imagenet1k",)}
+# Figure 2's configurations: the three catN tags and the five single 450k runs (cat1)
+CONFIGS = ("cat2_step200k", "cat4_step100k", "cat5_step80k", "run0", "run1", "run2", "run3", "run4")
+TAG_PREFIX = "supervisedimagenet_resnet50_sfadamw"
+RESULTS = "results/supervised/imagenet/transfer"
+# per_wd: the reference's one task per (dataset, wd, config), its folders (the default, for fidelity);
+# one_pass: one task per (dataset, config) training the whole wd grid on one backbone pass
+LAYOUTS = ("per_wd", "one_pass")
+
+
+@dataclass(frozen=True)
+class ProbeTask:
+    """One slurm array task of a sweep."""
+    data: str
+    config: str
+    wds: tuple
+    tag: str
+    dump_path: str
+    batch: int  # global batch; the script divides it by the process count
+    extra: tuple
+
+
+def tag_of(config):
+    """Original tag names: ..._run{i} for single runs, ..._{N}_step{k}k for catN."""
+    return f"{TAG_PREFIX}_{config}" if config.startswith("run") else f"{TAG_PREFIX}_{config[len('cat'):]}"
+
+
+def result_folder(data, wd, config):
+    """The original sweep's folder of one (dataset, weight decay, config); wd=None: the one-pass sweep folder,
+    whose heads go to wd{wd}_lr{lr}/ below it."""
+    cell = data if wd is None else f"{data}_{wd}"
+    if config.startswith("run"):
+        # the original put CIFAR's single runs under lineareval_seer, ImageNet's and iNat's under lineareval
+        family = "lineareval_seer" if data.startswith("cifar") else "lineareval"
+        return f"{RESULTS}/{family}/{cell}/resnet50_sfadamw/{config}"
+    return f"{RESULTS}/lineareval/{cell}/resnet50_sfadamw_{config}"
+
+
+def sweep_tasks(sweep, layout="per_wd"):
+    """Every array task of a sweep, in array-index order (config fastest, then wd, then dataset)."""
+    if sweep not in SWEEPS:
+        raise ValueError(f"unknown sweep {sweep!r}; choose from {', '.join(SWEEPS)}")
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r}; choose from {', '.join(LAYOUTS)}")
+    tasks = []
+    for data in SWEEPS[sweep]:
+        cells = [(wd,) for wd in WD_GRIDS[data]] if layout == "per_wd" else [WD_GRIDS[data]]
+        for wds in cells:
+            for config in CONFIGS:
+                folder = result_folder(data, wds[0] if layout == "per_wd" else None, config)
+                tasks.append(ProbeTask(data, config, wds, tag_of(config), folder, GLOBAL_BATCH[data],
+                                       EXTRA_FLAGS.get(data, ())))
+    return tasks
