@@ -274,11 +274,14 @@ def test_recipe_defaults_and_batch_resolution():
         ("resnet50", 1024, 0.0025, 0.08121616522670176, (0.9, 0.9955159689799007), 2799, 0.2, 2.0, 2,
          450000, [80000, 100000, 200000])
     assert args.output_dir.endswith(os.path.join("checkpoints", "supervised_pretrain", "resnet50_sfadamw"))
-    pretrain.resolve_batch(args, 8)
-    assert (args.batch_size, args.accum_steps) == (128, 1)
-    args.batch_size = args.accum_steps = None
-    pretrain.resolve_batch(args, 1)
-    assert (args.batch_size, args.accum_steps) == (256, 4)
+    assert (args.precision, args.init, args.optimizer, args.sf_moment_dtype) == \
+        ("fp32", "algoperf", "sfadamw", "bfloat16")
+    # the same global batch and BatchNorm batch (AlgoPerf: 128 per device) at 1, 2, 4 and 8 processes
+    for world, accum in ((1, 8), (2, 4), (4, 2), (8, 1)):
+        args.batch_size = args.accum_steps = None
+        pretrain.resolve_batch(args, world)
+        assert (args.batch_size, args.accum_steps) == (128, accum)
+        assert args.batch_size * world * args.accum_steps == 1024
     assert [pretrain.default_seed(i) for i in range(6)] == [2, 550, 23, 477, 8529, 10005]
 
     sgd = pretrain.get_args_parser().parse_args(["--optimizer", "sgd", "--global_batch", "256"])
