@@ -29,8 +29,13 @@ def step_label(steps):
     return str(steps // 1000) if steps % 1000 == 0 else f"{steps}steps"
 
 
+def folder_of_label(label):
+    """checkpoints_step{label}: label 'full', '80' (thousands of steps) or '60steps'."""
+    return f"checkpoints_step{label}"
+
+
 def milestone_folder_name(steps, final=False):
-    return "checkpoints_step" + (FULL if final else step_label(steps))
+    return folder_of_label(FULL if final else step_label(steps))
 
 
 def milestone_dir(output_dir, steps, final=False):

@@ -42,6 +42,16 @@ class AlgoPerfAdamWScheduleFree(torch.optim.Optimizer):
             state["exp_avg_sq"] = torch.zeros_like(p, dtype=MOMENT_DTYPES[group["moment_dtype"]])
         return state
 
+    def load_state_dict(self, state_dict):
+        """torch.optim casts loaded state to each parameter's dtype: give v back its own (bf16 -> fp32 -> bf16 is
+        exact), so a resumed run continues bit for bit."""
+        super().load_state_dict(state_dict)
+        for group in self.param_groups:
+            for p in group["params"]:
+                state = self.state.get(p)
+                if state and "exp_avg_sq" in state:
+                    state["exp_avg_sq"] = state["exp_avg_sq"].to(MOMENT_DTYPES[group["moment_dtype"]])
+
     @torch.no_grad()
     def train(self):
         """Parameters at y = x + (1 - beta1)(z - x), where the gradient is taken."""
