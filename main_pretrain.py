@@ -33,7 +33,7 @@ from engine import ShardSampler, autocast, evaluate, resolve_precision, to_devic
 from models import RESNET_ARCHS, build_backbone
 from models.init import INITS, algoperf_init
 from util import layout
-from util.checkpoint import load_file, save_atomic
+from util.checkpoint import load_backbone_weights, load_file, save_atomic
 from util.distributed import all_reduce_sum, any_process, barrier, cleanup, init_distributed
 from util.logs import (append_jsonl, claim_run_folder, close_logger, create_logger, log_startup, truncate_jsonl,
                        use_progress_bar, write_json_atomic)
@@ -53,10 +53,10 @@ STOP_POLL_STEPS = 10  # steps between the (synchronising) checks of a stop signa
 # A run resumed from its folder must follow the same weight trajectory; these arguments define it.
 RECIPE_KEYS = ("arch", "img_size", "global_batch", "optimizer", "lr", "wd", "betas", "eps", "sf_r",
                "weight_lr_power", "warmup_steps", "label_smoothing", "momentum", "schedule", "decay_epochs",
-               "gamma", "seed", "batch_size", "precision", "init", "sf_moment_dtype")
+               "gamma", "seed", "batch_size", "precision", "init", "sf_moment_dtype", "init_from")
 # The value a recipe key had in run folders written before the key existed (before --init, "sfadamw" was the
 # package's optimizer).
-LEGACY_RECIPE = {"init": "torchvision", "sf_moment_dtype": "bfloat16"}
+LEGACY_RECIPE = {"init": "torchvision", "sf_moment_dtype": "bfloat16", "init_from": None}
 SCHEDULE_FREE = ("sfadamw", "sfadamw_package")
 PRETRAIN_DATA = ("imagenet1k", "imagefolder")
 # Independent random streams derived from the seed.
@@ -67,6 +67,15 @@ EPOCH_STREAM, REFRESH_STREAM, STEP_STREAM = 0, 1, 2
 def get_args_parser():
     p = ArgumentParser("main_pretrain.py", description="Time-Cat supervised pretraining of one backbone",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_model_and_data_args(p)
+    add_batch_args(p)
+    add_optimisation_args(p)
+    add_bn_args(p)
+    add_run_args(p)
+    return p
+
+
+def add_model_and_data_args(p):
     g = p.add_argument_group("model and data")
     g.add_argument("--arch", default="resnet50", help=f"torchvision ResNet, one of {', '.join(RESNET_ARCHS)} "
                    "(reference: resnet50)")
@@ -82,6 +91,8 @@ def get_args_parser():
     g.add_argument("--workers", type=int, default=8, help="data-loading processes per process "
                    "(recommended: CPU cores per GPU minus one)")
 
+
+def add_batch_args(p):
     g = p.add_argument_group("batch and budget")
     g.add_argument("--global_batch", type=int, default=1024, help="images per optimizer step over all processes "
                    "(reference: 1024); = batch_size x processes x accum_steps")
@@ -98,6 +109,8 @@ def get_args_parser():
     g.add_argument("--eval_every", type=int, default=5000, help="steps between validations (0: only at milestones "
                    "and the end); each also saves the resume state")
 
+
+def add_optimisation_args(p):
     g = p.add_argument_group("optimisation (unset values follow --optimizer's reference recipe)")
     g.add_argument("--optimizer", default="sfadamw", choices=[*SCHEDULE_FREE, "sgd"],
                    help="sfadamw: schedule-free AdamW as AlgoPerf's submission updates it (the released "
@@ -126,6 +139,8 @@ def get_args_parser():
                    "where the lr is multiplied by --gamma (reference: 30 60, over 90 epochs)")
     g.add_argument("--gamma", type=float, default=0.1, help="sgd step schedule factor (reference: 0.1)")
 
+
+def add_bn_args(p):
     g = p.add_argument_group("schedule-free BatchNorm statistics")
     g.add_argument("--bn_refresh_batches", type=int, default=50, help="training batches per process forwarded "
                    "at the averaged weights x to recompute BatchNorm statistics before each evaluation and "
@@ -133,6 +148,8 @@ def get_args_parser():
     g.add_argument("--bn_refresh_every", type=int, default=0, help="also update the statistics at x with the "
                    "current batch every K steps (AlgoPerf's second schedule-free entry: 3; 0: off)")
 
+
+def add_run_args(p):
     g = p.add_argument_group("run")
     g.add_argument("--run", type=int, default=0, help="run index i: checkpoint_run{i}.pth.tar; runs 0-4 default "
                    f"to the released seeds {', '.join(map(str, RELEASED_SEEDS))}")
@@ -142,6 +159,10 @@ def get_args_parser():
                    "checkpoints/supervised_pretrain/{arch}_{optimizer} (the layout the probe's tags read)")
     g.add_argument("--dump_path", default=None, help="this run's folder (train.log, metrics.jsonl, args.json, "
                    "resume.pth.tar); default: results/pretrain/{arch}_{optimizer}/run{run}")
+    g.add_argument("--init_from", default=None, help="start step 0 from these weights instead of --init (fine-tune, "
+                   "or continue with a new budget and a fresh optimizer): a checkpoint of this script, an AlgoPerf "
+                   "checkpoint (model_params with _orig_mod./module. keys) or a torchvision state_dict; the "
+                   "classifier is kept when its shape fits (reference: unset)")
     g.add_argument("--start_over", action="store_true", help="discard the resume state of --dump_path and "
                    "start from step 0 (the default resumes)")
     g.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "auto"], help="reference and "
@@ -157,7 +178,6 @@ def get_args_parser():
                    "(start-up rendezvous and every collective) before it stops with an error")
     g.add_argument("--skip_bad_images", action="store_true", help="skip unreadable image files (counted and "
                    "reported in the log) instead of stopping at the first one")
-    return p
 
 
 def default_seed(run):
@@ -484,6 +504,29 @@ def check_previous_run(args, resume_path):
                 return
 
 
+def build_model(args, num_classes, logger):
+    """The backbone at step 0: AlgoPerf's (or torchvision's) initialisation, or --init_from's weights."""
+    model = build_backbone(args.arch, num_classes)
+    if args.init == "algoperf":
+        algoperf_init(model)
+    if args.init_from:
+        load_initial_weights(model, args, logger)
+    return model
+
+
+def load_initial_weights(model, args, logger):
+    """--init_from: backbone weights (BatchNorm statistics included) and, when its shape fits, the classifier."""
+    classifier_layer, model.fc = model.fc, nn.Identity()  # the loader reads backbones; the fc is split off
+    try:
+        classifier = load_backbone_weights(model, args.init_from, args.arch)
+    finally:
+        model.fc = classifier_layer
+    fits = classifier.get("weight") is not None and classifier["weight"].shape == model.fc.weight.shape
+    if fits:
+        model.fc.load_state_dict(classifier)
+    logger.info(f"initialised from {args.init_from} (classifier {'loaded' if fits else 'from --init: no match'})")
+
+
 def save_backbone(model, path, step, stats, args):
     os.makedirs(os.path.dirname(path), exist_ok=True)
     state_dict = {k: v.detach().cpu() for k, v in model.state_dict().items()}  # loads anywhere without map_location
@@ -540,10 +583,7 @@ def pretrain(args, dist_info, logger, stop):
 
     # ---- model and optimizer
     torch.manual_seed(derive_seed(args.seed, STEP_STREAM, 0))  # the initialisation is a function of the seed
-    model = build_backbone(args.arch, num_classes)
-    if args.init == "algoperf":
-        algoperf_init(model)
-    model = model.to(device).to(memory_format=torch.channels_last)
+    model = build_model(args, num_classes, logger).to(device).to(memory_format=torch.channels_last)
     optimizer = build_optimizer(model, args)
     train_model = torch.compile(model) if args.compile else model
     if dist_info.distributed:  # each process keeps its own BatchNorm statistics; refresh_bn averages them

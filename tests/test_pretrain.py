@@ -499,3 +499,21 @@ def test_sfadamw_state_round_trip_continues_bit_for_bit():
     train(resumed, other, batches[2:])
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), resumed.parameters()))
     assert {s["exp_avg_sq"].dtype for s in other.state.values()} == {torch.bfloat16}
+
+
+def test_an_algoperf_checkpoint_is_a_starting_point(data, tmp_path):
+    """--init_from reads AlgoPerf's format (model_params of a DDP-wrapped, compiled model; downsample.conv/bn)."""
+    run(data, tmp_path / "source", "run0", "--steps", "2", "--save_steps", "--eval_every", "0")
+    ours = load(tmp_path / "source" / "ckpt" / "checkpoints_stepfull" / "checkpoint_run0.pth.tar")["state_dict"]
+    algoperf = {"_orig_mod.module." + k.replace("downsample.0.", "downsample.conv.").replace("downsample.1.",
+                                                                                          "downsample.bn."): v
+                for k, v in ours.items()}
+    path = tmp_path / "checkpoint_2"  # AlgoPerf names files checkpoint_{step}, no extension
+    torch.save({"model_params": algoperf, "optimizer_state": {}, "global_step": 2, "preemption_count": 0}, path)
+    run(data, tmp_path / "tuned", "run0", "--steps", "1", "--save_steps", "--eval_every", "0", "--lr", "1e-12",
+        "--wd", "0", "--init_from", str(path))
+    assert f"initialised from {path} (classifier loaded)" in (tmp_path / "tuned" / "run0" / "train.log").read_text()
+    tuned = load(tmp_path / "tuned" / "ckpt" / "checkpoints_stepfull" / "checkpoint_run0.pth.tar")["state_dict"]
+    for k, v in ours.items():  # a 1e-8 step away from the source weights (lr floor eps), not the initialisation
+        if v.is_floating_point() and "running" not in k:
+            torch.testing.assert_close(tuned[k], v, rtol=0, atol=1e-6)
