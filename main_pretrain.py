@@ -18,6 +18,7 @@ import math
 import os
 import time
 from contextlib import contextmanager
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -26,16 +27,18 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from datasets import image_loader
-from datasets.images import IMAGENET_HINT, build_image_folder
+from datasets import WithTransform, build_dataset, image_loader, imagenet_root
 from datasets.transforms import build_transform
 from engine import ShardSampler, autocast, evaluate, resolve_precision, to_device
 from models import RESNET_ARCHS, build_backbone
-from util.checkpoint import load_file, save_atomic
+from models.init import INITS, algoperf_init
+from util import layout
+from util.checkpoint import load_backbone_weights, load_file, save_atomic
 from util.distributed import all_reduce_sum, any_process, barrier, cleanup, init_distributed
 from util.logs import (append_jsonl, claim_run_folder, close_logger, create_logger, log_startup, truncate_jsonl,
                        use_progress_bar, write_json_atomic)
 from util.misc import ArgumentParser, UserError, requeue_slurm_job, run_main
+from util.sfadamw import MOMENT_DTYPES, AlgoPerfAdamWScheduleFree
 from util.signals import StopSignal
 
 PROJECT_ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -45,12 +48,17 @@ EXTRA_RUN_SEED = 10000  # run i >= 5 defaults to seed 10000 + i, clear of the re
 # predecessor paper's SGD recipe; flags left unset take these values.
 SFADAMW = dict(lr=0.0025, wd=0.08121616522670176, warmup_steps=2799, label_smoothing=0.2)
 SGD = dict(lr_per_256=0.1, wd=1e-4, warmup_steps=0, label_smoothing=0.0)
-MAX_BATCH_PER_PROCESS = 256  # default micro-batch cap; larger per-process batches use gradient accumulation
+BN_BATCH = 128  # images per forward pass and process (AlgoPerf: 1024 over 8 devices); the rest is accumulation
 STOP_POLL_STEPS = 10  # steps between the (synchronising) checks of a stop signal across processes
 # A run resumed from its folder must follow the same weight trajectory; these arguments define it.
 RECIPE_KEYS = ("arch", "img_size", "global_batch", "optimizer", "lr", "wd", "betas", "eps", "sf_r",
                "weight_lr_power", "warmup_steps", "label_smoothing", "momentum", "schedule", "decay_epochs",
-               "gamma", "seed")
+               "gamma", "seed", "batch_size", "precision", "init", "sf_moment_dtype", "init_from")
+# The value a recipe key had in run folders written before the key existed (before --init, "sfadamw" was the
+# package's optimizer).
+LEGACY_RECIPE = {"init": "torchvision", "sf_moment_dtype": "bfloat16", "init_from": None}
+SCHEDULE_FREE = ("sfadamw", "sfadamw_package")
+PRETRAIN_DATA = ("imagenet1k", "imagefolder")
 # Independent random streams derived from the seed.
 EPOCH_STREAM, REFRESH_STREAM, STEP_STREAM = 0, 1, 2
 
@@ -59,21 +67,38 @@ EPOCH_STREAM, REFRESH_STREAM, STEP_STREAM = 0, 1, 2
 def get_args_parser():
     p = ArgumentParser("main_pretrain.py", description="Time-Cat supervised pretraining of one backbone",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_model_and_data_args(p)
+    add_batch_args(p)
+    add_optimisation_args(p)
+    add_bn_args(p)
+    add_run_args(p)
+    return p
+
+
+def add_model_and_data_args(p):
     g = p.add_argument_group("model and data")
     g.add_argument("--arch", default="resnet50", help=f"torchvision ResNet, one of {', '.join(RESNET_ARCHS)} "
                    "(reference: resnet50)")
+    g.add_argument("--data_name", default="imagenet1k", choices=PRETRAIN_DATA, help="dataset of the probe's "
+                   "registry (reference: imagenet1k); imagefolder: any <data_path>/{train,val}/<class>/ tree")
     g.add_argument("--data_path", default=os.path.join(PROJECT_ROOT, "data"),
-                   help="root holding imagenet/{train,val}/<wnid>/*.JPEG")
+                   help="imagenet1k: the README's data root (holding imagenet/) or the ImageNet folder itself "
+                   "(holding train/ and val/)")
+    g.add_argument("--init", default="algoperf", choices=INITS, help="initialisation (reference: algoperf: "
+                   "truncated-normal convs, N(0, 0.01^2) classifier, zero last BatchNorm per residual branch)")
     g.add_argument("--img_size", type=int, default=224, help="training crop; validation resizes to 8/7 of it "
                    "and center-crops (reference: 224; 32 or less for CPU-scale runs)")
     g.add_argument("--workers", type=int, default=8, help="data-loading processes per process "
                    "(recommended: CPU cores per GPU minus one)")
 
+
+def add_batch_args(p):
     g = p.add_argument_group("batch and budget")
     g.add_argument("--global_batch", type=int, default=1024, help="images per optimizer step over all processes "
                    "(reference: 1024); = batch_size x processes x accum_steps")
-    g.add_argument("--batch_size", type=int, default=None, help="images per forward pass and process; default: "
-                   f"global_batch / processes / accum_steps, at most {MAX_BATCH_PER_PROCESS}")
+    g.add_argument("--batch_size", type=int, default=None, help="images per forward pass and process, the "
+                   f"BatchNorm batch (recommended and reference: {BN_BATCH}, AlgoPerf's 1024 over 8 devices); "
+                   "default: that, or the per-process batch when smaller")
     g.add_argument("--accum_steps", type=int, default=None, help="gradient-accumulation micro-steps per optimizer "
                    "step; default: derived from --global_batch and --batch_size")
     g.add_argument("--steps", type=int, default=450000, help="optimizer steps of this run (reference: 450000 for "
@@ -84,10 +109,13 @@ def get_args_parser():
     g.add_argument("--eval_every", type=int, default=5000, help="steps between validations (0: only at milestones "
                    "and the end); each also saves the resume state")
 
+
+def add_optimisation_args(p):
     g = p.add_argument_group("optimisation (unset values follow --optimizer's reference recipe)")
-    g.add_argument("--optimizer", default="sfadamw", choices=["sfadamw", "sgd"],
-                   help="sfadamw: schedule-free AdamW (the released checkpoints); sgd: the predecessor paper's "
-                   "90-epoch recipe")
+    g.add_argument("--optimizer", default="sfadamw", choices=[*SCHEDULE_FREE, "sgd"],
+                   help="sfadamw: schedule-free AdamW as AlgoPerf's submission updates it (the released "
+                   "checkpoints; reference); sfadamw_package: the schedulefree package's AdamWScheduleFree (decay "
+                   "at y); sgd: the predecessor paper's 90-epoch recipe")
     g.add_argument("--lr", type=float, default=None, help="peak learning rate (reference: sfadamw 0.0025 at any "
                    "batch; sgd 0.1 x global_batch / 256)")
     g.add_argument("--wd", type=float, default=None, help="decoupled weight decay (reference: sfadamw "
@@ -95,6 +123,8 @@ def get_args_parser():
     g.add_argument("--betas", type=float, nargs=2, default=[0.9, 0.9955159689799007],
                    help="sfadamw betas (reference: 0.9 0.9955159689799007)")
     g.add_argument("--eps", type=float, default=1e-8, help="sfadamw epsilon (reference: 1e-8)")
+    g.add_argument("--sf_moment_dtype", default="bfloat16", choices=sorted(MOMENT_DTYPES), help="sfadamw: "
+                   "dtype of the second moment (reference: bfloat16, as AlgoPerf's submission keeps it)")
     g.add_argument("--sf_r", type=float, default=0.75, help="sfadamw polynomial weighting power r of the average "
                    "(AlgoPerf submission: 0.75; the schedulefree package default is 0)")
     g.add_argument("--weight_lr_power", type=float, default=2.0, help="sfadamw averaging weight = lr^power "
@@ -109,6 +139,8 @@ def get_args_parser():
                    "where the lr is multiplied by --gamma (reference: 30 60, over 90 epochs)")
     g.add_argument("--gamma", type=float, default=0.1, help="sgd step schedule factor (reference: 0.1)")
 
+
+def add_bn_args(p):
     g = p.add_argument_group("schedule-free BatchNorm statistics")
     g.add_argument("--bn_refresh_batches", type=int, default=50, help="training batches per process forwarded "
                    "at the averaged weights x to recompute BatchNorm statistics before each evaluation and "
@@ -116,6 +148,8 @@ def get_args_parser():
     g.add_argument("--bn_refresh_every", type=int, default=0, help="also update the statistics at x with the "
                    "current batch every K steps (AlgoPerf's second schedule-free entry: 3; 0: off)")
 
+
+def add_run_args(p):
     g = p.add_argument_group("run")
     g.add_argument("--run", type=int, default=0, help="run index i: checkpoint_run{i}.pth.tar; runs 0-4 default "
                    f"to the released seeds {', '.join(map(str, RELEASED_SEEDS))}")
@@ -125,11 +159,16 @@ def get_args_parser():
                    "checkpoints/supervised_pretrain/{arch}_{optimizer} (the layout the probe's tags read)")
     g.add_argument("--dump_path", default=None, help="this run's folder (train.log, metrics.jsonl, args.json, "
                    "resume.pth.tar); default: results/pretrain/{arch}_{optimizer}/run{run}")
+    g.add_argument("--init_from", default=None, help="start step 0 from these weights instead of --init (fine-tune, "
+                   "or continue with a new budget and a fresh optimizer): a checkpoint of this script, an AlgoPerf "
+                   "checkpoint (model_params with _orig_mod./module. keys) or a torchvision state_dict; the "
+                   "classifier is kept when its shape fits (reference: unset)")
     g.add_argument("--start_over", action="store_true", help="discard the resume state of --dump_path and "
                    "start from step 0 (the default resumes)")
-    g.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"], help="autocast precision; "
-                   "auto = bf16 on GPUs and on CPUs with bf16 instructions (about 2.8x faster than fp32 for a "
-                   "ResNet50 on AVX512-BF16 CPUs), fp32 elsewhere")
+    g.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "auto"], help="reference and "
+                   "recommended: fp32 (TF32 matmuls on GPUs, as PyTorch allowed on the reference's GPUs); bf16: "
+                   "autocast, faster, not the reference numerics (see docs/benchmarks.md); auto = bf16 on GPUs and "
+                   "on CPUs with bf16 instructions, fp32 elsewhere")
     g.add_argument("--compile", action="store_true", help="torch.compile the training forward/backward")
     g.add_argument("--max_time", default=None, help="wall-clock budget of this process ([[D-]H:]M:S or seconds): "
                    "save the resume state and stop cleanly once it is spent, before a job's time limit")
@@ -139,7 +178,6 @@ def get_args_parser():
                    "(start-up rendezvous and every collective) before it stops with an error")
     g.add_argument("--skip_bad_images", action="store_true", help="skip unreadable image files (counted and "
                    "reported in the log) instead of stopping at the first one")
-    return p
 
 
 def default_seed(run):
@@ -186,9 +224,9 @@ def check_args(args):
         args.seed = default_seed(args.run)
     if args.seed < 0:
         raise UserError("--seed must be 0 or more")
-    recipe = SFADAMW if args.optimizer == "sfadamw" else SGD
+    recipe = SFADAMW if args.optimizer in SCHEDULE_FREE else SGD
     if args.lr is None:
-        args.lr = recipe["lr"] if args.optimizer == "sfadamw" else recipe["lr_per_256"] * args.global_batch / 256
+        args.lr = recipe["lr"] if args.optimizer in SCHEDULE_FREE else recipe["lr_per_256"] * args.global_batch / 256
     for name in ("wd", "warmup_steps", "label_smoothing"):
         if getattr(args, name) is None:
             setattr(args, name, recipe[name])
@@ -201,9 +239,9 @@ def check_args(args):
     for name in ("eps", "sf_r", "weight_lr_power", "momentum", "gamma"):
         if not 0 <= getattr(args, name) < math.inf:
             raise UserError(f"--{name} must be a finite number, 0 or more")
-    name = f"{args.arch}_{args.optimizer}"
+    name = layout.run_dir_name(args.arch, args.optimizer)
     if args.output_dir is None:
-        args.output_dir = os.path.join(PROJECT_ROOT, "checkpoints", "supervised_pretrain", name)
+        args.output_dir = os.path.join(PROJECT_ROOT, layout.CHECKPOINT_ROOT, name)
     if args.dump_path is None:
         args.dump_path = os.path.join(PROJECT_ROOT, "results", "pretrain", name, f"run{args.run}")
     args.max_seconds = parse_duration(args.max_time) if args.max_time else None
@@ -215,8 +253,11 @@ def resolve_batch(args, world_size):
     if rest:
         raise UserError(f"--global_batch {args.global_batch} is not divisible by the {world_size} processes")
     if args.batch_size is None and args.accum_steps is None:
-        args.accum_steps = next(a for a in range(1, per_process + 1)
-                                if per_process % a == 0 and per_process // a <= MAX_BATCH_PER_PROCESS)
+        args.batch_size = min(BN_BATCH, per_process)  # the BatchNorm batch of the recipe, whatever the GPU count
+        if per_process % args.batch_size:
+            raise UserError(f"--global_batch {args.global_batch} over {world_size} process(es) is {per_process} "
+                            f"images per process, not a multiple of the {BN_BATCH}-image BatchNorm batch; set "
+                            f"--batch_size (a divisor of {per_process}) or another --global_batch")
     if args.batch_size is None:
         args.batch_size = per_process // args.accum_steps
     if args.accum_steps is None:
@@ -228,6 +269,29 @@ def resolve_batch(args, world_size):
     if args.batch_size * math.ceil(args.img_size / 32) ** 2 < 2:  # a ResNet's last feature map: img_size / 32
         raise UserError(f"--batch_size 1 at --img_size {args.img_size} leaves BatchNorm one value per channel in the "
                         f"last stage; use 2 images or more per process and micro-step, or --img_size 33 or more")
+
+
+# ---------------------------------------------------------------- data
+class PretrainData(NamedTuple):
+    train_set: torch.utils.data.Dataset  # (augmented image, label)
+    val_set: torch.utils.data.Dataset  # (test-transformed image, label)
+    num_classes: int
+
+
+def build_pretrain_data(args, logger):
+    """The training and validation splits from the probe's dataset registry, with the pretraining transforms."""
+    if args.data_name == "imagenet1k":
+        logger.info(f"data: --data_path is {imagenet_root(args.data_path).found}")
+    train, num_classes = build_dataset(args.data_name, args.data_path, "train", download=False)
+    val, _ = build_dataset(args.data_name, args.data_path, "test", download=False)
+    if val.classes != train.classes:
+        raise UserError(f"{args.data_name}: val has {len(val.classes)} class folders and train {len(train.classes)}"
+                        f", or they differ by name; both splits need the same class folders")
+    if len(train) < args.global_batch:
+        raise UserError(f"{args.data_name}: {len(train)} training images, fewer than one global batch "
+                        f"({args.global_batch}); lower --global_batch")
+    return PretrainData(WithTransform(train, build_transform("imagenet", "eval", True, args.img_size)),
+                        WithTransform(val, build_transform("imagenet", "eval", False, args.img_size)), num_classes)
 
 
 # ---------------------------------------------------------------- data order
@@ -306,6 +370,10 @@ class RefreshBatches(torch.utils.data.Sampler):
 def build_optimizer(model, args):
     if args.optimizer == "sgd":
         return torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.wd)
+    if args.optimizer == "sfadamw":  # AlgoPerf's update: decay at x, bf16 second moment (util/sfadamw.py)
+        return AlgoPerfAdamWScheduleFree(model.parameters(), lr=args.lr, betas=tuple(args.betas), eps=args.eps,
+                                         weight_decay=args.wd, warmup_steps=args.warmup_steps, r=args.sf_r,
+                                         weight_lr_power=args.weight_lr_power, moment_dtype=args.sf_moment_dtype)
     import schedulefree
     return schedulefree.AdamWScheduleFree(model.parameters(), lr=args.lr, betas=tuple(args.betas), eps=args.eps,
                                           weight_decay=args.wd, warmup_steps=args.warmup_steps, r=args.sf_r,
@@ -315,7 +383,7 @@ def build_optimizer(model, args):
 def lr_at_step(step, args, steps_per_epoch):
     """Learning rate of optimizer step `step` (0-based); schedule-free applies its warmup itself."""
     warmup = min(1.0, (step + 1) / args.warmup_steps) if args.warmup_steps else 1.0
-    if args.optimizer == "sfadamw":
+    if args.optimizer in SCHEDULE_FREE:
         return args.lr * warmup
     if args.schedule == "cosine":
         return warmup * args.lr * 0.5 * (1 + math.cos(math.pi * step / args.steps))
@@ -351,7 +419,7 @@ def at_average(model, optimizer, args):
     back at the training point y after. y is restored bit-exactly from a copy rather than by the optimizer's
     lerp back, so evaluations and checkpoints never perturb the training trajectory: a run's milestone at step k
     equals the final weights of a k-step run with the same seed. The model is back in train mode after."""
-    schedule_free = args.optimizer == "sfadamw"
+    schedule_free = args.optimizer in SCHEDULE_FREE
     params = list(model.parameters())
     if schedule_free:
         y = [p.detach().clone() for p in params]
@@ -405,20 +473,15 @@ def refresh_bn(model, loader, device, precision, world_size):
 
 
 # ---------------------------------------------------------------- state on disk
-def milestone_dir(output_dir, step, final=False):
-    """checkpoints_stepfull (last step), checkpoints_step{k} for k thousand steps, checkpoints_step{n}steps else."""
-    if final:
-        return os.path.join(output_dir, "checkpoints_stepfull")
-    return os.path.join(output_dir, f"checkpoints_step{step // 1000}" if step % 1000 == 0
-                        else f"checkpoints_step{step}steps")
-
-
 def check_same_recipe(saved_args, args, path):
     keys = RECIPE_KEYS + (("steps",) if args.optimizer == "sgd" and args.schedule == "cosine" else ())
-    changed = [k for k in keys if saved_args.get(k) != getattr(args, k)]
+    saved = {k: saved_args.get(k, LEGACY_RECIPE.get(k)) for k in keys}
+    if "init" not in saved_args and saved["optimizer"] == "sfadamw":
+        saved["optimizer"] = "sfadamw_package"
+    changed = [k for k in keys if saved[k] != getattr(args, k)]
     if changed:
         k = changed[0]
-        raise UserError(f"{path} was written by a run with --{k} {saved_args.get(k)} (now {getattr(args, k)}); "
+        raise UserError(f"{path} was written by a run with --{k} {saved[k]} (now {getattr(args, k)}); "
                         f"use another --dump_path/--output_dir, or --start_over to overwrite it")
 
 
@@ -435,10 +498,33 @@ def check_previous_run(args, resume_path):
             check_same_recipe(json.load(f), args, args_json)
     if os.path.isdir(args.output_dir):
         for folder in sorted(os.listdir(args.output_dir)):
-            path = os.path.join(args.output_dir, folder, f"checkpoint_run{args.run}.pth.tar")
-            if folder.startswith("checkpoints_step") and os.path.isfile(path):
+            path = os.path.join(args.output_dir, folder, layout.run_file_name(args.run))
+            if layout.parse_step_folder(folder) and os.path.isfile(path):
                 check_same_recipe(load_file(path, "checkpoint")["args"], args, path)
                 return
+
+
+def build_model(args, num_classes, logger):
+    """The backbone at step 0: AlgoPerf's (or torchvision's) initialisation, or --init_from's weights."""
+    model = build_backbone(args.arch, num_classes)
+    if args.init == "algoperf":
+        algoperf_init(model)
+    if args.init_from:
+        load_initial_weights(model, args, logger)
+    return model
+
+
+def load_initial_weights(model, args, logger):
+    """--init_from: backbone weights (BatchNorm statistics included) and, when its shape fits, the classifier."""
+    classifier_layer, model.fc = model.fc, nn.Identity()  # the loader reads backbones; the fc is split off
+    try:
+        classifier = load_backbone_weights(model, args.init_from, args.arch)
+    finally:
+        model.fc = classifier_layer
+    fits = classifier.get("weight") is not None and classifier["weight"].shape == model.fc.weight.shape
+    if fits:
+        model.fc.load_state_dict(classifier)
+    logger.info(f"initialised from {args.init_from} (classifier {'loaded' if fits else 'from --init: no match'})")
 
 
 def save_backbone(model, path, step, stats, args):
@@ -482,17 +568,7 @@ def pretrain(args, dist_info, logger, stop):
         torch.backends.cudnn.allow_tf32 = True
 
     # ---- data
-    train_set = build_image_folder(os.path.join(args.data_path, "imagenet", "train"), "ImageNet1k",
-                                   IMAGENET_HINT, build_transform("imagenet", "eval", True, args.img_size))
-    val_set = build_image_folder(os.path.join(args.data_path, "imagenet", "val"), "ImageNet1k",
-                                 IMAGENET_HINT, build_transform("imagenet", "eval", False, args.img_size))
-    if val_set.classes != train_set.classes:
-        raise UserError(f"ImageNet1k: val has {len(val_set.classes)} class folders and train {len(train_set.classes)}"
-                        f", or they differ by name; both splits need the same <wnid> folders")
-    if len(train_set) < args.global_batch:
-        raise UserError(f"ImageNet1k: {len(train_set)} training images, fewer than one global batch "
-                        f"({args.global_batch}); lower --global_batch")
-    num_classes = len(train_set.classes)
+    train_set, val_set, num_classes = build_pretrain_data(args, logger)
     steps_per_epoch = len(train_set) // args.global_batch
     seeded = SeededSamples(train_set)
     # The training loader (below) is one endless iterator whose workers live for the whole run; the refresh and
@@ -507,7 +583,7 @@ def pretrain(args, dist_info, logger, stop):
 
     # ---- model and optimizer
     torch.manual_seed(derive_seed(args.seed, STEP_STREAM, 0))  # the initialisation is a function of the seed
-    model = build_backbone(args.arch, num_classes).to(device).to(memory_format=torch.channels_last)
+    model = build_model(args, num_classes, logger).to(device).to(memory_format=torch.channels_last)
     optimizer = build_optimizer(model, args)
     train_model = torch.compile(model) if args.compile else model
     if dist_info.distributed:  # each process keeps its own BatchNorm statistics; refresh_bn averages them
@@ -537,7 +613,7 @@ def pretrain(args, dist_info, logger, stop):
     milestones = [s for s in args.save_steps if s > start_step]
     logger.info(f"recipe: {args.arch} {args.img_size}px, {args.optimizer} lr {args.lr:g} wd {args.wd:g} "
                 + (f"betas {tuple(args.betas)} r {args.sf_r:g} weight_lr_power {args.weight_lr_power:g} "
-                   if args.optimizer == "sfadamw" else f"momentum {args.momentum} {args.schedule} schedule ")
+                   if args.optimizer in SCHEDULE_FREE else f"momentum {args.momentum} {args.schedule} schedule ")
                 + f"warmup {args.warmup_steps} steps, label smoothing {args.label_smoothing:g}; global batch "
                 f"{args.global_batch} = {args.batch_size} per process x {world} process(es) x {args.accum_steps} "
                 f"accumulation step(s); {args.steps} steps = {args.steps / steps_per_epoch:.1f} epochs; precision "
@@ -576,10 +652,9 @@ def pretrain(args, dist_info, logger, stop):
                 logger.info(f"Skipped {train_skipped} unreadable training images since start-up (--skip_bad_images)")
                 record.update(train_skipped=train_skipped, test_skipped=stats["skipped"])
             if dist_info.is_main:
-                folders = ([milestone_dir(args.output_dir, step)] if step in args.save_steps else []) + \
-                          ([milestone_dir(args.output_dir, step, final=True)] if final else [])
-                for folder in folders:
-                    path = os.path.join(folder, f"checkpoint_run{args.run}.pth.tar")
+                paths = ([layout.checkpoint_path(args.output_dir, step, args.run)] if step in args.save_steps else []) \
+                    + ([layout.checkpoint_path(args.output_dir, step, args.run, final=True)] if final else [])
+                for path in paths:
                     save_backbone(model, path, step, stats, args)
                     logger.info(f"saved {path}")
         if dist_info.is_main:
@@ -594,7 +669,7 @@ def pretrain(args, dist_info, logger, stop):
         prefetch_factor=4 if args.workers else None, **loader_kwargs)
     batches = iter(train_source)
     model.train()
-    if args.optimizer == "sfadamw":
+    if args.optimizer in SCHEDULE_FREE:
         optimizer.train()
     window = dict(start=time.time(), steps=0, data=0.0)  # since the last log line
     since_eval = dict(start=time.time(), loss=torch.tensor(loss_since_eval if dist_info.is_main else 0.0,

@@ -1,6 +1,7 @@
 """Transfer datasets of the probe by name, in the README layout under --data_path."""
 import os
 import re
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -131,6 +132,20 @@ def image_loader(dataset, skip_bad_images=False, **kwargs):
     return ReadableBatches(StopSafeDataLoader(SkipUnreadable(dataset), collate_fn=collate_readable, **kwargs))
 
 
+class ImageNetRoot(NamedTuple):
+    folder: str  # the folder holding train/ and val/
+    found: str  # which layout --data_path was, for the start-up log
+
+
+def imagenet_root(data_path):
+    """--data_path may be the README's data root (holding imagenet/) or the ImageNet folder itself (holding
+    train/ and val/); the nested layout wins when both exist."""
+    nested = os.path.join(data_path, "imagenet")
+    if not os.path.isdir(nested) and os.path.isdir(os.path.join(data_path, "train")):
+        return ImageNetRoot(data_path, f"the ImageNet folder itself ({data_path} holds train/ and val/)")
+    return ImageNetRoot(nested, f"the README data root ({data_path} holds imagenet/)")
+
+
 def build_dataset(data_name, data_path, split, download=True):
     """(dataset of (PIL image, label), num_classes) for split 'train' or 'test'."""
     base, percent = parse_data_name(data_name)
@@ -149,7 +164,7 @@ def build_dataset(data_name, data_path, split, download=True):
         dataset = build_image_folder(folder, "imagefolder", "Expected layout: <data_path>/{train,val}/<class>/*")
         num_classes = len(dataset.classes)
     else:
-        folder = os.path.join(data_path, "imagenet", "train" if train else "val")
+        folder = os.path.join(imagenet_root(data_path).folder, "train" if train else "val")
         dataset = build_image_folder(folder, "ImageNet1k", IMAGENET_HINT)
         num_classes = len(dataset.classes)
     if percent is not None and train and percent < 100:

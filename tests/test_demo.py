@@ -2,6 +2,10 @@
 import csv
 import os
 
+import torch
+
+import main_pretrain
+
 from tools import demo
 
 
@@ -25,4 +29,25 @@ def test_demo_quick_runs_every_stage_and_writes_the_table(tmp_path, capsys):
     demo.main(demo.get_args_parser().parse_args(["--quick", "--workers", "0", "--out", str(out), "--data",
                                                  str(data)]))
     assert "data: reusing" in capsys.readouterr().out
-    assert os.path.islink(data / "pretrain" / "imagenet")
+    assert not os.path.exists(data / "pretrain")  # main_pretrain.py reads mixture/ itself: no symlink
+
+
+def test_demo_at_a_budget_of_thousands_of_steps_probes_what_pretraining_wrote(tmp_path, capsys, monkeypatch):
+    """Budgets that are multiples of 1000 steps are written as checkpoints_step{k}/ (k thousand): the demo's plan
+    must name the same folders. The optimizer steps are skipped (weights stay at the initialisation) so that
+    2000-step runs take seconds; everything else (milestones, checkpoints, probes) is real."""
+    monkeypatch.setattr(main_pretrain, "train_step", lambda *args: (torch.zeros(()), 0.0, None))
+    out = tmp_path / "out"
+    demo.main(demo.get_args_parser().parse_args(["--quick", "--steps", "2000", "--workers", "0", "--out", str(out),
+                                                 "--data", str(tmp_path / "data"), "--epochs", "1"]))
+    assert "probed texture" in capsys.readouterr().out
+    written = sorted(p.relative_to(out / "checkpoints" / "group0").as_posix()
+                     for p in (out / "checkpoints" / "group0").rglob("*.pth.tar"))
+    assert written == ["checkpoints_step1/checkpoint_run0.pth.tar", "checkpoints_step1/checkpoint_run1.pth.tar",
+                       "checkpoints_step2/checkpoint_run0.pth.tar", "checkpoints_stepfull/checkpoint_run0.pth.tar",
+                       "checkpoints_stepfull/checkpoint_run1.pth.tar"]
+    args = demo.get_args_parser().parse_args(["--steps", "2000", "--n", "2", "--groups", "1", "--out", str(out)])
+    assert demo.plan(args).configs == {
+        "cat1_group0": [str(out / "checkpoints" / "group0" / "checkpoints_step2" / "checkpoint_run0.pth.tar")],
+        "cat2_group0": [str(out / "checkpoints" / "group0" / "checkpoints_step1" / f"checkpoint_run{i}.pth.tar")
+                        for i in range(2)]}

@@ -1,4 +1,5 @@
 """main_pretrain.py and tools/plan_timecat.py on tiny generated ImageNet folders (resnet18, 32 px, CPU)."""
+import copy
 import json
 import os
 import shutil
@@ -14,7 +15,10 @@ import yaml
 import main_pretrain as pretrain
 from helpers import ROOT, make_imagenet, run_script
 from tools import plan_timecat
-from util.misc import run_main
+from models import build_backbone
+from models.init import algoperf_init
+from util.misc import UserError, run_main
+from util.sfadamw import AlgoPerfAdamWScheduleFree
 
 # 4 classes x 8 training images, global batch 8: 4 steps per epoch. fp32 so runs compare bit for bit.
 TINY = ["--arch", "resnet18", "--img_size", "32", "--global_batch", "8", "--workers", "0", "--precision", "fp32",
@@ -177,20 +181,21 @@ def test_evaluation_sees_x_and_training_resumes_at_y_in_train_mode(optimizer):
 
 
 # ---------------------------------------------------------------- preemption
-def test_sigterm_then_resume_gives_the_uninterrupted_weights(data, tmp_path):
+def test_sigterm_to_the_process_group_then_resume_gives_the_uninterrupted_weights(data, tmp_path):
+    """As slurm preempts: SIGTERM to every process of the job at once, DataLoader workers included."""
     common = ["--steps", "40", "--save_steps", "20", "--eval_every", "10"]
     run(data, tmp_path / "straight", "run0", *common)
 
     out = tmp_path / "cut"
-    proc = subprocess.Popen([sys.executable, "main_pretrain.py", *argv(data, out, "run0", *common)], cwd=ROOT,
-                            env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, "main_pretrain.py", *argv(data, out, "run0", *common, "--workers", "2")],
+                            cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
     log = out / "run0" / "train.log"
     deadline = time.time() + 120
     while proc.poll() is None and time.time() < deadline and \
             not (log.exists() and "Step: [3/40]" in log.read_text()):
         time.sleep(0.01)  # polling the log, not timing the run
-    proc.send_signal(signal.SIGTERM)
+    os.killpg(proc.pid, signal.SIGTERM)  # the run and its loader workers, as slurm signals a job step
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err
     text = log.read_text()
@@ -220,6 +225,18 @@ def test_max_time_stop_then_resume_with_data_workers_gives_the_same_weights(data
     a = load(tmp_path / "straight" / "ckpt" / "checkpoints_stepfull" / "checkpoint_run0.pth.tar")
     b = load(tmp_path / "ckpt" / "checkpoints_stepfull" / "checkpoint_run0.pth.tar")
     assert_same_tensors(a["state_dict"], b["state_dict"])
+
+
+def test_resume_refuses_a_changed_micro_batch_or_precision(data, tmp_path):
+    """The BatchNorm batch and the numerics are part of the recipe a resumed run must keep."""
+    common = ["--steps", "3", "--save_steps", "--eval_every", "0", "--batch_size", "4"]  # 4 x 2 accumulation
+    run(data, tmp_path, "run0", *common, "--max_time", "0.001")  # stops after step 1 with a resume state
+    for flag, value in (("--batch_size", "8"), ("--precision", "bf16")):
+        with pytest.raises(UserError, match=f"written by a run with {flag} .* \\(now {value}\\)"):
+            run(data, tmp_path, "run0", *common, flag, value)
+    run(data, tmp_path, "run0", *common, "--data_path", os.path.join(data, "imagenet"))  # the ImageNet folder itself
+    log = (tmp_path / "run0" / "train.log").read_text()
+    assert "Resumed from step 1" in log and "--data_path is the ImageNet folder itself" in log
 
 
 def test_sgd_recipe_trains_with_its_step_schedule(data, tmp_path):
@@ -274,11 +291,14 @@ def test_recipe_defaults_and_batch_resolution():
         ("resnet50", 1024, 0.0025, 0.08121616522670176, (0.9, 0.9955159689799007), 2799, 0.2, 2.0, 2,
          450000, [80000, 100000, 200000])
     assert args.output_dir.endswith(os.path.join("checkpoints", "supervised_pretrain", "resnet50_sfadamw"))
-    pretrain.resolve_batch(args, 8)
-    assert (args.batch_size, args.accum_steps) == (128, 1)
-    args.batch_size = args.accum_steps = None
-    pretrain.resolve_batch(args, 1)
-    assert (args.batch_size, args.accum_steps) == (256, 4)
+    assert (args.precision, args.init, args.optimizer, args.sf_moment_dtype) == \
+        ("fp32", "algoperf", "sfadamw", "bfloat16")
+    # the same global batch and BatchNorm batch (AlgoPerf: 128 per device) at 1, 2, 4 and 8 processes
+    for world, accum in ((1, 8), (2, 4), (4, 2), (8, 1)):
+        args.batch_size = args.accum_steps = None
+        pretrain.resolve_batch(args, world)
+        assert (args.batch_size, args.accum_steps) == (128, accum)
+        assert args.batch_size * world * args.accum_steps == 1024
     assert [pretrain.default_seed(i) for i in range(6)] == [2, 550, 23, 477, 8529, 10005]
 
     sgd = pretrain.get_args_parser().parse_args(["--optimizer", "sgd", "--global_batch", "256"])
@@ -360,3 +380,140 @@ def test_benchmark_rows_go_under_their_own_section(tmp_path):
     assert lines.count("## train") == 1 and lines.index("| 3 | 4 |") == lines.index("| 1 | 2 |") + 1
     assert lines.index("| 3 | 4 |") < lines.index("## probe") < lines.index("| 9 |")
     assert lines[lines.index("| a | b |") + 1] == "|---|---|"
+
+
+# ---------------------------------------------------------------- the AlgoPerf recipe
+def test_initial_weights_follow_algoperf_statistics():
+    torch.manual_seed(0)
+    model = algoperf_init(build_backbone("resnet50", 1000))
+    big = model.layer4[0].conv2.weight  # 512 x 512 x 3 x 3: fan_in 4608
+    target = (1 / (512 * 9)) ** 0.5
+    assert abs(big.std().item() / target - 1) < 0.01  # the divisor makes the truncated draw's std sqrt(1/fan_in)
+    assert big.abs().max().item() <= 2 * target / 0.87962566103423978  # truncated at two (pre-truncation) stds
+    assert abs(big.mean().item()) < 0.01 * target
+    stem = model.conv1.weight  # fan_in 3 x 7 x 7
+    assert abs(stem.std().item() / (1 / 147) ** 0.5 - 1) < 0.05
+    assert abs(model.fc.weight.std().item() / 0.01 - 1) < 0.01 and not model.fc.bias.any()
+    for name, m in model.named_modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            assert not m.bias.any(), name
+            assert torch.all(m.weight == (0.0 if name.endswith("bn3") else 1.0)), name
+    basic = algoperf_init(build_backbone("resnet18", 10))
+    assert not basic.layer1[0].bn2.weight.any() and torch.all(basic.layer1[0].bn1.weight == 1)
+    assert torch.all(basic.layer2[0].downsample[1].weight == 1)  # not the last BN of a residual branch
+
+
+def transcribed_algoperf_steps(model, batches, lr, betas, eps, wd, warmup, r, power):
+    """REFERENCE.md's update equations, written out directly on (x, z, v); returns x after every step."""
+    names = [n for n, _ in model.named_parameters()]
+    x = {n: p.detach().clone() for n, p in model.named_parameters()}
+    z = {n: t.clone() for n, t in x.items()}
+    v = {n: torch.zeros_like(t) for n, t in x.items()}
+    lr_max, weight_sum, xs = 0.0, 0.0, []
+    buffers = {n: b.clone() for n, b in model.named_buffers()}
+    for k, (inputs, labels) in enumerate(batches):
+        lr_k = max(lr * min(1.0, (k + 1) / warmup), eps)
+        lr_max = max(lr_max, lr_k)
+        weight = (k + 1) ** r * lr_max ** power
+        weight_sum += weight
+        c = weight / weight_sum
+        step = lr_k * (1 - betas[1] ** (k + 1)) ** 0.5
+        y = {n: (x[n] + (1 - betas[0]) * (z[n] - x[n])).requires_grad_() for n in names}
+        logits = torch.func.functional_call(model, {**y, **buffers}, (inputs,))
+        grads = torch.autograd.grad(torch.nn.functional.cross_entropy(logits, labels), [y[n] for n in names])
+        for n, g in zip(names, grads):
+            v[n] = betas[1] * v[n] + (1 - betas[1]) * g * g
+            z[n] = z[n] - step * g / (v[n].sqrt() + eps) - step * wd * x[n]
+            x[n] = (1 - c) * x[n] + c * z[n]
+        xs.append({n: t.clone() for n, t in x.items()})
+    return xs
+
+
+def test_sfadamw_is_algoperf_update_step_by_step():
+    """Our optimizer against the equations (decay at x, warmup, (k+1)^r lr_max^2 weights, bias-corrected step)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 6), torch.nn.Tanh(), torch.nn.Linear(6, 3))
+    hyper = dict(lr=0.05, betas=(0.9, 0.99), eps=1e-8, wd=0.3, warmup=3, r=0.75, power=2.0)
+    batches = [(torch.randn(8, 5), torch.randint(0, 3, (8,))) for _ in range(6)]
+    expected = transcribed_algoperf_steps(model, batches, **hyper)
+    opt = AlgoPerfAdamWScheduleFree(model.parameters(), lr=hyper["lr"], betas=hyper["betas"], eps=hyper["eps"],
+                                    weight_decay=hyper["wd"], warmup_steps=hyper["warmup"], r=hyper["r"],
+                                    weight_lr_power=hyper["power"], moment_dtype="float32")
+    for (inputs, labels), x in zip(batches, expected):
+        opt.train()  # parameters at y: the gradient is taken there
+        torch.nn.functional.cross_entropy(model(inputs), labels).backward()
+        opt.step()
+        opt.zero_grad()
+        opt.eval()  # parameters at x
+        for n, p in model.named_parameters():
+            torch.testing.assert_close(p.detach(), x[n], rtol=1e-6, atol=1e-7)
+    moved = sum((p.detach() - q).abs().sum() for p, q in zip(model.parameters(), expected[0].values()))
+    assert moved > 1e-3  # the steps do move the weights: the comparison is not trivially true
+
+    # the package's optimizer decays at y: not the same trajectory (why util/sfadamw.py exists)
+    import schedulefree
+    torch.manual_seed(0)
+    other = torch.nn.Sequential(torch.nn.Linear(5, 6), torch.nn.Tanh(), torch.nn.Linear(6, 3))
+    package = schedulefree.AdamWScheduleFree(other.parameters(), lr=hyper["lr"], betas=hyper["betas"],
+                                             weight_decay=hyper["wd"], warmup_steps=hyper["warmup"], r=0.75)
+    package.train()
+    for inputs, labels in batches:
+        torch.nn.functional.cross_entropy(other(inputs), labels).backward()
+        package.step()
+        package.zero_grad()
+    package.eval()
+    assert not torch.allclose(other[0].weight, expected[-1]["0.weight"], rtol=1e-4, atol=1e-6)
+
+
+def test_sfadamw_keeps_the_second_moment_in_bfloat16_by_default():
+    model = torch.nn.Linear(4, 2)
+    opt = AlgoPerfAdamWScheduleFree(model.parameters(), lr=0.01)
+    opt.train()
+    model(torch.randn(3, 4)).sum().backward()
+    opt.step()
+    assert {s["exp_avg_sq"].dtype for s in opt.state.values()} == {torch.bfloat16}
+    with pytest.raises(RuntimeError, match="eval mode"):
+        opt.eval()
+        opt.step()
+
+
+def test_sfadamw_state_round_trip_continues_bit_for_bit():
+    torch.manual_seed(0)
+    batches = [(torch.randn(4, 3), torch.randint(0, 2, (4,))) for _ in range(4)]
+
+    def train(model, opt, part):
+        opt.train()
+        for inputs, labels in part:
+            torch.nn.functional.cross_entropy(model(inputs), labels).backward()
+            opt.step()
+            opt.zero_grad()
+
+    model = torch.nn.Linear(3, 2)
+    resumed = torch.nn.Linear(3, 2)
+    opt = AlgoPerfAdamWScheduleFree(model.parameters(), lr=0.1, warmup_steps=2, weight_decay=0.1)
+    train(model, opt, batches[:2])
+    resumed.load_state_dict(model.state_dict())
+    other = AlgoPerfAdamWScheduleFree(resumed.parameters(), lr=0.1, warmup_steps=2, weight_decay=0.1)
+    other.load_state_dict(copy.deepcopy(opt.state_dict()))  # as if read from disk: no shared tensors
+    train(model, opt, batches[2:])
+    train(resumed, other, batches[2:])
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), resumed.parameters()))
+    assert {s["exp_avg_sq"].dtype for s in other.state.values()} == {torch.bfloat16}
+
+
+def test_an_algoperf_checkpoint_is_a_starting_point(data, tmp_path):
+    """--init_from reads AlgoPerf's format (model_params of a DDP-wrapped, compiled model; downsample.conv/bn)."""
+    run(data, tmp_path / "source", "run0", "--steps", "2", "--save_steps", "--eval_every", "0")
+    ours = load(tmp_path / "source" / "ckpt" / "checkpoints_stepfull" / "checkpoint_run0.pth.tar")["state_dict"]
+    algoperf = {"_orig_mod.module." + k.replace("downsample.0.", "downsample.conv.").replace("downsample.1.",
+                                                                                          "downsample.bn."): v
+                for k, v in ours.items()}
+    path = tmp_path / "checkpoint_2"  # AlgoPerf names files checkpoint_{step}, no extension
+    torch.save({"model_params": algoperf, "optimizer_state": {}, "global_step": 2, "preemption_count": 0}, path)
+    run(data, tmp_path / "tuned", "run0", "--steps", "1", "--save_steps", "--eval_every", "0", "--lr", "1e-12",
+        "--wd", "0", "--init_from", str(path))
+    assert f"initialised from {path} (classifier loaded)" in (tmp_path / "tuned" / "run0" / "train.log").read_text()
+    tuned = load(tmp_path / "tuned" / "ckpt" / "checkpoints_stepfull" / "checkpoint_run0.pth.tar")["state_dict"]
+    for k, v in ours.items():  # a 1e-8 step away from the source weights (lr floor eps), not the initialisation
+        if v.is_floating_point() and "running" not in k:
+            torch.testing.assert_close(tuned[k], v, rtol=0, atol=1e-6)

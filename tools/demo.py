@@ -20,6 +20,7 @@ import os
 import shutil
 import sys
 import time
+from typing import NamedTuple
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
@@ -28,6 +29,7 @@ if REPO not in sys.path:
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from util import layout  # noqa: E402
 from util.misc import ArgumentParser, UserError, run_main  # noqa: E402
 
 SIZE = 32
@@ -76,8 +78,8 @@ def draw(shape, texture, colour, rng):
 
 
 def generate(root, per_class_train, per_class_test, seed):
-    """data/demo/{mixture,shape,texture}/{train,val}/c{k}/*.png, and pretrain/imagenet -> mixture for
-    main_pretrain.py's ImageNet layout. Skipped when the same specification is already there."""
+    """data/demo/{mixture,shape,texture}/{train,val}/c{k}/*.png (main_pretrain.py reads mixture/ as an
+    imagefolder). Skipped when the same specification is already there."""
     spec = {"version": 1, "train": per_class_train, "test": per_class_test, "seed": seed, "size": SIZE}
     manifest = os.path.join(root, "manifest.json")
     if os.path.isfile(manifest) and json.load(open(manifest)) == spec:
@@ -96,8 +98,6 @@ def generate(root, per_class_train, per_class_test, seed):
                     else:
                         cues[TASKS.index(task) - 1] = label  # ...and the one cue a transfer task needs
                     draw(*cues, rng).save(os.path.join(folder, f"{i:05d}.png"))
-    os.makedirs(os.path.join(root, "pretrain"))
-    os.symlink(os.path.join("..", "mixture"), os.path.join(root, "pretrain", "imagenet"))
     with open(manifest, "w") as f:
         json.dump(spec, f)
     return True
@@ -110,22 +110,45 @@ def quietly(main, argv, parser):
         main(parser().parse_args(argv))
 
 
-def pretrain(args, group, run, steps, milestones):
+class PretrainJob(NamedTuple):
+    group: int  # seed group
+    run: int  # run index inside the group
+    steps: int  # the run's budget
+    milestones: list  # budgets it saves (its own last step included)
+    output: str  # checkpoint root of the group
+
+
+class Plan(NamedTuple):
+    jobs: list  # PretrainJob, in training order
+    configs: dict  # configuration name -> the checkpoint files it probes
+
+
+def plan(args):
+    """The pretraining runs and, per configuration, the checkpoint files they write (the layout owner's paths).
+    In each group run 0 trains the full budget T and saves its T/N-step prefix on the way (the same weights as a
+    separate T/N-step run with that seed); runs 1..N-1 train T/N steps."""
+    short, jobs, configs = args.steps // args.n, [], {}
+    for group in range(args.groups):
+        output = os.path.join(args.out, "checkpoints", f"group{group}")
+        jobs.append(PretrainJob(group, 0, args.steps, sorted({short, args.steps}), output))
+        jobs += [PretrainJob(group, run, short, [short], output) for run in range(1, args.n)]
+        configs[f"cat1_group{group}"] = [layout.checkpoint_path(output, args.steps, 0)]
+        configs[f"cat{args.n}_group{group}"] = [layout.checkpoint_path(output, short, run) for run in range(args.n)]
+    return Plan(jobs, configs)
+
+
+def pretrain(args, job):
     import main_pretrain
-    output = os.path.join(args.out, "checkpoints", f"group{group}")
+    group, run, steps, milestones, output = job
     quietly(main_pretrain.main, [
-        "--arch", args.arch, "--img_size", str(SIZE), "--data_path", os.path.join(args.data, "pretrain"),
+        "--arch", args.arch, "--img_size", str(SIZE), "--data_name", "imagefolder",
+        "--data_path", os.path.join(args.data, "mixture"),
         "--global_batch", str(args.batch), "--steps", str(steps), "--save_steps", *map(str, milestones),
         "--warmup_steps", str(max(1, steps // 10)), "--eval_every", "0", "--bn_refresh_batches", "10",
         "--run", str(run), "--seed", str(1000 * group + run + 1), "--workers", str(args.workers),
         "--precision", "fp32", "--print_freq", "50", "--output_dir", output,
         "--dump_path", os.path.join(args.out, "pretrain", f"group{group}", f"run{run}"), "--start_over",
     ], main_pretrain.get_args_parser)
-    return output
-
-
-def checkpoint(output, steps, run):
-    return os.path.join(output, f"checkpoints_step{steps}steps", f"checkpoint_run{run}.pth.tar")
 
 
 def probe(args, task, name, checkpoints):
@@ -185,17 +208,15 @@ def main(args):
           f"{args.per_class} train / {per_class_test} test images)")
     shutil.rmtree(os.path.join(args.out, "probe"), ignore_errors=True)
 
-    configs = {}
-    for group in range(args.groups):
-        # run 0 trains the full budget and saves its T/N-step prefix on the way (the same weights as a separate
-        # T/N-step run with that seed); runs 1..N-1 train T/N steps
-        output = pretrain(args, group, 0, args.steps, sorted({short, args.steps}))
-        for run in range(1, args.n):
-            pretrain(args, group, run, short, [short])
-        configs[f"cat1_group{group}"] = [checkpoint(output, args.steps, 0)]
-        configs[f"cat{args.n}_group{group}"] = [checkpoint(output, short, run) for run in range(args.n)]
-        stage(f"pretrained seed group {group + 1}/{args.groups}: cat1 = 1 x {args.steps} steps, "
-              f"cat{args.n} = {args.n} x {short} steps")
+    jobs, configs = plan(args)
+    for job in jobs:
+        pretrain(args, job)
+        if job.run == args.n - 1:
+            stage(f"pretrained seed group {job.group + 1}/{args.groups}: cat1 = 1 x {args.steps} steps, "
+                  f"cat{args.n} = {args.n} x {short} steps")
+    missing = [path for paths in configs.values() for path in paths if not os.path.isfile(path)]
+    if missing:  # a bug, not a user error: the plan and main_pretrain.py disagree on the layout
+        raise RuntimeError(f"pretraining did not write {missing[0]}")
     for task in TASKS:
         for name, checkpoints in configs.items():
             probe(args, task, name, checkpoints)

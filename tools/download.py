@@ -29,19 +29,18 @@ import requests  # noqa: E402
 import yaml  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
+from util import layout  # noqa: E402
 from util.misc import ArgumentParser, UserError, run_main  # noqa: E402
 
 DEFAULT_URL = ("https://dl.fbaipublicfiles.com/richreps-timecat/"
                "ckpt_resnet50_sfadamw_imagenet1k_supervised.tar.gz")
-DEFAULT_DEST = os.path.join(REPO, "checkpoints", "supervised_pretrain")
+DEFAULT_DEST = os.path.join(REPO, layout.CHECKPOINT_ROOT)
 TAG_FILE = os.path.join(REPO, "configs", "pretrained_checkpoints.yaml")
-ARCH_DIR = "resnet50_sfadamw"
+ARCH_DIR = layout.run_dir_name("resnet50", "sfadamw")
 UNRECOGNIZED_DIR = "unrecognized_from_archive"
 # Optional top folders of the archive: the release's own name, the original script's rename, the README's.
 TOP_FOLDERS = {"ckpt_resnet50_sfadamw_imagenet1k_supervised", "resnet50_sfadamw_imagenet1k_supervised", ARCH_DIR}
 # checkpoints_full / checkpoints_200k (release) or checkpoints_stepfull / checkpoints_step200 (README)
-STEP_DIR_RE = re.compile(r"^checkpoints_(?:step)?(full|\d+)k?$")
-CKPT_FILE_RE = re.compile(r"^checkpoint_run(\d+)\.pth(?:\.tar)?$")
 README_PATH_RE = re.compile(rf"^{ARCH_DIR}/checkpoints_step(full|\d+)/checkpoint_run\d+\.pth\.tar$")
 # The release: step folder -> number of runs (run0 .. run{n-1}).
 RELEASE = {"full": 5, "200": 2, "100": 4, "80": 5}
@@ -63,7 +62,7 @@ def human(n):
 
 # ---- expected checkpoints and tags
 def readme_path(step, run):
-    return f"{ARCH_DIR}/checkpoints_step{step}/checkpoint_run{run}.pth.tar"
+    return f"{ARCH_DIR}/{layout.folder_of_label(step)}/{layout.run_file_name(run)}"
 
 
 def builtin_tags():
@@ -315,10 +314,10 @@ def normalise(rel):
     if len(parts) < 2:
         return None
     *tops, folder, filename = parts
-    step, ckpt = STEP_DIR_RE.match(folder), CKPT_FILE_RE.match(filename)
-    if len(tops) > 2 or any(t not in TOP_FOLDERS for t in tops) or not step or not ckpt:
+    step, run = layout.parse_step_folder(folder), layout.parse_run_file(filename)
+    if len(tops) > 2 or any(t not in TOP_FOLDERS for t in tops) or step is None or run is None:
         return None
-    return readme_path(step.group(1), int(ckpt.group(1)))
+    return readme_path(step, run)
 
 
 def extract_and_place(archive, dest):

@@ -21,7 +21,8 @@ if REPO not in sys.path:
 
 import yaml  # noqa: E402
 
-from main_pretrain import default_seed, milestone_dir  # noqa: E402
+from main_pretrain import default_seed  # noqa: E402
+from util import layout  # noqa: E402
 from util.misc import ArgumentParser, UserError, run_main  # noqa: E402
 
 # under results/ (ignored): a tool never modifies tracked files unless given their path
@@ -95,7 +96,7 @@ def checkpoint_path(args, run, steps, runs):
     """The milestone folder of `steps`, or checkpoints_stepfull for a baseline that is the run's last step
     (the released layout)."""
     final = steps == max(runs[run]) and steps == args.baseline_steps
-    return os.path.join(milestone_dir(args.output_dir, steps, final), f"checkpoint_run{run}.pth.tar")
+    return layout.checkpoint_path(args.output_dir, steps, run, final)
 
 
 def save_steps(args, run, runs):

@@ -25,6 +25,7 @@ if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
 from tools import catn_curve  # noqa: E402
+from util import layout  # noqa: E402
 from util.misc import ArgumentParser, UserError, run_main  # noqa: E402
 
 # table columns: dataset -> header, in the README's order; other datasets follow under their own name
@@ -33,8 +34,6 @@ ALIASES = {"imagenet": "imagenet1k", "in1k": "imagenet1k", "inat": "inaturalist1
            "inaturalist": "inaturalist18"}
 STANDARD_CONFIGS = [(1, "full"), (2, "200"), (4, "100"), (5, "80")]
 FULL_STEPS_K = 450  # checkpoints_stepfull: the 450k-step runs
-# checkpoints_stepfull, checkpoints_step80 (thousands), checkpoints_80k, checkpoints_step60steps (small runs)
-STEP_DIR_RE = re.compile(r"^checkpoints_(?:step)?(full|\d+steps|\d+)k?$")
 FINAL_RE = re.compile(r"Top-1 test accuracy:\s*([\d.]+)")
 EPOCH_RE = re.compile(r"Epoch\[(\d+)\]")
 TEST_RE = re.compile(r"Test: Loss \S+ Acc@1 ([\d.]+) Best Acc@1 so far ([\d.]+)")
@@ -199,8 +198,7 @@ def identify(run, args):
         folders = []
         for p in pretrained:
             parent = os.path.basename(os.path.dirname(p.replace("\\", "/")))
-            m = STEP_DIR_RE.match(parent)
-            folders.append(m.group(1) if m else parent)
+            folders.append(layout.parse_step_folder(parent) or parent)  # 'full', '80' (thousands), '60steps'
         run.steps = "+".join(dict.fromkeys(folders))
         m = re.search(r"checkpoint_run(\d+)", pretrained[0])
         if len(pretrained) == 1 and m:

@@ -1,0 +1,70 @@
+"""The one owner of the checkpoint layout (README layout of the original repository):
+
+    checkpoints/supervised_pretrain/resnet50_sfadamw/checkpoints_step{full,200,100,80}/checkpoint_run{i}.pth.tar
+
+A milestone folder is `checkpoints_stepfull` (a run's last step), `checkpoints_step{k}` for k thousand steps, or
+`checkpoints_step{n}steps` for budgets that are not a multiple of 1000 (small runs). The release archive names
+them `checkpoints_full` / `checkpoints_200k`; the parser reads every form. Writers (main_pretrain.py,
+tools/download.py) and readers (tools/plan_timecat.py, tools/summarize.py, tools/demo.py) all call these
+functions. Depends on nothing of ours.
+"""
+import os
+import re
+
+CHECKPOINT_ROOT = os.path.join("checkpoints", "supervised_pretrain")  # relative to the project root
+FULL = "full"
+# checkpoints_stepfull / checkpoints_step80 / checkpoints_step60steps (ours, README) and checkpoints_full /
+# checkpoints_80k (the release archive)
+STEP_FOLDER_RE = re.compile(r"^checkpoints_(?:step)?(full|\d+steps|\d+)k?$")
+RUN_FILE_RE = re.compile(r"^checkpoint_run(\d+)\.pth(?:\.tar)?$")
+
+
+def run_dir_name(arch, optimizer):
+    """The folder of one recipe's runs under CHECKPOINT_ROOT: resnet50_sfadamw."""
+    return f"{arch}_{optimizer}"
+
+
+def step_label(steps):
+    """'80' for 80000 steps (thousands), '60steps' otherwise: the suffix of the milestone folder."""
+    return str(steps // 1000) if steps % 1000 == 0 else f"{steps}steps"
+
+
+def folder_of_label(label):
+    """checkpoints_step{label}: label 'full', '80' (thousands of steps) or '60steps'."""
+    return f"checkpoints_step{label}"
+
+
+def milestone_folder_name(steps, final=False):
+    return folder_of_label(FULL if final else step_label(steps))
+
+
+def milestone_dir(output_dir, steps, final=False):
+    return os.path.join(output_dir, milestone_folder_name(steps, final))
+
+
+def run_file_name(run):
+    return f"checkpoint_run{run}.pth.tar"
+
+
+def checkpoint_path(output_dir, steps, run, final=False):
+    """Where run `run` writes (and readers find) its weights at `steps`, or its last step with final."""
+    return os.path.join(milestone_dir(output_dir, steps, final), run_file_name(run))
+
+
+def parse_step_folder(name):
+    """'full', the step count in thousands as a string ('80'), '60steps', or None for another folder."""
+    match = STEP_FOLDER_RE.match(name)
+    return match.group(1) if match else None
+
+
+def steps_of_label(label, full_steps=None):
+    """The number of steps a parsed label stands for ('80' -> 80000, '60steps' -> 60, 'full' -> full_steps)."""
+    if label == FULL:
+        return full_steps
+    return int(label[:-5]) if label.endswith("steps") else int(label) * 1000
+
+
+def parse_run_file(name):
+    """The run index of checkpoint_run{i}.pth(.tar), or None."""
+    match = RUN_FILE_RE.match(name)
+    return int(match.group(1)) if match else None
