@@ -5,7 +5,9 @@ on the stop through a collective (util.distributed.any_process), so they all sto
 workers ignore the signals and leave the stop to the main process, which shuts them down itself. Without that, a
 worker killed by the signal makes the main process raise "DataLoader worker (pid ...) is killed by signal".
 """
+import os
 import signal
+import threading
 
 import torch
 
@@ -39,27 +41,36 @@ class StopSignal:
         return self.received is not None
 
 
+def _ignore_stop_signals_from_others(parent):
+    """In a worker: wait for the (blocked) stop signals and drop them, except a SIGTERM from the main process, which
+    is how multiprocessing ends a worker that is still alive when the main process exits."""
+    while True:
+        info = signal.sigwaitinfo(STOP_SIGNALS)
+        if info.si_signo == signal.SIGTERM and info.si_pid == parent:
+            os._exit(0)
+
+
 class _IgnoreStopSignalsThen:
-    """worker_init_fn: ignore the stop signals (the main process handles them), then run the caller's own init.
-    A class, not a closure, so it pickles for the spawn start method."""
+    """worker_init_fn: leave the stop signals to the main process, then run the caller's own init. A class, not a
+    closure, so it pickles for the spawn start method."""
 
     def __init__(self, then=None):
         self.then = then
 
     def __call__(self, worker_id):
-        for sig in STOP_SIGNALS:
-            signal.signal(sig, signal.SIG_IGN)
-        # the worker was forked with the signals blocked (see StopSafeDataLoader); one sent in between is pending
-        # and, now ignored, discarded
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+        # The worker was started with the stop signals blocked (see StopSafeDataLoader) and keeps them blocked, so
+        # none interrupts it; a thread takes them one by one, with the sender's pid, which SIG_IGN would not tell.
+        signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        threading.Thread(target=_ignore_stop_signals_from_others, args=(os.getppid(),), daemon=True,
+                         name="stop-signals").start()
         if self.then is not None:
             self.then(worker_id)
 
 
 class StopSafeDataLoader(torch.utils.data.DataLoader):
-    """A DataLoader whose worker processes ignore SIGTERM / SIGUSR1. The signals are blocked while the workers are
-    started, so none can reach a worker before it has set its handlers (no race), and unblocked right after in the
-    main process, which then receives any signal that came meanwhile."""
+    """A DataLoader whose worker processes ignore SIGTERM / SIGUSR1 from anyone but the main process. The signals
+    are blocked while the workers are started, so none can reach a worker before it is ready (no race), and
+    unblocked right after in the main process, which then receives any signal that came meanwhile."""
 
     def __init__(self, *args, worker_init_fn=None, **kwargs):
         super().__init__(*args, worker_init_fn=_IgnoreStopSignalsThen(worker_init_fn), **kwargs)
