@@ -319,8 +319,9 @@ def resolve_batch(args, world):
     else:
         args.batch_semantics = "per_process"
     args.global_batch = args.batch_size * world
-    if args.sync_bn is None:
-        args.sync_bn = world > 1
+    # on by default with several processes; with one, synchronising is a no-op (as the reference's --debug runs
+    # with --sync_bn True), recorded as off so such a run's recipe equals the plain one
+    args.sync_bn = world > 1 and args.sync_bn is not False
 
 
 # ---------------------------------------------------------------- heads and optimisation

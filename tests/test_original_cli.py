@@ -1,0 +1,78 @@
+"""The original repository's command lines run unchanged and give the recipe of this project's own flags."""
+import pytest
+
+import main_linear_probe as probe
+from util.misc import run_main
+
+TAG = "supervisedimagenet_resnet50_sfadamw_5_step80k"
+# The six linear-probing sbatch scripts of the original release (REFERENCE.md): every one passes --debug (one
+# process), the same head flags and the dataset's batch; CIFAR also --tf_name 224px, iNat18 also --sync_bn True.
+COMMON = "--debug --data_path data --tag {tag} --wd {wd} --dump_path {dump} --nesterov True --wd_skip_bn True " \
+         "--use_bn True --headinit normal --batch_size {batch} --eval_freq 1"
+SBATCH = [
+    ("cifar10", "1e-4", 256, "--tf_name 224px"),
+    ("cifar100", "5e-4", 256, "--tf_name 224px"),
+    ("cifar10_10perc", "1e-3", 256, "--tf_name 224px"),
+    ("cifar100_1perc", "5e-3", 256, "--tf_name 224px"),
+    ("imagenet1k", "1e-4", 32, ""),
+    ("inaturalist18", "1e-5", 32, "--sync_bn True"),
+]
+OURS = {"cifar10": [], "cifar100": [], "cifar10_10perc": [], "cifar100_1perc": [], "imagenet1k": [],
+        "inaturalist18": []}
+
+
+def parsed(argv, tmp_path):
+    ckpt = tmp_path / "x.pth"
+    ckpt.write_bytes(b"placeholder")
+    args = probe.get_args_parser().parse_args(argv)
+    args.tag, args.arch, args.pretrained = None, ["resnet50"], [str(ckpt)]  # the tag's files are not here
+    probe.check_args(args)
+    probe.resolve_batch(args, 1)
+    return {k: getattr(args, k) for k in probe.RECIPE_KEYS}
+
+
+@pytest.mark.parametrize("data,wd,batch,extra", SBATCH)
+def test_original_sbatch_command_line_gives_our_recipe(tmp_path, data, wd, batch, extra):
+    line = COMMON.format(tag=TAG, wd=wd, dump=tmp_path / "out", batch=batch) + f" --data_name {data} {extra}"
+    original = parsed(line.split(), tmp_path)
+    ours = ["--data_name", data, "--wd", wd, "--dump_path", str(tmp_path / "out")] + OURS[data]
+    if data.startswith("cifar"):
+        ours += ["--tf_name", "224px"]
+    expected = parsed(ours, tmp_path)
+    # the original gave the batch per process, which under --debug is also the global batch
+    assert {**original, "batch_semantics": None} == {**expected, "batch_semantics": None}
+    assert original["global_batch"] == batch and original["precision"] == "fp32"
+
+
+def test_original_flags_are_accepted_with_their_value_syntax(tmp_path):
+    argv = ["--start_over", "True", "--sync_bn", "False", "--classifier", "linear", "--optimizer",
+            "schedulefree_adamw", "--nesterov", "False", "--custom_eval_func", "feature_importance",
+            "cat_validate_network", "--dist_url", "tcp://localhost:40000", "--config", "cfg.yaml", "--lr_last_layer",
+            "0.1", "--beta2", "0.9", "--save_freq", "5", "--world_size", "-1", "--rank", "0", "--gpu", "0",
+            "--cuda_deterministic", "False", "--skip_pool", "False", "--save_init", "False"]
+    ckpt = tmp_path / "x.pth"
+    ckpt.write_bytes(b"placeholder")
+    args = probe.get_args_parser().parse_args(argv + ["--arch", "resnet50", "--pretrained", str(ckpt)])
+    probe.check_args(args)
+    assert args.start_over is True and args.sync_bn is False and args.nesterov is False
+    assert args.optimizer == "schedulefree_adamw" and args.lr_last_layer == 0.1 and args.save_freq == 5
+    assert args.ignored == ["config", "dist_url", "gpu", "world_size", "rank"]
+
+
+@pytest.mark.parametrize("argv,fragment", [
+    (["--use_bn", "maybe"], "is not a boolean"),
+    (["--classifier", "mlp"], "--classifier"),
+    (["--richway", "True"], "--richway"),
+    (["--reweight_path", "w.pt"], "--reweight_path"),
+    (["--eval_freq", "2"], "--eval_freq"),
+    (["--optimizer", "adam", "--nesterov", "True"], "--nesterov"),
+])
+def test_unsupported_original_values_are_one_line_errors(tmp_path, capsys, argv, fragment):
+    ckpt = tmp_path / "x.pth"
+    ckpt.write_bytes(b"placeholder")
+    with pytest.raises(SystemExit) as exc:
+        run_main(probe.main, probe.get_args_parser().parse_args(argv + ["--arch", "resnet50", "--pretrained",
+                                                                       str(ckpt), "--dump_path", str(tmp_path)]))
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and len(err.splitlines()) == 1 and fragment in err, err
