@@ -215,3 +215,36 @@ def evaluate(model, batches, device, precision, expected_count, show_bar=False, 
     stats = [{"loss": totals[3 * h] / count, "top1": 100.0 * totals[3 * h + 1] / count,
               "top5": 100.0 * totals[3 * h + 2] / count, "skipped": skipped} for h in range(len(sums))]
     return stats[0] if num_heads is None else stats
+
+
+# ---------------------------------------------------------------- --custom_eval_func diagnostics
+def block_spans(dims):
+    """[(start, end)] of each backbone's block of the concatenated features."""
+    ends = [sum(dims[:k + 1]) for k in range(len(dims))]
+    return [(end - dim, end) for end, dim in zip(ends, dims)]
+
+
+@torch.no_grad()
+def feature_importance(head, spans):
+    """Mean |weight| of the trained Linear over each backbone's block of inputs (one value per backbone)."""
+    weight = head.linear.weight.abs()
+    return [weight[:, a:b].mean().item() for a, b in spans]
+
+
+@torch.no_grad()
+def cat_validate(head, batches, spans, device):
+    """Loss, top-1, top-5 (%) of each backbone block scored alone through the trained head: logits =
+    bn(features)[:, block] @ W[:, block]^T + bias; summed over every process. Returns [loss, top1, top5] * blocks."""
+    sums = torch.zeros(len(spans), 3, dtype=torch.float64)
+    count = 0
+    for features, labels in batches:
+        normed = head.bn(features.float())
+        for k, (a, b) in enumerate(spans):
+            logits = normed[:, a:b] @ head.linear.weight[:, a:b].T + head.linear.bias
+            c1, c5 = correct_topk(logits, labels, (1, 5))
+            sums[k] += torch.tensor([F.cross_entropy(logits, labels, reduction="sum").item(), c1, c5],
+                                    dtype=torch.float64)
+        count += len(labels)
+    totals = all_reduce_sum(sums.flatten().tolist() + [count], device)
+    count = max(totals[-1], 1)
+    return [totals[i] / count * (1 if i % 3 == 0 else 100.0) for i in range(3 * len(spans))]

@@ -18,8 +18,8 @@ import yaml
 from datasets import (WithTransform, build_dataset, dataset_targets, family_of, image_loader,
                       reference_sampler_seed, stratified_subset, subset_fraction)
 from datasets.transforms import build_transform
-from engine import (CachedBatches, NonFiniteLoss, ShardSampler, autocast, encoded_batches, evaluate, image_batches,
-                    resolve_precision, train_one_epoch)
+from engine import (CachedBatches, NonFiniteLoss, ShardSampler, autocast, block_spans, cat_validate, encoded_batches,
+                    evaluate, feature_importance, image_batches, resolve_precision, train_one_epoch)
 from models import RESNET_ARCHS, ConcatEncoder, LinearHead, MultiHead
 from util.checkpoint import load_file, save_atomic
 from util.distributed import all_reduce_sum, any_process, barrier, cleanup, init_distributed
@@ -676,6 +676,7 @@ def probe(args, dist_info, combos, head_dirs, logger, head_loggers, stop):
             improved.append(test["top1"] > best_test[h])
             best_test[h] = max(best_test[h], test["top1"])
             lg.info(log_lines.test_line(test["loss"], test["top1"], best_test[h]))
+            log_diagnostics(args, heads[h], encoder, test_batches, lg, device)
             lg.info(f"Test: Acc@5 {test['top5']:.3f} over {len(test_set) - test['skipped']} images"
                     + unreadable_note(test))
             if val is not None:
@@ -726,6 +727,25 @@ def probe(args, dist_info, combos, head_dirs, logger, head_loggers, stop):
             pick = max(range(n), key=lambda h: selected[h][1])
             e, v, t = selected[pick]
             logger.info(f"Selected on validation: {combos[pick][2]} epoch {e} val Acc@1 {v:.2f} test Acc@1 {t:.2f}")
+
+
+def log_diagnostics(args, head, encoder, test_batches, logger, device):
+    """--custom_eval_func, after each evaluation, with the original's names and line format."""
+    spans = block_spans([net.out_dim for net in encoder.backbones])
+    head.eval()
+    if "feature_importance" in args.custom_eval_func:
+        logger.info(log_lines.diagnostic_line("feature_importance", feature_importance(head, spans)))
+    if "cat_validate_network" in args.custom_eval_func:
+        batches = ((features_of(encoder, x, args.precision), y) for x, y in test_batches())
+        logger.info(log_lines.diagnostic_line("cat_validate_network", cat_validate(head, batches, spans, device)))
+
+
+def features_of(encoder, inputs, precision):
+    """Images (fine-tuning) through the encoder; features (the probe's batches) as they are."""
+    if inputs.dim() != 4:
+        return inputs
+    with torch.no_grad(), autocast(inputs.device, precision):
+        return encoder(inputs).float()
 
 
 def requeue(logger):

@@ -76,3 +76,26 @@ def test_unsupported_original_values_are_one_line_errors(tmp_path, capsys, argv,
     assert exc.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and len(err.splitlines()) == 1 and fragment in err, err
+
+
+def test_custom_eval_func_logs_the_original_diagnostics(tmp_path):
+    """feature_importance = mean |W| per backbone block; cat_validate_network = each block scored alone."""
+    import torch
+    from helpers import make_checkpoint, make_cifar
+    from util import log_lines
+    data = str(tmp_path / "data")
+    make_cifar(data, "cifar10", n_train=40, n_test=20)
+    ckpts = [str(tmp_path / "a.pth"), str(tmp_path / "b.pth")]
+    for seed, ckpt in enumerate(ckpts):
+        make_checkpoint(ckpt, "resnet18", "raw", seed=seed)
+    probe.main(probe.get_args_parser().parse_args(
+        ["--arch", "resnet18", "--pretrained", *ckpts, "--data_path", data, "--dump_path", str(tmp_path / "run"),
+         "--img_size", "16", "--workers", "0", "--batch_size", "20", "--epochs", "1", "--custom_eval_func",
+         "feature_importance", "cat_validate_network"]))
+    log = (tmp_path / "run" / "train.log").read_text()
+    found = dict(log_lines.DIAGNOSTIC_RE.findall(log))
+    importance = [float(v) for v in found["feature_importance"].split(",")]
+    weight = torch.load(tmp_path / "run" / "best.pth.tar", weights_only=False)["head"]["linear.weight"].abs()
+    assert importance == pytest.approx([weight[:, :512].mean().item(), weight[:, 512:].mean().item()], abs=1e-4)
+    scores = [float(v) for v in found["cat_validate_network"].split(",")]
+    assert len(scores) == 6 and all(0 <= scores[i] <= 100 for i in (1, 2, 4, 5)) and scores[0] > 0
