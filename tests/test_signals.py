@@ -8,7 +8,7 @@ import textwrap
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 LOOP = textwrap.dedent("""
-    import os, signal, sys, time
+    import os, signal, subprocess, sys, time
     import torch
     from util.signals import StopSafeDataLoader, StopSignal
 
@@ -28,7 +28,8 @@ LOOP = textwrap.dedent("""
                 print(f"stopped by {stop.received} at batch {i}", flush=True)
                 break
             if i == 3:
-                os.killpg(0, signal.SIGTERM)  # as slurm does: the whole process group, workers included
+                # as slurm does: from outside, to the whole process group, workers included
+                subprocess.run(["kill", "-TERM", "--", f"-{os.getpgid(0)}"], start_new_session=True, check=True)
                 time.sleep(1)  # let a worker that would die of it die before the next fetch
     if mode == "leak":  # an iterator still alive at exit: multiprocessing ends its workers with SIGTERM
         sys.exit(0)
