@@ -99,3 +99,40 @@ def test_custom_eval_func_logs_the_original_diagnostics(tmp_path):
     assert importance == pytest.approx([weight[:, :512].mean().item(), weight[:, 512:].mean().item()], abs=1e-4)
     scores = [float(v) for v in found["cat_validate_network"].split(",")]
     assert len(scores) == 6 and all(0 <= scores[i] <= 100 for i in (1, 2, 4, 5)) and scores[0] > 0
+
+
+def test_fail_fast_errors_are_one_line(tmp_path, capsys):
+    """Checked before any dataset is scanned: empty or file --dump_path, 0-byte checkpoint, unknown arch; a CIFAR
+    --data_path that does not exist is not created and filled by a download."""
+    ckpt = tmp_path / "x.pth"
+    ckpt.write_bytes(b"placeholder")
+    (tmp_path / "empty.pth").touch()
+    (tmp_path / "file").write_text("")
+    base = ["--arch", "resnet50", "--pretrained", str(ckpt), "--data_path", str(tmp_path / "nowhere")]
+    cases = [(base + ["--dump_path", ""], "--dump_path is empty"),
+             (base + ["--dump_path", str(tmp_path / "file")], "is a file"),
+             (["--arch", "resnet50", "--pretrained", str(tmp_path / "empty.pth"), "--dump_path", str(tmp_path)],
+              "0 bytes"),
+             (["--arch", "resnet7", "--pretrained", str(ckpt), "--dump_path", str(tmp_path)], "unknown arch")]
+    for argv, fragment in cases:
+        with pytest.raises(SystemExit):
+            run_main(probe.main, probe.get_args_parser().parse_args(argv))
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error:") and len(err.splitlines()) == 1 and fragment in err, err
+    from datasets.cifar import build_cifar
+    with pytest.raises(probe.UserError, match="does not exist"):
+        build_cifar("cifar10", str(tmp_path / "nowhere"), True, None, True)
+    assert not (tmp_path / "nowhere").exists()
+
+
+def test_feature_cache_key_holds_the_training_subset(tmp_path):
+    from util.feature_cache import entry_key
+    ckpt = tmp_path / "x.pth"
+    ckpt.write_bytes(b"placeholder")
+    keys = []
+    for seed in ("1", "2"):
+        args = probe.get_args_parser().parse_args(["--arch", "resnet50", "--pretrained", str(ckpt), "--data_rate",
+                                                   "0.5", "--seed", seed])
+        probe.check_args(args)
+        keys.append(entry_key(args, "train", -1, 100))
+    assert keys[0] != keys[1]
