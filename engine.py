@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from util import log_lines
 from util.distributed import all_reduce_sum
 from util.misc import AverageMeter, UserError, correct_topk
 
@@ -100,31 +101,65 @@ class CachedBatches:
             if which is None:
                 features = self.views[0][rows]
             else:
-                features = torch.empty(len(rows), self.views[0].shape[1], dtype=self.views[0].dtype)
-                for k, view in enumerate(self.views):
-                    features[which == k] = view[rows[which == k]]
+                features = self.gather_views(rows, which)
             yield (features.to(self.device, non_blocking=True).float(),
                    self.labels[rows].to(self.device, non_blocking=True))
 
 
+    def gather_views(self, rows, which):
+        """Row rows[j] of view which[j], for every j; on the views' device (host memory or the GPU)."""
+        device = self.views[0].device
+        features = torch.empty(len(rows), self.views[0].shape[1], dtype=self.views[0].dtype, device=device)
+        for k, view in enumerate(self.views):
+            mask = which == k
+            features[mask.to(device)] = view[rows[mask].to(device)]
+        return features
+
+
 # ---------------------------------------------------------------- loops
+class EpochMeters:
+    """Per-head loss and top-1 meters of one epoch, plus the batch and data-loading times."""
+
+    def __init__(self, heads):
+        self.loss = [AverageMeter() for _ in range(heads)]
+        self.top1 = [AverageMeter() for _ in range(heads)]
+        self.batch_time, self.data_time = AverageMeter(), AverageMeter()
+        self.last_n = 0  # samples of the last batch on this process
+
+    def update(self, values, logits, labels):
+        self.last_n = len(labels)
+        for h, value in enumerate(values):
+            self.loss[h].update(value, len(labels))
+            self.top1[h].update(correct_topk(logits[h], labels, (1,))[0] * 100.0 / len(labels), len(labels))
+
+    def global_view(self, device):
+        """The meters summed over every process (a collective: all ranks call it at the same iteration), so the
+        log and metrics.jsonl report the whole global batch, not rank 0's share."""
+        local = [x for m in self.loss + self.top1 for x in (m.val * self.last_n, self.last_n, m.sum, m.count)]
+        totals = all_reduce_sum(local, device)
+        out = []
+        for k in range(len(self.loss) + len(self.top1)):
+            val_sum, val_n, total, count = totals[4 * k:4 * k + 4]
+            out.append((val_sum / max(val_n, 1), total / max(count, 1)))
+        return out[:len(self.loss)], out[len(self.loss):]
+
+
 def train_one_epoch(model, batches, num_batches, optimizer, epoch, args, device, loggers, should_stop=None,
                     show_bar=False):
     """One epoch of every head. Each head's loss depends on its own parameters only, so the summed loss
-    gives each head exactly the gradient it would get alone. Returns (losses, top-1s, completed)."""
+    gives each head exactly the gradient it would get alone. Returns (losses, top-1s, completed), averaged over
+    every process. The heads run in fp32 (the encoder's precision is applied inside the model when it trains)."""
     heads = len(loggers)
-    loss_meters = [AverageMeter() for _ in range(heads)]
-    top1_meters = [AverageMeter() for _ in range(heads)]
-    batch_time, data_time = AverageMeter(), AverageMeter()
+    meters = EpochMeters(heads)
     lrs = [next(g["lr"] for g in optimizer.param_groups if g["head"] == h) for h in range(heads)]
     end = time.time()
     for i, (inputs, labels) in enumerate(tqdm(batches, total=num_batches, desc=f"epoch {epoch}", leave=False,
                                               disable=not show_bar)):
-        if should_stop is not None and should_stop():
-            return [m.avg for m in loss_meters], [m.avg for m in top1_meters], False
-        data_time.update(time.time() - end)
-        with autocast(device, args.precision if args.exp_mode == "finetune" else "fp32"):
-            logits = [out.float() for out in model(inputs)]
+        if should_stop is not None and should_stop():  # a collective: every rank stops at the same iteration
+            losses, top1s = meters.global_view(device)
+            return [avg for _, avg in losses], [avg for _, avg in top1s], False
+        meters.data_time.update(time.time() - end)
+        logits = [out.float() for out in model(inputs)]
         losses = [F.cross_entropy(out, labels) for out in logits]
         values = torch.stack([loss.detach() for loss in losses]).tolist()
         if not all(math.isfinite(v) for v in values):
@@ -132,18 +167,21 @@ def train_one_epoch(model, batches, num_batches, optimizer, epoch, args, device,
         optimizer.zero_grad(set_to_none=True)
         sum(losses).backward()
         optimizer.step()
-        batch_time.update(time.time() - end)
-        for h in range(heads):
-            loss_meters[h].update(values[h], len(labels))
-            top1_meters[h].update(correct_topk(logits[h], labels, (1,))[0] * 100.0 / len(labels), len(labels))
-            if i % args.print_freq == 0 or i == num_batches - 1:
-                loggers[h].info(
-                    f"Epoch[{epoch}] - Iter: [{i}/{num_batches}] Time {batch_time.val:.3f} ({batch_time.avg:.3f}) "
-                    f"Data {data_time.val:.3f} ({data_time.avg:.3f}) Loss {loss_meters[h].val:.4f} "
-                    f"({loss_meters[h].avg:.4f}) Prec {top1_meters[h].val:.3f} ({top1_meters[h].avg:.3f}) "
-                    f"LR {lrs[h]:.6g}")
+        meters.batch_time.update(time.time() - end)
+        meters.update(values, logits, labels)
+        if i % args.print_freq == 0 or i == num_batches - 1:  # every rank reaches the same i: the sum is safe
+            log_iteration(loggers, meters, device, epoch, i, num_batches, lrs)
         end = time.time()
-    return [m.avg for m in loss_meters], [m.avg for m in top1_meters], True
+    losses, top1s = meters.global_view(device)
+    return [avg for _, avg in losses], [avg for _, avg in top1s], True
+
+
+def log_iteration(loggers, meters, device, epoch, i, num_batches, lrs):
+    losses, top1s = meters.global_view(device)
+    bt, dt = meters.batch_time, meters.data_time
+    for h, lg in enumerate(loggers):
+        lg.info(log_lines.iteration_line(epoch, i, num_batches, bt.val, bt.avg, dt.val, dt.avg, *losses[h],
+                                         *top1s[h], lrs[h]))
 
 
 @torch.no_grad()
@@ -158,7 +196,8 @@ def evaluate(model, batches, device, precision, expected_count, show_bar=False, 
     for inputs, labels in tqdm(batches, desc="eval", leave=False, disable=not show_bar):
         if inputs.dim() == 4:
             inputs, labels = to_device(inputs, labels, device)
-        with autocast(device, precision):
+        # images go through the encoder at its precision; cached or computed features meet the heads in fp32
+        with autocast(device, precision if inputs.dim() == 4 else "fp32"):
             outputs = model(inputs)
         for h, out in enumerate([outputs] if num_heads is None else outputs):
             out = out.float()
@@ -176,3 +215,36 @@ def evaluate(model, batches, device, precision, expected_count, show_bar=False, 
     stats = [{"loss": totals[3 * h] / count, "top1": 100.0 * totals[3 * h + 1] / count,
               "top5": 100.0 * totals[3 * h + 2] / count, "skipped": skipped} for h in range(len(sums))]
     return stats[0] if num_heads is None else stats
+
+
+# ---------------------------------------------------------------- --custom_eval_func diagnostics
+def block_spans(dims):
+    """[(start, end)] of each backbone's block of the concatenated features."""
+    ends = [sum(dims[:k + 1]) for k in range(len(dims))]
+    return [(end - dim, end) for end, dim in zip(ends, dims)]
+
+
+@torch.no_grad()
+def feature_importance(head, spans):
+    """Mean |weight| of the trained Linear over each backbone's block of inputs (one value per backbone)."""
+    weight = head.linear.weight.abs()
+    return [weight[:, a:b].mean().item() for a, b in spans]
+
+
+@torch.no_grad()
+def cat_validate(head, batches, spans, device):
+    """Loss, top-1, top-5 (%) of each backbone block scored alone through the trained head: logits =
+    bn(features)[:, block] @ W[:, block]^T + bias; summed over every process. Returns [loss, top1, top5] * blocks."""
+    sums = torch.zeros(len(spans), 3, dtype=torch.float64)
+    count = 0
+    for features, labels in batches:
+        normed = head.bn(features.float())
+        for k, (a, b) in enumerate(spans):
+            logits = normed[:, a:b] @ head.linear.weight[:, a:b].T + head.linear.bias
+            c1, c5 = correct_topk(logits, labels, (1, 5))
+            sums[k] += torch.tensor([F.cross_entropy(logits, labels, reduction="sum").item(), c1, c5],
+                                    dtype=torch.float64)
+        count += len(labels)
+    totals = all_reduce_sum(sums.flatten().tolist() + [count], device)
+    count = max(totals[-1], 1)
+    return [totals[i] / count * (1 if i % 3 == 0 else 100.0) for i in range(3 * len(spans))]

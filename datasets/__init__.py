@@ -6,14 +6,13 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from datasets.cifar import build_cifar
+from datasets.cifar import build_cifar, percent_subset
 from datasets.images import IMAGENET_HINT, INAT_HINT, INaturalist18, UnreadableImage, build_image_folder
 from util.misc import UserError
 from util.signals import StopSafeDataLoader
 
 # imagefolder: any dataset laid out as <data_path>/{train,val}/<class>/<images>, with ImageNet's transforms
 DATA_NAMES = ("cifar10", "cifar100", "inaturalist18", "imagenet1k", "imagefolder")
-SUBSET_SEED = 0  # the p-percent CIFAR subsets are the same for every run
 _PERCENT = re.compile(r"^(cifar10|cifar100)_(\d+(?:\.\d+)?)perc$")
 
 
@@ -45,7 +44,7 @@ def dataset_targets(dataset):
 
 
 def stratified_subset(targets, fraction, seed):
-    """Indices of a seeded, class-balanced fraction of a dataset (at least one sample per class)."""
+    """Indices of a seeded, class-balanced fraction of a dataset (at least one sample per class); --val_split."""
     targets = np.asarray(targets)
     rng = np.random.default_rng(seed)
     keep = []
@@ -57,14 +56,24 @@ def stratified_subset(targets, fraction, seed):
 
 
 def subset_fraction(length, rate, seed):
-    """Indices of a seeded random fraction of a dataset of `length` samples (--data_rate)."""
+    """Indices kept by --data_rate, the reference's rule: numpy default_rng(seed + 12345) shuffles 0..n-1 and the
+    first int(n * rate) are kept, in that (shuffled) order."""
     if not 0 < rate <= 1:
         raise UserError(f"--data_rate must be in (0, 1], got {rate}")
     if rate == 1:
         return list(range(length))
-    count = max(1, int(round(length * rate)))
-    generator = torch.Generator().manual_seed(seed)
-    return torch.randperm(length, generator=generator)[:count].sort().values.tolist()
+    count = int(length * rate)
+    if count < 1:
+        raise UserError(f"--data_rate {rate} keeps no image of the {length} training images: raise it")
+    indices = np.arange(length)
+    np.random.default_rng(seed + 12345).shuffle(indices)
+    return indices[:count].tolist()
+
+
+def reference_sampler_seed(seed):
+    """The seed of the reference's training DistributedSampler: numpy seeded with --seed, then randint(99999)
+    (53970 for the reference's seed 31)."""
+    return int(np.random.RandomState(seed).randint(99999))
 
 
 class WithTransform(torch.utils.data.Dataset):
@@ -168,5 +177,5 @@ def build_dataset(data_name, data_path, split, download=True):
         dataset = build_image_folder(folder, "ImageNet1k", IMAGENET_HINT)
         num_classes = len(dataset.classes)
     if percent is not None and train and percent < 100:
-        dataset = torch.utils.data.Subset(dataset, stratified_subset(dataset.targets, percent / 100, SUBSET_SEED))
+        dataset = torch.utils.data.Subset(dataset, percent_subset(len(dataset), percent))
     return dataset, num_classes

@@ -1,4 +1,7 @@
-"""CIFAR10/100 through torchvision, with a structural check instead of the release's md5 sums."""
+"""CIFAR10/100 through torchvision, with a structural check instead of the release's md5 sums, and the
+reference's fixed order of the `_{p}perc` training subsets."""
+import functools
+import hashlib
 import os
 import pickle
 
@@ -12,6 +15,38 @@ FILES = {"cifar10": {"train": [f"data_batch_{i}" for i in range(1, 6)], "test": 
          "cifar100": {"train": ["train"], "test": ["test"]}}
 META = {"cifar10": "batches.meta", "cifar100": "meta"}
 LABEL_KEYS = {"cifar10": "labels", "cifar100": "fine_labels"}
+# The original code's fixed permutation of the 50,000 CIFAR training indices (hard-coded there; the same for
+# CIFAR10 and CIFAR100): `cifar{10,100}_{p}perc` is its first int(50000 * p / 100) indices. The file is a copy,
+# one index per line, of shared/data/cifar_subset_order.txt given with the reference facts (REFERENCE.md, "Exact
+# details of the original code"); its sha256 is checked on every load.
+ORDER_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cifar_subset_order.txt")
+ORDER_SHA256 = "62449412dbc0784f0dc5ba9515f8d17a3e2caa52d72c407728a1f6ee3cef3c19"
+CIFAR_TRAIN_SIZE = 50000
+
+
+@functools.lru_cache(maxsize=1)
+def reference_order():
+    """The reference's permutation of 0..49999, checked against its sha256."""
+    with open(ORDER_FILE, "rb") as f:
+        raw = f.read()
+    if hashlib.sha256(raw).hexdigest() != ORDER_SHA256:
+        raise UserError(f"{ORDER_FILE} is damaged (sha256 mismatch): restore it with `git checkout -- {ORDER_FILE}`")
+    order = [int(line) for line in raw.split()]
+    if sorted(order) != list(range(CIFAR_TRAIN_SIZE)):
+        raise UserError(f"{ORDER_FILE} is not a permutation of 0..{CIFAR_TRAIN_SIZE - 1}")
+    return order
+
+
+def percent_subset(length, percent):
+    """Training indices of `cifar*_{percent}perc`: the first int(50000 * percent / 100) of the reference order,
+    in that order, exactly the reference's subset. A training set of another size (a generated test set, a
+    variant) keeps the order's indices below its size, in the same order, and the first int(length * percent /
+    100) of them: the reference's rule when length is 50,000."""
+    order = reference_order() if length == CIFAR_TRAIN_SIZE else [i for i in reference_order() if i < length]
+    count = int(length * percent / 100)
+    if count < 1:
+        raise UserError(f"{percent}% of {length} training images keeps none: raise the percentage")
+    return order[:count]
 
 
 def cifar_root(data_path, name):
@@ -74,6 +109,10 @@ def build_cifar(name, data_path, train, transform, download):
         if not download:
             raise UserError(f"{name} not found under {root}: rerun with --download, or run "
                             f"`python tools/prepare_data.py cifar`")
+        if not os.path.isdir(data_path):  # a typo in --data_path must not fill a new folder with a download
+            raise UserError(f"--data_path {data_path} does not exist; {name} is expected under "
+                            f"{os.path.join(data_path, 'cifar')}: create the folder to let the run download it "
+                            f"there, or run `python tools/prepare_data.py cifar`")
         os.makedirs(root, exist_ok=True)
         try:
             base.__base__(root=root, train=True, download=True)

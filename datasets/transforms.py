@@ -8,13 +8,13 @@ TF_NAMES = ("eval", "224px", "32px")
 
 def build_transform(family, tf_name, train, img_size=None):
     """family: 'cifar' or 'imagenet' (ImageNet and iNat18). img_size overrides the preset's crop;
-    the test resize keeps the preset's 8/7 ratio (256/224, 36/32)."""
+    the test resize is int(8/7 of the crop), the reference's (256 for 224, 36 for 32)."""
     if tf_name not in TF_NAMES:
         raise ValueError(f"unknown tf_name {tf_name}")
     if tf_name == "32px" and family != "cifar":
         raise ValueError("the 32px preset is for CIFAR only")
     crop = img_size or (32 if tf_name == "32px" else 224)
-    resize = round(crop * 8 / 7)
+    resize = int(crop * 8 / 7)  # the reference truncates: 224 -> 256, 32 -> 36
     if family == "cifar":
         mean, std = CIFAR_MEAN, CIFAR_STD
         bicubic = T.InterpolationMode.BICUBIC

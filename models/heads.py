@@ -1,16 +1,39 @@
 """The linear classifier trained on top of the concatenated features."""
 import torch
+import torch.distributed as dist
+import torch.distributed.nn as dist_nn
 import torch.nn as nn
 
 from util.misc import UserError
 
 
-class LinearHead(nn.Module):
-    """Optional BatchNorm1d (affine, default momentum/eps) followed by a Linear layer, as the reference probe."""
+class GlobalBatchNorm1d(nn.BatchNorm1d):
+    """BatchNorm1d whose training statistics are over the global batch of every process (on any backend, gloo
+    included, where torch's SyncBatchNorm needs CUDA), so N processes train, and then evaluate, the head that the
+    reference's single process would. Same parameters and buffers as BatchNorm1d; one process: BatchNorm1d."""
 
-    def __init__(self, in_dim, num_classes, use_bn=True):
+    def forward(self, x):
+        if not (self.training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            return super().forward(x)
+        # autograd-aware all-reduces: gradients flow back to every process's samples, as in SyncBatchNorm
+        count = dist_nn.all_reduce(x.new_full((1,), float(x.shape[0])))
+        mean = dist_nn.all_reduce(x.sum(dim=0)) / count
+        var = dist_nn.all_reduce(((x - mean) ** 2).sum(dim=0)) / count  # two passes: no E[x^2] - E[x]^2 loss
+        with torch.no_grad():  # running statistics as BatchNorm1d keeps them: unbiased variance, momentum
+            self.num_batches_tracked += 1
+            self.running_mean.lerp_(mean.detach(), self.momentum)
+            self.running_var.lerp_(var.detach() * count / (count - 1).clamp(min=1), self.momentum)
+        return (x - mean) / torch.sqrt(var + self.eps) * self.weight + self.bias
+
+
+class LinearHead(nn.Module):
+    """Optional BatchNorm1d (affine, default momentum/eps) followed by a Linear layer, as the reference probe.
+    global_bn: the BatchNorm's statistics are over every process's batch (GlobalBatchNorm1d)."""
+
+    def __init__(self, in_dim, num_classes, use_bn=True, global_bn=False):
         super().__init__()
-        self.bn = nn.BatchNorm1d(in_dim) if use_bn else nn.Identity()
+        bn = GlobalBatchNorm1d if global_bn else nn.BatchNorm1d
+        self.bn = bn(in_dim) if use_bn else nn.Identity()
         self.linear = nn.Linear(in_dim, num_classes)
 
     def forward(self, features):

@@ -26,6 +26,7 @@ if REPO not in sys.path:
 
 from tools import catn_curve  # noqa: E402
 from util import layout  # noqa: E402
+from util.log_lines import EPOCH_RE, FINAL_RE, parse_tests  # noqa: E402  (the owner of the log formats)
 from util.misc import ArgumentParser, UserError, run_main  # noqa: E402
 
 # table columns: dataset -> header, in the README's order; other datasets follow under their own name
@@ -34,9 +35,6 @@ ALIASES = {"imagenet": "imagenet1k", "in1k": "imagenet1k", "inat": "inaturalist1
            "inaturalist": "inaturalist18"}
 STANDARD_CONFIGS = [(1, "full"), (2, "200"), (4, "100"), (5, "80")]
 FULL_STEPS_K = 450  # checkpoints_stepfull: the 450k-step runs
-FINAL_RE = re.compile(r"Top-1 test accuracy:\s*([\d.]+)")
-EPOCH_RE = re.compile(r"Epoch\[(\d+)\]")
-TEST_RE = re.compile(r"Test: Loss \S+ Acc@1 ([\d.]+) Best Acc@1 so far ([\d.]+)")
 SELECTED_RE = re.compile(r"Selected on validation:(.*)")
 TAIL_BYTES = 1 << 20
 
@@ -163,7 +161,7 @@ def read_log(run_dir, run, have_metrics):
             if test:
                 run.heldout, run.top1 = True, float(test.group(1))
                 run.val_top1 = float(val.group(1)) if val else None
-    tests = [float(m.group(1)) for m in TEST_RE.finditer(text)]
+    tests = [top1 for _, top1, _ in parse_tests(text)]
     return final, tests
 
 

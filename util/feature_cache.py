@@ -39,7 +39,11 @@ def entry_key(args, split, view, length):
             "precision": args.precision, "length": length, "seed": args.seed if view >= 0 else None,
             # an entry that skipped unreadable images serves only runs that skip them; absent when off, so the
             # entries written before the flag existed stay valid
-            **({"skip_bad_images": True} if args.skip_bad_images else {})}
+            **({"skip_bad_images": True} if args.skip_bad_images else {}),
+            # a training subset (--data_rate < 1 or a _{p}perc name) is the reference's rule of issue 10, and
+            # --data_rate's depends on the seed: runs with other subsets never share features
+            **({"subset": {"rule": "reference", "seed": args.seed if args.data_rate < 1 else None}}
+               if split == "train" and (args.data_rate < 1 or "perc" in args.data_name) else {})}
 
 
 def _crc32(path, chunk=1 << 24):

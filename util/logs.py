@@ -10,6 +10,7 @@ import time
 
 import torch
 
+from util import log_lines
 from util.distributed import broadcast_object
 from util.misc import UserError, git_revision, lock_file
 
@@ -20,10 +21,8 @@ class _ElapsedFormatter(logging.Formatter):
         self.start = time.time()
 
     def format(self, record):
-        elapsed = int(record.created - self.start)
-        stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(record.created))
-        prefix = f"{record.levelname} - {stamp} - {elapsed // 3600}:{elapsed % 3600 // 60:02d}:{elapsed % 60:02d}"
-        return f"{prefix} - {record.getMessage()}"
+        # the original's prefix (util/log_lines owns it), so old readers of train.log keep working
+        return log_lines.prefix(record.levelname, record.created, record.created - self.start) + record.getMessage()
 
 
 def create_logger(dump_path, rank, filename="train.log", console=True):

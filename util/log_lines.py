@@ -1,0 +1,71 @@
+"""The probe's log-line formats and their parsers: the one owner of what train.log lines look like.
+
+The writers (engine.py, main_linear_probe.py, util/logs.py) format with the functions below; the readers
+(tools/summarize.py, the tests; tools/acc1.sh greps patterns that match both styles) parse with the regexes
+below. The formats are byte-compatible with the original linear-probe code (tab-separated fields, the same
+number formats; REFERENCE.md, "Exact details of the original code"), so old result folders and old scripts keep
+working; the parsers also accept this project's earlier space-separated lines. Depends on nothing of ours.
+"""
+import re
+import time
+
+FINAL_HEADER = "Training of the supervised linear classifier on frozen features completed."
+
+# parsers: fields separated by a tab (the original, and ours now) or a space (our lines before issue 10)
+_SEP = r"[\t ]+"
+ITERATION_RE = re.compile(r"Epoch\[(\d+)\] - Iter: \[(\d+)/(\d+)\]" + _SEP + r"Time (\S+) \((\S+)\)" + _SEP
+                          + r"Data (\S+) \((\S+)\)" + _SEP + r"Loss (\S+) \((\S+)\)" + _SEP + r"Prec (\S+) \((\S+)\)"
+                          + _SEP + r"LR (\S+)")
+EPOCH_RE = re.compile(r"Epoch\[(\d+)\]")
+TEST_RE = re.compile(r"Test:" + _SEP + r"Loss (\S+)" + _SEP + r"Acc@1 ([\d.]+)" + _SEP
+                     + r"Best Acc@1 so far ([\d.]+)")
+FINAL_RE = re.compile(r"Top-1 test accuracy:\s*([\d.]+)")
+# `--custom_eval_func` diagnostics: "feature_importance: 0.0123,0.0456"
+DIAGNOSTIC_RE = re.compile(r"(feature_importance|cat_validate_network): ([-\d.,naif]+)")
+
+
+def iteration_line(epoch, i, n, time_val, time_avg, data_val, data_avg, loss_val, loss_avg, prec_val, prec_avg,
+                   lr):
+    """The training line written every --print_freq iterations (the original's: every 50)."""
+    return (f"Epoch[{epoch}] - Iter: [{i}/{n}]\tTime {time_val:.3f} ({time_avg:.3f})\t"
+            f"Data {data_val:.3f} ({data_avg:.3f})\tLoss {loss_val:.4f} ({loss_avg:.4f})\t"
+            f"Prec {prec_val:.4f} ({prec_avg:.4f})\tLR {lr}")
+
+
+def test_line(loss, top1, best):
+    """The line after each evaluation; `best` is the best test top-1 so far."""
+    return f"Test:\tLoss {loss:.4f}\tAcc@1 {top1:.3f}\tBest Acc@1 so far {best:.2f}"
+
+
+def final_message(top1):
+    """The closing message of a finished run: two lines, the second the reported number."""
+    return f"{FINAL_HEADER}\nTop-1 test accuracy: {top1:.1f}"
+
+
+def diagnostic_line(name, values):
+    """A `--custom_eval_func` line: the name, then the values with 4 decimals, comma-separated."""
+    return f"{name}: " + ",".join(f"{v:.4f}" for v in values)
+
+
+def prefix(levelname, created, elapsed_seconds):
+    """The original logger's prefix, `LEVEL - %x %X - h:mm:ss - `."""
+    stamp = time.strftime("%x %X", time.localtime(created))
+    elapsed = int(elapsed_seconds)
+    return f"{levelname} - {stamp} - {elapsed // 3600}:{elapsed % 3600 // 60:02d}:{elapsed % 60:02d} - "
+
+
+def parse_tests(text):
+    """(loss, top1, best so far) of every Test line of a log, in order."""
+    return [(float(m.group(1)), float(m.group(2)), float(m.group(3))) for m in TEST_RE.finditer(text)]
+
+
+def parse_final(text):
+    """The last reported `Top-1 test accuracy` of a log, or None when the run has not finished."""
+    found = FINAL_RE.findall(text)
+    return float(found[-1]) if found else None
+
+
+def parse_last_epoch(text):
+    """The last `Epoch[N]` a log mentions, or None."""
+    found = EPOCH_RE.findall(text)
+    return int(found[-1]) if found else None
