@@ -5,38 +5,45 @@ torchrun:        torchrun --nproc_per_node 8 main_linear_probe.py ...
 slurm:           srun python main_linear_probe.py ...   (see scripts/)
 A sweep in one pass: --wd 1e-4 5e-4 1e-3 trains one head per value on the same backbone features.
 """
-import argparse
-import math
-import os
-import shutil
-import time
 
-import torch
-import torch.nn as nn
-import yaml
+from arguments.common import apply_device_choice, device_request
+from arguments.linear_probe import DEFAULT_TAG_FILE, DIAGNOSTICS, PROJECT_ROOT, get_args_parser  # noqa: F401
+from util.cpu_runtime import configure_cpu_runtime
 
-from datasets import (WithTransform, build_dataset, dataset_targets, family_of, image_loader,
+CPU_RUNTIME = None  # util.cpu_runtime's choice of OpenMP settings, logged by main(); set when run as a script
+if __name__ == "__main__":  # before the heavy imports: --help and a mistyped flag answer without loading torch,
+    ARGS = get_args_parser().parse_args()
+    apply_device_choice(ARGS)  # CUDA and OpenMP read their environment once, when torch loads
+    CPU_RUNTIME = configure_cpu_runtime()
+
+import math  # noqa: E402
+import os  # noqa: E402
+import shutil  # noqa: E402
+import time  # noqa: E402
+
+import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
+import yaml  # noqa: E402
+
+from datasets import (WithTransform, build_dataset, dataset_targets, family_of, image_loader,  # noqa: E402
                       reference_sampler_seed, stratified_subset, subset_fraction)
-from datasets.transforms import build_transform
-from engine import (CachedBatches, NonFiniteLoss, ShardSampler, autocast, block_spans, cat_validate, encoded_batches,
+from datasets.transforms import build_transform  # noqa: E402
+from engine import (CachedBatches, NonFiniteLoss, ShardSampler, autocast, block_spans, cat_validate, encoded_batches,  # noqa: E402
                     evaluate, feature_importance, image_batches, resolve_precision, train_one_epoch)
-from models import RESNET_ARCHS, ConcatEncoder, LinearHead, MultiHead
-from util.checkpoint import load_file, save_atomic
-from util.distributed import all_reduce_sum, any_process, barrier, cleanup, init_distributed
-from util import log_lines
-from util.feature_cache import load_or_build
-from util.logs import (append_jsonl, claim_run_folder, close_logger, create_logger, log_startup, truncate_jsonl,
+from models import RESNET_ARCHS, ConcatEncoder, LinearHead, MultiHead  # noqa: E402
+from util.checkpoint import load_file, save_atomic  # noqa: E402
+from util.distributed import (all_reduce_sum, any_process, barrier, cleanup, init_distributed,  # noqa: E402
+                              require_cuda_if_requested)
+from util import log_lines  # noqa: E402
+from util.feature_cache import load_or_build  # noqa: E402
+from util.logs import (append_jsonl, claim_run_folder, close_logger, create_logger, log_startup, truncate_jsonl,  # noqa: E402
                        use_progress_bar, write_json_atomic)
-from util.flags import add_bool, bool_flag
-from util.misc import ArgumentParser, UserError, requeue_slurm_job, run_main, set_seed
-from util.signals import StopSignal
+from util.misc import UserError, requeue_slurm_job, run_main, set_seed  # noqa: E402
+from util.signals import StopSignal  # noqa: E402
 
-PROJECT_ROOT = os.path.dirname(os.path.abspath(__file__))
-DEFAULT_TAG_FILE = os.path.join(PROJECT_ROOT, "configs", "pretrained_checkpoints.yaml")
 # The reference scripts' batch (they ran as one process): the default GLOBAL batch here.
 REFERENCE_BATCH = {"cifar": 256, "imagenet": 32}
 SCHEDULE_FREE = "schedulefree_adamw"
-DIAGNOSTICS = ("feature_importance", "cat_validate_network")
 # A resumed run must have been started with the same recipe; these arguments define it.
 RECIPE_KEYS = ("arch", "pretrained", "data_name", "exp_mode", "use_bn", "headinit", "optimizer", "lr", "wd",
                "momentum", "nesterov", "wd_skip_bn", "epochs", "scheduler_type", "decay_epochs", "gamma",
@@ -44,131 +51,6 @@ RECIPE_KEYS = ("arch", "pretrained", "data_name", "exp_mode", "use_bn", "headini
                "val_split", "lr_last_layer", "beta2", "global_batch", "batch_semantics", "sync_bn")
 # what only training depends on: --mode eval_only may evaluate saved heads with another process count
 TRAINING_ONLY_KEYS = ("global_batch", "batch_semantics", "sync_bn")
-
-
-# ---------------------------------------------------------------- arguments
-def get_args_parser():
-    p = ArgumentParser("main_linear_probe.py", description="Time-Cat linear probe of concatenated backbones")
-    add_backbone_args(p.add_argument_group("backbones"))
-    add_head_args(p.add_argument_group("head and optimisation (defaults = the reference protocol)"))
-    add_data_args(p.add_argument_group("data"))
-    add_speed_args(p.add_argument_group("speed (options that trade fidelity to the reference for speed)"))
-    add_run_args(p.add_argument_group("run"))
-    add_legacy_args(p.add_argument_group("flags of the original repository with no effect here (accepted and "
-                                         "logged as ignored, so its command lines run unchanged)"))
-    return p
-
-
-def add_backbone_args(g):
-    g.add_argument("--tag", default=None, help="named set of checkpoints from --tag_file; fills --arch and "
-                   "--pretrained (e.g. supervisedimagenet_resnet50_sfadamw_5_step80k)")
-    g.add_argument("--tag_file", default=DEFAULT_TAG_FILE, help="YAML file of tags: {tag: {arch: [...], "
-                   "pretrained: [...]}}; relative checkpoint paths are relative to the project folder")
-    g.add_argument("--arch", nargs="+", default=None, help="one torchvision ResNet name per backbone, or one "
-                   "for all (reference: resnet50)")
-    g.add_argument("--pretrained", nargs="+", default=None, help="one checkpoint per backbone; features are "
-                   "concatenated in this order")
-    g.add_argument("--exp_mode", default="lineareval", choices=["lineareval", "finetune"],
-                   help="lineareval: frozen backbones (reference); finetune: the whole network trains")
-
-
-def add_head_args(g):
-    add_bool(g, "use_bn", True, "BatchNorm1d before the Linear layer (reference: True)")
-    g.add_argument("--classifier", default="linear", choices=["linear"], help="head type (reference: linear)")
-    g.add_argument("--headinit", default="normal", choices=["normal", "none", "cat_weights"],
-                   help="normal: N(0, 0.01^2) weights, zero bias (reference); none: PyTorch default; "
-                   "cat_weights: the backbones' own classifiers, averaged")
-    g.add_argument("--optimizer", default="sgd", choices=["sgd", "adam", "schedulefree_adamw", "sfadamw"],
-                   help="reference: sgd; schedulefree_adamw (alias sfadamw) is schedule-free AdamW with betas "
-                   "(--momentum, 0.999); adam uses betas (--momentum, --beta2)")
-    g.add_argument("--lr", nargs="+", default=["0.01"], help="learning rate(s), not scaled with the batch "
-                   "(reference: 0.01); several values train one head each in the same pass")
-    g.add_argument("--lr_last_layer", type=float, default=None, help="learning rate of the head's Linear layer "
-                   "(default and reference: --lr)")
-    g.add_argument("--wd", nargs="+", default=["5e-4"], help="weight decay(s) of the Linear layer; several "
-                   "values train one head each in the same pass. Reference sweeps: CIFAR 1e-2 5e-2 1e-4 5e-4 1e-3 "
-                   "5e-3; ImageNet 1e-4 5e-4; iNat18 1e-6 1e-5 1e-4")
-    g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum, Adam's beta1 (reference: 0.9)")
-    g.add_argument("--beta2", type=float, default=0.99, help="Adam's beta2 (the original's default: 0.99)")
-    add_bool(g, "nesterov", None, "Nesterov momentum, SGD only (default and reference: True with SGD)")
-    add_bool(g, "wd_skip_bn", True, "no weight decay on parameters whose name contains 'bn' (reference: True)")
-    g.add_argument("--epochs", type=int, default=28, help="training epochs (reference: 28)")
-    g.add_argument("--scheduler_type", default="step", choices=["step", "cosine", "constant"],
-                   help="per-epoch lr schedule, for every optimizer (reference: step)")
-    g.add_argument("--decay_epochs", type=int, nargs="+", default=[8, 16, 24],
-                   help="step schedule: epochs where the lr is multiplied by --gamma (reference: 8 16 24)")
-    g.add_argument("--gamma", type=float, default=0.1, help="step schedule factor (reference: 0.1)")
-    g.add_argument("--final_lr", type=float, default=0.0, help="cosine schedule: lr reached at the end")
-    g.add_argument("--seed", type=int, default=31, help="random seed (reference: 31)")
-
-
-def add_data_args(g):
-    g.add_argument("--data_name", default="cifar10", help="cifar10, cifar100, cifar10_{p}perc, "
-                   "cifar100_{p}perc, inaturalist18, imagenet1k, or imagefolder (any <data_path>/{train,val}/"
-                   "<class>/ folders, with ImageNet's transforms)")
-    g.add_argument("--data_path", default=os.path.join(PROJECT_ROOT, "data"),
-                   help="root of the README data layout (cifar/, imagenet/, inaturalist18/)")
-    add_bool(g, "download", True, "download CIFAR with torchvision into an existing --data_path when it is "
-             "missing (reference: True)")
-    g.add_argument("--tf_name", default="eval", choices=["eval", "224px", "32px"],
-                   help="transform preset: eval/224px = the reference's 224-px transforms, 32px = CIFAR native")
-    g.add_argument("--img_size", type=int, default=None, help="crop size overriding the preset (test resize "
-                   "= int(8/7 of it)), to run any dataset at CPU scale (reference: 224)")
-    g.add_argument("--data_rate", type=float, default=1.0, help="fraction of the training set kept, the "
-                   "reference's seeded rule (reference: 1)")
-    g.add_argument("--val_split", type=float, default=0.0, help="hold out this seeded fraction of the training "
-                   "set to select the epoch and head honestly (recommended: 0.1; reference: 0, best on test)")
-    g.add_argument("--batch_size", type=int, default=None, help="batch PER PROCESS. Not given: the reference's "
-                   "batch (256 CIFAR, 32 ImageNet/iNat18) is the GLOBAL batch, split across the processes")
-    g.add_argument("--workers", type=int, default=8, help="data-loading processes per process")
-
-
-def add_speed_args(g):
-    g.add_argument("--feature_cache", default=None, help="folder of cached backbone features: computed once "
-                   "with the test transform, reused by every later run with the same backbones and data "
-                   "(recommended for sweeps; reference: off, features recomputed every epoch)")
-    g.add_argument("--cache_views", type=int, default=0, help="with --feature_cache: also cache K augmented "
-                   "views of the training set and train on a random one per sample (0: test-transform features)")
-    g.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "auto"],
-                   help="backbone forward precision (recommended and reference: fp32, PyTorch's default TF32 "
-                   "settings); bf16 is faster and moves top-1 slightly; auto = bf16 where the hardware has it. "
-                   "The heads always train and evaluate in fp32")
-
-
-def add_run_args(g):
-    g.add_argument("--dump_path", default=os.path.join(PROJECT_ROOT, "results", "probe"),
-                   help="folder of train.log, metrics.jsonl, args.json and checkpoints (a sweep: one "
-                   "subfolder wd{wd}_lr{lr} per head)")
-    g.add_argument("--mode", default="train", choices=["train", "eval_only"],
-                   help="eval_only: evaluate the best saved head(s) of --dump_path")
-    add_bool(g, "start_over", False, "discard the state in --dump_path and start from epoch 0 (the default "
-             "resumes)")
-    add_bool(g, "sync_bn", None, "synchronise BatchNorm statistics across processes (head, and backbones when "
-             "fine-tuning); default: on whenever there is more than one process, so statistics are over the "
-             "global batch as in the reference's single process")
-    add_bool(g, "debug", False, "force a single process, as the reference scripts did")
-    g.add_argument("--eval_freq", type=int, default=1, help="epochs between evaluations (reference: 1; only 1 "
-                   "is supported)")
-    g.add_argument("--save_freq", type=int, default=999, help="also keep checkpoint_epoch{k}.pth.tar every k "
-                   "epochs (reference: 999)")
-    g.add_argument("--custom_eval_func", nargs="*", default=[], choices=DIAGNOSTICS,
-                   help="diagnostics logged after each evaluation, as the original's")
-    add_bool(g, "cuda_deterministic", False, "deterministic cuDNN kernels (slower)")
-    g.add_argument("--dist_timeout", type=float, default=30.0, help="minutes a process waits for the others "
-                   "(start-up rendezvous and every collective) before it stops with an error")
-    g.add_argument("--print_freq", type=int, default=50, help="iterations between log lines (reference: 50)")
-    add_bool(g, "skip_bad_images", False, "skip unreadable image files (counted and reported in the log) "
-             "instead of stopping at the first one")
-
-
-def add_legacy_args(g):
-    """The original's flags that have no meaning here; a value that would change the result is refused."""
-    for name in ("config", "dist_url", "gpu", "reweight_path", "headpretrained", "richway"):
-        g.add_argument(f"--{name}", default=None, help=argparse.SUPPRESS)
-    for name in ("world_size", "rank"):  # the launcher's environment sets them here
-        g.add_argument(f"--{name}", type=int, default=None, help=argparse.SUPPRESS)
-    for name in ("skip_pool", "save_init"):
-        g.add_argument(f"--{name}", nargs="?", const=True, default=None, type=bool_flag, help=argparse.SUPPRESS)
 
 
 def resolve_backbones(args):
@@ -463,6 +345,7 @@ class PositionSampler(torch.utils.data.Sampler):
 # ---------------------------------------------------------------- main
 def main(args):
     check_args(args)
+    require_cuda_if_requested(device_request(args))  # a GPU job on a CPU-only torch stops here, in one line
     dist_info = init_distributed(debug=args.debug, timeout_minutes=args.dist_timeout)
     resolve_batch(args, dist_info.world_size)
     args.precision = resolve_precision(args.precision, dist_info.device)
@@ -473,6 +356,8 @@ def main(args):
         os.makedirs(directory, exist_ok=True)
     lock = claim_run_folder(args.dump_path, dist_info, head_dirs)  # before any log line: a refused run writes nothing
     logger = create_logger(args.dump_path, dist_info.rank, "sweep.log" if sweep else "train.log")
+    if CPU_RUNTIME is not None:
+        logger.info(CPU_RUNTIME.line)
     head_loggers = [create_logger(d, dist_info.rank, console=False) for d in head_dirs] if sweep else [logger]
     try:
         with StopSignal() as stop:
@@ -786,4 +671,4 @@ def check_same_recipe(saved_args, args, path, skip=()):
 
 
 if __name__ == "__main__":
-    run_main(main, get_args_parser().parse_args())
+    run_main(main, ARGS)

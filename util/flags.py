@@ -16,7 +16,8 @@ def bool_flag(text):
 
 
 def add_bool(group, name, default, help):
-    """--name (True), --name True|False|1|0|yes|no, and --no-name (False); the default is shown once."""
+    """--name (True), --name True|False|1|0|yes|no, and --no-name (False); the default is shown once, by the
+    help formatter of util.cli.ArgumentParser."""
     group.add_argument(f"--{name}", nargs="?", const=True, default=default, type=bool_flag, metavar="BOOL",
-                       help=f"{help} (default: {default})" if default is not None else help)
+                       help=help)
     group.add_argument(f"--no-{name}", dest=name, action="store_false", help=argparse.SUPPRESS)

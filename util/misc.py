@@ -1,43 +1,13 @@
-"""Small helpers shared by the scripts: user errors, seeding, meters, accuracy, git revision."""
-import argparse
+"""Small helpers shared by the scripts: seeding, meters, accuracy, git revision, file locks. The command-line
+conventions (ArgumentParser, UserError, run_main) live in util/cli.py, which loads nothing heavy; they are
+re-exported here under their old names. numpy and torch are imported when a helper needs them."""
 import errno
 import fcntl
 import os
 import random
 import subprocess
-import sys
 
-import numpy as np
-import torch
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse whose errors are one line, like every other user error of the project."""
-
-    def error(self, message):
-        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
-
-
-class UserError(Exception):
-    """A problem with the user's input (flag, data, checkpoint): reported as one line, exit code 2."""
-
-
-def user_error_line(exc):
-    """The one-line message of a UserError, also when a DataLoader worker re-raised it with its traceback."""
-    text = str(exc).strip()
-    marker = f"{type(exc).__name__}: "
-    if marker in text:  # DataLoader wraps worker exceptions as "Caught UserError ... Traceback ... UserError: msg"
-        text = text[text.rindex(marker) + len(marker):]
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
-def run_main(main, args):
-    """Run a script's main(args): a user error becomes one line on stderr and exit code 2."""
-    try:
-        main(args)
-    except UserError as exc:
-        print(f"error: {user_error_line(exc)}", file=sys.stderr)
-        sys.exit(2)
+from util.cli import ArgumentParser, UserError, run_main, user_error_line  # noqa: F401  (old import names)
 
 
 def lock_file(file, wait=False):
@@ -52,6 +22,9 @@ def lock_file(file, wait=False):
 
 
 def set_seed(seed):
+    import numpy as np  # here, not at the top: util.misc is imported by --help paths
+    import torch
+
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)

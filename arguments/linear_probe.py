@@ -1,0 +1,147 @@
+"""Command line of main_linear_probe.py. Imports nothing heavy (no torch), so that `--help` and a mistyped flag
+answer at once; main_linear_probe.py imports its parser from here."""
+import argparse
+import os
+
+from arguments.common import add_device_arg, add_launcher_args
+from util.cli import ArgumentParser, add_alias
+from util.flags import add_bool, bool_flag
+
+PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULT_TAG_FILE = os.path.join(PROJECT_ROOT, "configs", "pretrained_checkpoints.yaml")
+DIAGNOSTICS = ("feature_importance", "cat_validate_network")
+
+
+# ---------------------------------------------------------------- arguments
+def get_args_parser():
+    p = ArgumentParser("main_linear_probe.py", description="Time-Cat linear probe of concatenated backbones")
+    add_backbone_args(p.add_argument_group("backbones"))
+    add_head_args(p.add_argument_group("head and optimisation (defaults = the reference protocol)"))
+    add_data_args(p.add_argument_group("data"))
+    add_speed_args(p.add_argument_group("speed (options that trade fidelity to the reference for speed)"))
+    add_run_args(p.add_argument_group("run"))
+    add_legacy_args(p.add_argument_group("flags of the original repository with no effect here (accepted and "
+                                         "logged as ignored, so its command lines run unchanged)"))
+    add_aliases(p)
+    return p
+
+
+def add_aliases(p):
+    """The field's common names for the same options (MAE/DINO spellings)."""
+    add_alias(p, "dump_path", "--output_dir")
+    add_alias(p, "wd", "--weight_decay")
+    add_alias(p, "workers", "--num_workers")
+
+
+def add_backbone_args(g):
+    g.add_argument("--tag", default=None, help="named set of checkpoints from --tag_file; fills --arch and "
+                   "--pretrained (e.g. supervisedimagenet_resnet50_sfadamw_5_step80k)")
+    g.add_argument("--tag_file", default=DEFAULT_TAG_FILE, help="YAML file of tags: {tag: {arch: [...], "
+                   "pretrained: [...]}}; relative checkpoint paths are relative to the project folder")
+    g.add_argument("--arch", nargs="+", default=None, help="one torchvision ResNet name per backbone, or one "
+                   "for all (reference: resnet50)")
+    g.add_argument("--pretrained", nargs="+", default=None, help="one checkpoint per backbone; features are "
+                   "concatenated in this order")
+    g.add_argument("--exp_mode", default="lineareval", choices=["lineareval", "finetune"],
+                   help="lineareval: frozen backbones (reference); finetune: the whole network trains")
+
+
+def add_head_args(g):
+    add_bool(g, "use_bn", True, "BatchNorm1d before the Linear layer (reference: True)")
+    g.add_argument("--classifier", default="linear", choices=["linear"], help="head type (reference: linear)")
+    g.add_argument("--headinit", default="normal", choices=["normal", "none", "cat_weights"],
+                   help="normal: N(0, 0.01^2) weights, zero bias (reference); none: PyTorch default; "
+                   "cat_weights: the backbones' own classifiers, averaged")
+    g.add_argument("--optimizer", default="sgd", choices=["sgd", "adam", "schedulefree_adamw", "sfadamw"],
+                   help="reference: sgd; schedulefree_adamw (alias sfadamw) is schedule-free AdamW with betas "
+                   "(--momentum, 0.999); adam uses betas (--momentum, --beta2)")
+    g.add_argument("--lr", nargs="+", default=["0.01"], help="learning rate(s), not scaled with the batch "
+                   "(reference: 0.01); several values train one head each in the same pass")
+    g.add_argument("--lr_last_layer", type=float, default=None, help="learning rate of the head's Linear layer "
+                   "(default and reference: --lr)")
+    g.add_argument("--wd", nargs="+", default=["5e-4"], help="weight decay(s) of the Linear layer; several "
+                   "values train one head each in the same pass. Reference sweeps: CIFAR 1e-2 5e-2 1e-4 5e-4 1e-3 "
+                   "5e-3; ImageNet 1e-4 5e-4; iNat18 1e-6 1e-5 1e-4")
+    g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum, Adam's beta1 (reference: 0.9)")
+    g.add_argument("--beta2", type=float, default=0.99, help="Adam's beta2 (the original's default: 0.99)")
+    add_bool(g, "nesterov", None, "Nesterov momentum, SGD only (default and reference: True with SGD)")
+    add_bool(g, "wd_skip_bn", True, "no weight decay on parameters whose name contains 'bn' (reference: True)")
+    g.add_argument("--epochs", type=int, default=28, help="training epochs (reference: 28)")
+    g.add_argument("--scheduler_type", default="step", choices=["step", "cosine", "constant"],
+                   help="per-epoch lr schedule, for every optimizer (reference: step)")
+    g.add_argument("--decay_epochs", type=int, nargs="+", default=[8, 16, 24],
+                   help="step schedule: epochs where the lr is multiplied by --gamma (reference: 8 16 24)")
+    g.add_argument("--gamma", type=float, default=0.1, help="step schedule factor (reference: 0.1)")
+    g.add_argument("--final_lr", type=float, default=0.0, help="cosine schedule: lr reached at the end")
+    g.add_argument("--seed", type=int, default=31, help="random seed (reference: 31)")
+
+
+def add_data_args(g):
+    g.add_argument("--data_name", default="cifar10", help="cifar10, cifar100, cifar10_{p}perc, "
+                   "cifar100_{p}perc, inaturalist18, imagenet1k, or imagefolder (any <data_path>/{train,val}/"
+                   "<class>/ folders, with ImageNet's transforms)")
+    g.add_argument("--data_path", default=os.path.join(PROJECT_ROOT, "data"),
+                   help="root of the README data layout (cifar/, imagenet/, inaturalist18/)")
+    add_bool(g, "download", True, "download CIFAR with torchvision into an existing --data_path when it is "
+             "missing (reference: True)")
+    g.add_argument("--tf_name", default="eval", choices=["eval", "224px", "32px"],
+                   help="transform preset: eval/224px = the reference's 224-px transforms, 32px = CIFAR native")
+    g.add_argument("--img_size", type=int, default=None, help="crop size overriding the preset (test resize "
+                   "= int(8/7 of it)), to run any dataset at CPU scale (reference: 224)")
+    g.add_argument("--data_rate", type=float, default=1.0, help="fraction of the training set kept, the "
+                   "reference's seeded rule (reference: 1)")
+    g.add_argument("--val_split", type=float, default=0.0, help="hold out this seeded fraction of the training "
+                   "set to select the epoch and head honestly (recommended: 0.1; reference: 0, best on test)")
+    g.add_argument("--batch_size", type=int, default=None, help="batch PER PROCESS. Not given: the reference's "
+                   "batch (256 CIFAR, 32 ImageNet/iNat18) is the GLOBAL batch, split across the processes")
+    g.add_argument("--workers", type=int, default=8, help="data-loading processes per process")
+
+
+def add_speed_args(g):
+    g.add_argument("--feature_cache", default=None, help="folder of cached backbone features: computed once "
+                   "with the test transform, reused by every later run with the same backbones and data "
+                   "(recommended for sweeps; reference: off, features recomputed every epoch)")
+    g.add_argument("--cache_views", type=int, default=0, help="with --feature_cache: also cache K augmented "
+                   "views of the training set and train on a random one per sample (0: test-transform features)")
+    g.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "auto"],
+                   help="backbone forward precision (recommended and reference: fp32, PyTorch's default TF32 "
+                   "settings); bf16 is faster and moves top-1 slightly; auto = bf16 where the hardware has it. "
+                   "The heads always train and evaluate in fp32")
+
+
+def add_run_args(g):
+    g.add_argument("--dump_path", default=os.path.join(PROJECT_ROOT, "results", "probe"),
+                   help="folder of train.log, metrics.jsonl, args.json and checkpoints (a sweep: one "
+                   "subfolder wd{wd}_lr{lr} per head)")
+    g.add_argument("--mode", default="train", choices=["train", "eval_only"],
+                   help="eval_only: evaluate the best saved head(s) of --dump_path")
+    add_bool(g, "start_over", False, "discard the state in --dump_path and start from epoch 0 (otherwise a "
+             "rerun resumes)")
+    add_bool(g, "sync_bn", None, "synchronise BatchNorm statistics across processes (head, and backbones when "
+             "fine-tuning); default: on whenever there is more than one process, so statistics are over the "
+             "global batch as in the reference's single process")
+    add_bool(g, "debug", False, "force a single process, as the reference scripts did")
+    add_device_arg(g)
+    g.add_argument("--eval_freq", type=int, default=1, help="epochs between evaluations (reference: 1; only 1 "
+                   "is supported)")
+    g.add_argument("--save_freq", type=int, default=999, help="also keep checkpoint_epoch{k}.pth.tar every k "
+                   "epochs (reference: 999)")
+    g.add_argument("--custom_eval_func", nargs="*", default=[], choices=DIAGNOSTICS,
+                   help="diagnostics logged after each evaluation, as the original's")
+    add_bool(g, "cuda_deterministic", False, "deterministic cuDNN kernels (slower)")
+    g.add_argument("--dist_timeout", type=float, default=30.0, help="minutes a process waits for the others "
+                   "(start-up rendezvous and every collective) before it stops with an error")
+    g.add_argument("--print_freq", type=int, default=50, help="iterations between log lines (reference: 50)")
+    add_bool(g, "skip_bad_images", False, "skip unreadable image files (counted and reported in the log) "
+             "instead of stopping at the first one")
+
+
+def add_legacy_args(g):
+    """The original's flags that have no meaning here; a value that would change the result is refused."""
+    for name in ("config", "dist_url", "gpu", "reweight_path", "headpretrained", "richway"):
+        g.add_argument(f"--{name}", default=None, help=argparse.SUPPRESS)
+    for name in ("world_size", "rank"):  # the launcher's environment sets them here
+        g.add_argument(f"--{name}", type=int, default=None, help=argparse.SUPPRESS)
+    add_launcher_args(g)
+    for name in ("skip_pool", "save_init"):
+        g.add_argument(f"--{name}", nargs="?", const=True, default=None, type=bool_flag, help=argparse.SUPPRESS)

@@ -1,0 +1,145 @@
+"""Command line of main_pretrain.py, and the run -> seed convention. Imports nothing heavy (no torch), so that
+`--help` and a mistyped flag answer at once; main_pretrain.py and tools/plan_timecat.py import from here."""
+import argparse
+import os
+
+from arguments.common import add_device_arg, add_launcher_args
+from util.cli import ArgumentParser, add_alias
+
+PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RELEASED_SEEDS = (2, 550, 23, 477, 8529)  # seeds of the released runs 0..4
+EXTRA_RUN_SEED = 10000  # run i >= 5 defaults to seed 10000 + i, clear of the released ones
+BN_BATCH = 128  # images per forward pass and process (AlgoPerf: 1024 over 8 devices); the rest is accumulation
+SCHEDULE_FREE = ("sfadamw", "sfadamw_package")
+PRETRAIN_DATA = ("imagenet1k", "imagefolder")
+# Choices shown by --help, spelled here so that --help needs no torch; tests/test_cli.py checks that they equal
+# their owners' (models.backbones.RESNET_ARCHS, models.init.INITS, util.sfadamw.MOMENT_DTYPES).
+ARCH_NAMES = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnext50_32x4d", "resnext101_32x8d",
+              "resnext101_64x4d", "wide_resnet50_2", "wide_resnet101_2")
+INIT_NAMES = ("algoperf", "torchvision")
+MOMENT_DTYPE_NAMES = ("bfloat16", "float32")
+
+
+# ---------------------------------------------------------------- arguments
+def get_args_parser():
+    p = ArgumentParser("main_pretrain.py", description="Time-Cat supervised pretraining of one backbone",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_model_and_data_args(p)
+    add_batch_args(p)
+    add_optimisation_args(p)
+    add_bn_args(p)
+    add_run_args(p)
+    add_alias(p, "wd", "--weight_decay")
+    add_alias(p, "workers", "--num_workers")
+    return p
+
+
+def add_model_and_data_args(p):
+    g = p.add_argument_group("model and data")
+    g.add_argument("--arch", default="resnet50", help=f"torchvision ResNet, one of {', '.join(ARCH_NAMES)} "
+                   "(reference: resnet50)")
+    g.add_argument("--data_name", default="imagenet1k", choices=PRETRAIN_DATA, help="dataset of the probe's "
+                   "registry (reference: imagenet1k); imagefolder: any <data_path>/{train,val}/<class>/ tree")
+    g.add_argument("--data_path", default=os.path.join(PROJECT_ROOT, "data"),
+                   help="imagenet1k: the README's data root (holding imagenet/) or the ImageNet folder itself "
+                   "(holding train/ and val/)")
+    g.add_argument("--init", default="algoperf", choices=INIT_NAMES, help="initialisation (reference: algoperf: "
+                   "truncated-normal convs, N(0, 0.01^2) classifier, zero last BatchNorm per residual branch)")
+    g.add_argument("--img_size", type=int, default=224, help="training crop; validation resizes to 8/7 of it "
+                   "and center-crops (reference: 224; 32 or less for CPU-scale runs)")
+    g.add_argument("--workers", type=int, default=8, help="data-loading processes per process "
+                   "(recommended: CPU cores per GPU minus one)")
+
+
+def add_batch_args(p):
+    g = p.add_argument_group("batch and budget")
+    g.add_argument("--global_batch", type=int, default=1024, help="images per optimizer step over all processes "
+                   "(reference: 1024); = batch_size x processes x accum_steps")
+    g.add_argument("--batch_size", type=int, default=None, help="images per forward pass and process, the "
+                   f"BatchNorm batch (recommended and reference: {BN_BATCH}, AlgoPerf's 1024 over 8 devices); "
+                   "default: that, or the per-process batch when smaller")
+    g.add_argument("--accum_steps", type=int, default=None, help="gradient-accumulation micro-steps per optimizer "
+                   "step; default: derived from --global_batch and --batch_size")
+    g.add_argument("--steps", type=int, default=450000, help="optimizer steps of this run (reference: 450000 for "
+                   "cat1; a catN run needs 400000/N)")
+    g.add_argument("--save_steps", type=int, nargs="*", default=[80000, 100000, 200000],
+                   help="milestones written as checkpoints_step{k}/ (k = steps/1000) besides checkpoints_stepfull/ "
+                   "(reference: 80000 100000 200000, the cat5/cat4/cat2 budgets)")
+    g.add_argument("--eval_every", type=int, default=5000, help="steps between validations (0: only at milestones "
+                   "and the end); each also saves the resume state")
+
+
+def add_optimisation_args(p):
+    g = p.add_argument_group("optimisation (unset values follow --optimizer's reference recipe)")
+    g.add_argument("--optimizer", default="sfadamw", choices=[*SCHEDULE_FREE, "sgd"],
+                   help="sfadamw: schedule-free AdamW as AlgoPerf's submission updates it (the released "
+                   "checkpoints; reference); sfadamw_package: the schedulefree package's AdamWScheduleFree (decay "
+                   "at y); sgd: the predecessor paper's 90-epoch recipe")
+    g.add_argument("--lr", type=float, default=None, help="peak learning rate (reference: sfadamw 0.0025 at any "
+                   "batch; sgd 0.1 x global_batch / 256)")
+    g.add_argument("--wd", type=float, default=None, help="decoupled weight decay (reference: sfadamw "
+                   "0.08121616522670176; sgd 1e-4)")
+    g.add_argument("--betas", type=float, nargs=2, default=[0.9, 0.9955159689799007],
+                   help="sfadamw betas (reference: 0.9 0.9955159689799007)")
+    g.add_argument("--eps", type=float, default=1e-8, help="sfadamw epsilon (reference: 1e-8)")
+    g.add_argument("--sf_moment_dtype", default="bfloat16", choices=sorted(MOMENT_DTYPE_NAMES), help="sfadamw: "
+                   "dtype of the second moment (reference: bfloat16, as AlgoPerf's submission keeps it)")
+    g.add_argument("--sf_r", type=float, default=0.75, help="sfadamw polynomial weighting power r of the average "
+                   "(AlgoPerf submission: 0.75; the schedulefree package default is 0)")
+    g.add_argument("--weight_lr_power", type=float, default=2.0, help="sfadamw averaging weight = lr^power "
+                   "(reference: 2)")
+    g.add_argument("--warmup_steps", type=int, default=None, help="linear warmup steps (reference: sfadamw "
+                   "2799 = 0.02 x 0.75 x 186666; sgd 0)")
+    g.add_argument("--label_smoothing", type=float, default=None, help="(reference: sfadamw 0.2; sgd 0)")
+    g.add_argument("--momentum", type=float, default=0.9, help="sgd momentum (reference: 0.9)")
+    g.add_argument("--schedule", default="step", choices=["step", "cosine"], help="sgd learning-rate schedule "
+                   "(reference: step); cosine decays to 0 at --steps")
+    g.add_argument("--decay_epochs", type=int, nargs="*", default=[30, 60], help="sgd step schedule: epochs "
+                   "where the lr is multiplied by --gamma (reference: 30 60, over 90 epochs)")
+    g.add_argument("--gamma", type=float, default=0.1, help="sgd step schedule factor (reference: 0.1)")
+
+
+def add_bn_args(p):
+    g = p.add_argument_group("schedule-free BatchNorm statistics")
+    g.add_argument("--bn_refresh_batches", type=int, default=50, help="training batches per process forwarded "
+                   "at the averaged weights x to recompute BatchNorm statistics before each evaluation and "
+                   "checkpoint (recommended: 50; 0 keeps the statistics gathered during training)")
+    g.add_argument("--bn_refresh_every", type=int, default=0, help="also update the statistics at x with the "
+                   "current batch every K steps (AlgoPerf's second schedule-free entry: 3; 0: off)")
+
+
+def add_run_args(p):
+    g = p.add_argument_group("run")
+    g.add_argument("--run", type=int, default=0, help="run index i: checkpoint_run{i}.pth.tar; runs 0-4 default "
+                   f"to the released seeds {', '.join(map(str, RELEASED_SEEDS))}")
+    g.add_argument("--seed", type=int, default=None, help="seed of initialisation, data order and augmentation; "
+                   f"default: the released seed of --run (run >= 5: {EXTRA_RUN_SEED} + run)")
+    g.add_argument("--output_dir", default=None, help="checkpoint root; default: "
+                   "checkpoints/supervised_pretrain/{arch}_{optimizer} (the layout the probe's tags read)")
+    g.add_argument("--dump_path", default=None, help="this run's folder (train.log, metrics.jsonl, args.json, "
+                   "resume.pth.tar); default: results/pretrain/{arch}_{optimizer}/run{run}")
+    g.add_argument("--init_from", default=None, help="start step 0 from these weights instead of --init (fine-tune, "
+                   "or continue with a new budget and a fresh optimizer): a checkpoint of this script, an AlgoPerf "
+                   "checkpoint (model_params with _orig_mod./module. keys) or a torchvision state_dict; the "
+                   "classifier is kept when its shape fits (reference: unset)")
+    g.add_argument("--start_over", action="store_true", help="discard the resume state of --dump_path and "
+                   "start from step 0 (the default resumes)")
+    g.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "auto"], help="reference and "
+                   "recommended: fp32 (TF32 matmuls on GPUs, as PyTorch allowed on the reference's GPUs); bf16: "
+                   "autocast, faster, not the reference numerics (see docs/benchmarks.md); auto = bf16 on GPUs and "
+                   "on CPUs with bf16 instructions, fp32 elsewhere")
+    g.add_argument("--compile", action="store_true", help="torch.compile the training forward/backward")
+    g.add_argument("--max_time", default=None, help="wall-clock budget of this process ([[D-]H:]M:S or seconds): "
+                   "save the resume state and stop cleanly once it is spent, before a job's time limit")
+    g.add_argument("--print_freq", type=int, default=100, help="steps between log lines")
+    g.add_argument("--debug", action="store_true", help="force a single process")
+    add_device_arg(g)
+    add_launcher_args(g)
+    g.add_argument("--dist_timeout", type=float, default=30.0, help="minutes a process waits for the others "
+                   "(start-up rendezvous and every collective) before it stops with an error")
+    g.add_argument("--skip_bad_images", action="store_true", help="skip unreadable image files (counted and "
+                   "reported in the log) instead of stopping at the first one")
+
+
+def default_seed(run):
+    return RELEASED_SEEDS[run] if run < len(RELEASED_SEEDS) else EXTRA_RUN_SEED + run
