@@ -26,19 +26,13 @@ import json
 import os
 import sys
 
-import numpy as np
-
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
-import torch  # noqa: E402
-
-from analysis.features import analyse_chunks, backbone_dims, head_weights, row_chunks, weight_share  # noqa: E402
-from analysis.knn import knn_accuracy, knn_log_line  # noqa: E402
-from util.checkpoint import load_file  # noqa: E402
-from util.logs import write_json_atomic, writing  # noqa: E402
-from util.misc import ArgumentParser, UserError, run_main  # noqa: E402
+# numpy, torch and the analysis modules are imported inside the functions that use them,
+# so that --help answers without loading them
+from util.cli import ArgumentParser, UserError, run_main  # noqa: E402
 
 # what may differ between the training and test entries of one configuration
 SPLIT_KEYS = ("split", "view", "length", "data_rate", "seed")
@@ -47,6 +41,7 @@ SPLIT_KEYS = ("split", "view", "length", "data_rate", "seed")
 # ---------------------------------------------------------------- cache entries
 def read_entry(directory):
     """(key, features memory map, labels) of a complete entry, or None when the folder is no entry."""
+    import numpy as np
     try:
         with open(os.path.join(directory, "manifest.json")) as f:
             manifest = json.load(f)
@@ -102,6 +97,7 @@ def sibling_entry(directory, key, split):
 
 def entry_dims(directory, key):
     """Per-backbone widths: the manifest's 'dims' where a cache writer records them, else from the archs."""
+    from analysis.features import backbone_dims
     with open(os.path.join(directory, "manifest.json")) as f:
         dims = json.load(f).get("dims")
     return dims if isinstance(dims, list) and len(dims) == len(key["arch"]) else backbone_dims(key["arch"])
@@ -132,6 +128,8 @@ def print_spectrum(spectrum, names):
 
 def head_report(path, dims, names):
     """{head name: WeightShare} of every Linear acting on the concatenation in a probe checkpoint."""
+    from analysis.features import head_weights, weight_share
+    from util.checkpoint import load_file
     weights = head_weights(load_file(path, "head checkpoint"), sum(dims))
     if not weights:
         raise UserError(f"{path} holds no Linear weight acting on {sum(dims)}-d features: is it a probe "
@@ -146,6 +144,7 @@ def head_report(path, dims, names):
 
 def write_heatmap(path, cka, names):
     """Heat map of the CKA matrix; False when matplotlib is missing."""
+    from util.logs import writing
     try:
         import matplotlib
     except ImportError:
@@ -196,6 +195,7 @@ def get_args_parser():
 
 
 def resolve_device(name):
+    import torch
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -208,6 +208,8 @@ def resolve_device(name):
 
 
 def knn_report(entry, key, features, labels, args, device):
+    import torch
+    from analysis.knn import knn_accuracy, knn_log_line
     train_dir = entry if key.get("split") == "train" else sibling_entry(entry, key, "train")
     test_dir = entry if key.get("split") == "test" else sibling_entry(entry, key, "test")
     (_, train_f, train_l), (_, test_f, test_l) = read_entry(train_dir), read_entry(test_dir)
@@ -218,6 +220,8 @@ def knn_report(entry, key, features, labels, args, device):
 
 
 def main(args):
+    from analysis.features import analyse_chunks, row_chunks
+    from util.logs import write_json_atomic, writing
     if args.chunk < 1 or args.knn < 0 or args.temperature <= 0:
         raise UserError("--chunk must be 1 or more, --knn 0 or more, --temperature above 0")
     device = resolve_device(args.device)

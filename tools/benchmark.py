@@ -27,16 +27,17 @@ from util.cpu_runtime import configure_cpu_runtime  # noqa: E402
 
 CPU_RUNTIME = configure_cpu_runtime()  # before torch: OpenMP reads its settings when torch loads it
 
-import torch  # noqa: E402
-
-from engine import autocast, resolve_precision  # noqa: E402
-from util.misc import ArgumentParser, UserError, run_main  # noqa: E402
+# torch and engine are imported inside the functions that use them,
+# so that --help answers without loading them
+from arguments import pretrain as pretrain_args  # noqa: E402
+from util.cli import ArgumentParser, UserError, run_main  # noqa: E402
 
 RESULTS = os.path.join(REPO, "results", "benchmarks.md")  # a tool never modifies tracked files by default
 
 
 # ---------------------------------------------------------------- machine and results file
 def machine_description():
+    import torch
     if torch.cuda.is_available():
         count = torch.cuda.device_count()
         return f"{count}x {torch.cuda.get_device_name(0)}"
@@ -84,6 +85,7 @@ TRAIN_HEADER = "| date | machine | torch | model | batch | fp32 img/s (default) 
 
 
 def synchronize(device):
+    import torch
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -106,6 +108,7 @@ def rates(step_fns, batch_size, warmup, steps, device):
 
 
 def bench_train(args):
+    import torch
     import main_pretrain
     from models import build_backbone
 
@@ -118,7 +121,7 @@ def bench_train(args):
     steps = args.steps or ((20 if args.quick else 50) if on_gpu else (3 if args.quick else 5))
     warmup = (3 if args.compile else 1) * (5 if on_gpu else 1)  # compilation and cudnn autotuning settle first
     load = os.getloadavg()[0]
-    recipe = main_pretrain.get_args_parser().parse_args(["--arch", args.arch])
+    recipe = pretrain_args.get_args_parser().parse_args(["--arch", args.arch])
     main_pretrain.check_args(recipe)
     recipe.accum_steps = 1
     images = torch.randn(batch, 3, size, size)
@@ -179,6 +182,7 @@ PROBE_HEADER = ("| date | machine | setup | per-epoch s (top-1) | cached s (top-
 
 
 def matmul_peak(device, dtype, size=2048, repeats=20):
+    import torch
     a = torch.randn(size, size, device=device, dtype=dtype)
     b = torch.randn(size, size, device=device, dtype=dtype)
     a @ b
@@ -192,6 +196,7 @@ def matmul_peak(device, dtype, size=2048, repeats=20):
 
 def gflop_per_image(arch, size):
     """Forward GFLOP (2 x multiply-adds) per image, counted by torch's FLOP counter."""
+    import torch
     from torch.utils.flop_counter import FlopCounterMode
     from models import build_backbone
     model = build_backbone(arch).eval()
@@ -201,6 +206,8 @@ def gflop_per_image(arch, size):
 
 
 def bench_backbone(args):
+    import torch
+    from engine import autocast, resolve_precision
     from models import build_backbone
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -267,6 +274,7 @@ def timed_probe(argv, log_name="train.log"):
 
 
 def bench_probe(args):
+    import torch
     import shutil
     import tempfile
     sys.path.insert(0, os.path.join(REPO, "tests"))

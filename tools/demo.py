@@ -26,26 +26,27 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
-import numpy as np  # noqa: E402
-from PIL import Image  # noqa: E402
-
 from util import layout  # noqa: E402
-from util.misc import ArgumentParser, UserError, run_main  # noqa: E402
+# numpy and PIL are imported inside the functions that use them,
+# so that --help answers without loading them
+from util.cli import ArgumentParser, UserError, run_main  # noqa: E402
 
 SIZE = 32
 CLASSES = 4
 # background colours (RGB) of the four classes; they are dimmed and jittered per image
-HUES = np.array([[200, 60, 60], [60, 180, 60], [60, 80, 200], [190, 170, 50]], dtype=float)
+HUES = ((200, 60, 60), (60, 180, 60), (60, 80, 200), (190, 170, 50))
 TASKS = ("mixture", "shape", "texture")  # mixture: the pretraining task itself
 
 
 # ---------------------------------------------------------------- the dataset
 def _grid():
+    import numpy as np
     return np.mgrid[0:SIZE, 0:SIZE]
 
 
 def shape_mask(kind, cx, cy, r):
     """square, disk, triangle or cross centred at (cx, cy) with half-size r."""
+    import numpy as np
     yy, xx = _grid()
     dx, dy = xx - cx, yy - cy
     if kind == 0:
@@ -65,7 +66,9 @@ def stripes(kind, phase, period=4):
 
 
 def draw(shape, texture, colour, rng):
-    background = HUES[colour] * 0.5 + 60 + rng.normal(0, 20, 3)
+    import numpy as np
+    from PIL import Image
+    background = np.array(HUES[colour], dtype=float) * 0.5 + 60 + rng.normal(0, 20, 3)
     img = np.tile(background, (SIZE, SIZE, 1))
     r = rng.uniform(7, 10)
     cx, cy = rng.uniform(12, 20, 2)
@@ -80,6 +83,7 @@ def draw(shape, texture, colour, rng):
 def generate(root, per_class_train, per_class_test, seed):
     """data/demo/{mixture,shape,texture}/{train,val}/c{k}/*.png (main_pretrain.py reads mixture/ as an
     imagefolder). Skipped when the same specification is already there."""
+    import numpy as np
     spec = {"version": 1, "train": per_class_train, "test": per_class_test, "seed": seed, "size": SIZE}
     manifest = os.path.join(root, "manifest.json")
     if os.path.isfile(manifest) and json.load(open(manifest)) == spec:

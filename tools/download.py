@@ -25,12 +25,10 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
-import requests  # noqa: E402
-import yaml  # noqa: E402
-from tqdm import tqdm  # noqa: E402
-
 from util import layout  # noqa: E402
-from util.misc import ArgumentParser, UserError, run_main  # noqa: E402
+# requests, yaml and tqdm are imported inside the functions that use them,
+# so that --help answers without loading them
+from util.cli import ArgumentParser, UserError, run_main  # noqa: E402
 
 DEFAULT_URL = ("https://dl.fbaipublicfiles.com/richreps-timecat/"
                "ckpt_resnet50_sfadamw_imagenet1k_supervised.tar.gz")
@@ -79,6 +77,7 @@ def release_tags(tag_file=TAG_FILE):
 
     Read from the project's tag file when it exists (so the report names the tags --tag accepts), else built in.
     """
+    import yaml
     if not os.path.isfile(tag_file):
         return builtin_tags()
     try:
@@ -138,6 +137,8 @@ def _content_range(resp):
 
 def _fetch_once(url, part, timeout, desc):
     """One HTTP attempt appending to `part`: returns once the file is complete, else raises."""
+    import requests
+    from tqdm import tqdm
     have = os.path.getsize(part) if os.path.exists(part) else 0
     # identity: the .tar.gz must arrive byte for byte, never decoded by requests
     headers = {"Accept-Encoding": "identity"}
@@ -276,6 +277,7 @@ def safe_extract(archive, into, desc="extracting"):
     Returns the archive's file names. Raises UserError for an unsafe member or a full disk and CorruptArchive
     for an unreadable archive; the caller removes `into` on failure.
     """
+    from tqdm import tqdm
     names = []
     bar = tqdm(total=os.path.getsize(archive), unit="B", unit_scale=True, unit_divisor=1024, desc=desc,
                disable=None)

@@ -21,9 +21,9 @@ if REPO not in sys.path:
 
 import yaml  # noqa: E402
 
-from main_pretrain import default_seed  # noqa: E402
+from arguments.pretrain import default_seed  # noqa: E402
 from util import layout  # noqa: E402
-from util.misc import ArgumentParser, UserError, run_main  # noqa: E402
+from util.cli import ArgumentParser, UserError, run_main  # noqa: E402
 
 # under results/ (ignored): a tool never modifies tracked files unless given their path
 DEFAULT_TAGS = os.path.join("results", "timecat_plan", "timecat_plan.yaml")

@@ -25,7 +25,7 @@ if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
 from tools.download import CorruptArchive, fetch, safe_extract, show  # noqa: E402
-from util.misc import ArgumentParser, UserError, run_main  # noqa: E402
+from util.cli import ArgumentParser, UserError, run_main  # noqa: E402
 
 DATASETS = ("cifar10", "cifar100", "inaturalist18", "imagenet1k")
 CIFAR_URL = "https://www.cs.toronto.edu/~kriz/cifar.html"

@@ -27,7 +27,7 @@ if REPO not in sys.path:
 from tools import catn_curve  # noqa: E402
 from util import layout  # noqa: E402
 from util.log_lines import EPOCH_RE, FINAL_RE, parse_tests  # noqa: E402  (the owner of the log formats)
-from util.misc import ArgumentParser, UserError, run_main  # noqa: E402
+from util.cli import ArgumentParser, UserError, run_main  # noqa: E402
 
 # table columns: dataset -> header, in the README's order; other datasets follow under their own name
 COLUMNS = {"imagenet1k": "ImageNet1k", "inaturalist18": "iNat18", "cifar100": "CIFAR100", "cifar10": "CIFAR10"}
