@@ -5,6 +5,7 @@ import os
 
 from arguments.common import add_device_arg, add_launcher_args
 from util.cli import ArgumentParser, add_alias
+from util.flags import add_bool
 
 PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RELEASED_SEEDS = (2, 550, 23, 477, 8529)  # seeds of the released runs 0..4
@@ -122,22 +123,22 @@ def add_run_args(p):
                    "or continue with a new budget and a fresh optimizer): a checkpoint of this script, an AlgoPerf "
                    "checkpoint (model_params with _orig_mod./module. keys) or a torchvision state_dict; the "
                    "classifier is kept when its shape fits (reference: unset)")
-    g.add_argument("--start_over", action="store_true", help="discard the resume state of --dump_path and "
-                   "start from step 0 (the default resumes)")
+    add_bool(g, "start_over", False, "discard the resume state of --dump_path and "
+                   "start from step 0 (otherwise a rerun resumes)")
     g.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "auto"], help="reference and "
                    "recommended: fp32 (TF32 matmuls on GPUs, as PyTorch allowed on the reference's GPUs); bf16: "
                    "autocast, faster, not the reference numerics (see docs/benchmarks.md); auto = bf16 on GPUs and "
                    "on CPUs with bf16 instructions, fp32 elsewhere")
-    g.add_argument("--compile", action="store_true", help="torch.compile the training forward/backward")
+    add_bool(g, "compile", False, "torch.compile the training forward/backward")
     g.add_argument("--max_time", default=None, help="wall-clock budget of this process ([[D-]H:]M:S or seconds): "
                    "save the resume state and stop cleanly once it is spent, before a job's time limit")
     g.add_argument("--print_freq", type=int, default=100, help="steps between log lines")
-    g.add_argument("--debug", action="store_true", help="force a single process")
+    add_bool(g, "debug", False, "force a single process")
     add_device_arg(g)
     add_launcher_args(g)
     g.add_argument("--dist_timeout", type=float, default=30.0, help="minutes a process waits for the others "
                    "(start-up rendezvous and every collective) before it stops with an error")
-    g.add_argument("--skip_bad_images", action="store_true", help="skip unreadable image files (counted and "
+    add_bool(g, "skip_bad_images", False, "skip unreadable image files (counted and "
                    "reported in the log) instead of stopping at the first one")
 
 

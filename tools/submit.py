@@ -21,6 +21,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
+from util.cli import ArgumentParser  # noqa: E402  (one-line errors, defaults shown once; torch-free)
 from util.sweeps import LAYOUTS, SWEEPS, sweep_tasks  # noqa: E402
 
 LINEAREVAL = os.path.join("scripts", "lineareval.sbatch")
@@ -31,13 +32,6 @@ PATH_OPTIONS = {"--output": "output", "-o": "output", "--error": "error", "-e": 
 
 class SubmitError(Exception):
     """A user error of this tool: one line, exit code 2 (the tool stays torch-free so it answers at once)."""
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """argparse errors as one `error: ...` line, like the project's util.misc.ArgumentParser (without torch)."""
-
-    def error(self, message):
-        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
 
 
 def sbatch_options(script_text, extra=()):
@@ -138,9 +132,9 @@ def task(args):
 
 
 def get_args_parser():
-    p = OneLineParser("tools/submit.py", description="create the folders a slurm script writes to, "
+    p = ArgumentParser("tools/submit.py", description="create the folders a slurm script writes to, "
                                 "then sbatch it (run from anywhere; jobs run in the project folder)")
-    sub = p.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
+    sub = p.add_subparsers(dest="command", required=True, parser_class=ArgumentParser)
     run = argparse.ArgumentParser(add_help=False)
     run.add_argument("--dry_run", action="store_true", help="create the folders and print the sbatch command only")
     run.add_argument("sbatch_args", nargs="*", help="after --: more sbatch options, e.g. -- --partition=gpu")

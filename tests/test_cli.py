@@ -1,0 +1,128 @@
+"""Command lines: --help without heavy imports, one spelling per concept (with the field's aliases), defaults
+shown once in every help line."""
+import argparse
+import glob
+import importlib
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from util.cli import HEAVY_MODULES
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPTS = ["main_linear_probe.py", "main_pretrain.py"] + sorted(
+    os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "tools", "*.py"))
+    if 'if __name__ == "__main__":' in open(p).read())
+
+# Runs a script as `python SCRIPT --help` would, then reports which heavy modules got imported.
+HELP_PROBE = """
+import json, os, runpy, sys
+path = sys.argv[1]
+sys.argv = [path, "--help"]
+sys.path[0] = os.path.dirname(os.path.abspath(path))  # as python SCRIPT sets it
+try:
+    runpy.run_path(path, run_name="__main__")
+    code = 0
+except SystemExit as exc:
+    code = exc.code or 0
+heavy = sorted(m for m in %r if m in sys.modules)
+print("HEAVY=" + json.dumps({"code": code, "heavy": heavy}), file=sys.stderr)
+""" % (list(HEAVY_MODULES),)
+
+
+def test_the_list_covers_the_main_scripts_and_tools():
+    assert {"main_linear_probe.py", "main_pretrain.py", "tools/submit.py", "tools/benchmark.py",
+            "tools/download.py"} <= set(SCRIPTS)
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_help_answers_without_importing_torch(script):
+    """`--help` prints usage and loads none of torch, torchvision, numpy, PIL, matplotlib, requests..."""
+    out = subprocess.run([sys.executable, "-c", HELP_PROBE, os.path.join(ROOT, script)], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)
+    report = json.loads(out.stderr.split("HEAVY=")[-1])
+    assert report["code"] == 0, out.stderr
+    assert "usage:" in out.stdout
+    assert report["heavy"] == [], f"{script} --help imported {report['heavy']}"
+
+
+def parsers():
+    """(name, parser) of every script and tool, subcommands included."""
+    from arguments import linear_probe, pretrain
+    found = [("main_linear_probe.py", linear_probe.get_args_parser()), ("main_pretrain.py", pretrain.get_args_parser())]
+    for script in SCRIPTS:
+        if script.startswith("tools/"):
+            module = importlib.import_module("tools." + os.path.basename(script)[:-3])
+            found.append((script, module.get_args_parser()))
+    expanded = []
+    for name, parser in found:
+        expanded.append((name, parser))
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                expanded += [(f"{name} {sub}", p) for sub, p in action.choices.items()]
+    return expanded
+
+
+def visible_help(parser):
+    formatter = parser._get_formatter()
+    for action in parser._actions:
+        if action.help is not argparse.SUPPRESS and action.option_strings and action.help is not None:
+            yield action, formatter._expand_help(action) if action.help else ""
+
+
+def test_every_help_line_shows_its_default_once():
+    problems = []
+    for name, parser in parsers():
+        for action, text in visible_help(parser):
+            flag = action.option_strings[-1]
+            if "(default: None)" in text or text.count("(default") > 1:
+                problems.append(f"{name} {flag}: {text!r}")
+            meaningful = action.default not in (None, argparse.SUPPRESS, [], False) and action.nargs != 0
+            if meaningful and "default" not in text.lower():
+                problems.append(f"{name} {flag} hides its default {action.default!r}: {text!r}")
+    assert not problems, "\n".join(problems)
+
+
+def test_help_of_the_probe_merges_default_and_reference():
+    from arguments import linear_probe
+    text = linear_probe.get_args_parser().format_help()
+    assert "(reference: 28)" not in " ".join(text.split())
+    assert "(default and reference: 28)" in " ".join(text.split())
+
+
+def test_the_fields_common_names_are_aliases():
+    from arguments import linear_probe, pretrain
+    args = linear_probe.get_args_parser().parse_args(["--output_dir", "out", "--weight_decay", "1e-3", "5e-3",
+                                                      "--num_workers", "3", "--local-rank=1"])
+    assert (args.dump_path, args.wd, args.workers, args.local_rank) == ("out", ["1e-3", "5e-3"], 3, 1)
+    args = pretrain.get_args_parser().parse_args(["--weight_decay", "0.1", "--num_workers", "2", "--local_rank", "0"])
+    assert (args.wd, args.workers, args.local_rank) == (0.1, 2, 0)
+
+
+def test_same_concept_same_flag_in_both_scripts():
+    """Options both scripts have share their spelling, type and choices."""
+    from arguments import linear_probe, pretrain
+    probe, train = ({a.dest: a for a in reversed(p._actions)} for p in (linear_probe.get_args_parser(),
+                                                                       pretrain.get_args_parser()))
+    for dest in ("data_path", "data_name", "seed", "workers", "precision", "debug", "device", "dist_timeout",
+                 "print_freq", "dump_path", "start_over", "momentum", "wd", "lr", "local_rank"):
+        assert f"--{dest}" in probe[dest].option_strings and f"--{dest}" in train[dest].option_strings, dest
+    for dest in ("precision", "device"):
+        assert probe[dest].choices == train[dest].choices, dest
+    assert "--num_workers" in probe["workers"].option_strings and "--num_workers" in train["workers"].option_strings
+    for parser in (linear_probe.get_args_parser(), pretrain.get_args_parser()):  # the original's bool syntax too
+        assert parser.parse_args(["--debug", "True", "--start_over"]).debug is True
+        assert parser.parse_args(["--debug", "False"]).debug is False
+
+
+def test_help_choices_equal_their_owners():
+    from arguments import pretrain
+    from models.backbones import RESNET_ARCHS
+    from models.init import INITS
+    from util.sfadamw import MOMENT_DTYPES
+    assert pretrain.ARCH_NAMES == tuple(RESNET_ARCHS)
+    assert pretrain.INIT_NAMES == tuple(INITS)
+    assert sorted(pretrain.MOMENT_DTYPE_NAMES) == sorted(MOMENT_DTYPES)
