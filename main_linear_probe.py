@@ -7,7 +7,8 @@ A sweep in one pass: --wd 1e-4 5e-4 1e-3 trains one head per value on the same b
 """
 
 from arguments.common import apply_device_choice, device_request
-from arguments.linear_probe import DEFAULT_TAG_FILE, DIAGNOSTICS, PROJECT_ROOT, get_args_parser  # noqa: F401
+from arguments.linear_probe import (DEFAULT_TAG_FILE, DIAGNOSTICS, PROJECT_ROOT, default_dump_path,  # noqa: F401
+                                    get_args_parser)
 from util.cpu_runtime import configure_cpu_runtime
 
 CPU_RUNTIME = None  # util.cpu_runtime's choice of OpenMP settings, logged by main(); set when run as a script
@@ -128,6 +129,8 @@ def check_args(args):
         raise UserError("--cache_views needs --feature_cache DIR")
     if args.eval_freq != 1:
         raise UserError("--eval_freq: only 1 (evaluate after every epoch, the reference's) is supported")
+    if args.dump_path is None:  # the run's own folder under results/probe/ (README "Where results go")
+        args.dump_path = default_dump_path(args, RECIPE_KEYS)
     check_dump_path(args.dump_path)
     args.ignored = check_legacy(args)
 

@@ -1,6 +1,8 @@
 """Command line of main_linear_probe.py. Imports nothing heavy (no torch), so that `--help` and a mistyped flag
 answer at once; main_linear_probe.py imports its parser from here."""
 import argparse
+import hashlib
+import json
 import os
 
 from arguments.common import add_device_arg, add_launcher_args
@@ -10,6 +12,7 @@ from util.flags import add_bool, bool_flag
 PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_TAG_FILE = os.path.join(PROJECT_ROOT, "configs", "pretrained_checkpoints.yaml")
 DIAGNOSTICS = ("feature_importance", "cat_validate_network")
+RESULTS_ROOT = os.path.join(PROJECT_ROOT, "results", "probe")  # under the git-ignored results/
 
 
 # ---------------------------------------------------------------- arguments
@@ -110,9 +113,11 @@ def add_speed_args(g):
 
 
 def add_run_args(g):
-    g.add_argument("--dump_path", default=os.path.join(PROJECT_ROOT, "results", "probe"),
-                   help="folder of train.log, metrics.jsonl, args.json and checkpoints (a sweep: one "
-                   "subfolder wd{wd}_lr{lr} per head)")
+    g.add_argument("--dump_path", default=None,
+                   help="folder of train.log, metrics.jsonl, args.json and checkpoints (a sweep: one subfolder "
+                   "wd{wd}_lr{lr} per head); default: results/probe/{data_name}/{tag, or N x arch-hash}/"
+                   "wd{values}-{recipe hash}, so a rerun of the same command resumes and two different probes "
+                   "never share a folder")
     g.add_argument("--mode", default="train", choices=["train", "eval_only"],
                    help="eval_only: evaluate the best saved head(s) of --dump_path")
     add_bool(g, "start_over", False, "discard the state in --dump_path and start from epoch 0 (otherwise a "
@@ -145,3 +150,23 @@ def add_legacy_args(g):
     add_launcher_args(g)
     for name in ("skip_pool", "save_init"):
         g.add_argument(f"--{name}", nargs="?", const=True, default=None, type=bool_flag, help=argparse.SUPPRESS)
+
+
+def config_name(args):
+    """The backbones of a run as a folder name: the tag, else '{N}x{arch}-{hash of the checkpoint paths}'."""
+    if args.tag:
+        return args.tag
+    archs = sorted(set(args.arch or []))
+    digest = hashlib.sha256(json.dumps([args.arch, args.pretrained]).encode()).hexdigest()[:6]
+    return f"{len(args.pretrained or [])}x{'+'.join(archs) or 'backbone'}-{digest}"
+
+
+def default_dump_path(args, recipe_keys, root=None):
+    """results/probe/{data_name}/{config}/wd{values}-{hash}: the weight decays (in increasing order, so the
+    order they were typed in does not matter) and a hash of every recipe argument (recipe_keys, as the probe
+    checks them on resume); the same command always gives the same folder, any recipe change another one."""
+    wds = sorted(float(w) for w in args.wd)
+    recipe = {key: getattr(args, key, None) for key in recipe_keys if key != "wd"}
+    digest = hashlib.sha256(json.dumps([recipe, wds, args.tag], sort_keys=True, default=str).encode()).hexdigest()
+    folder = "wd" + "_".join(format(w, "g") for w in wds) + "-" + digest[:8]
+    return os.path.join(root or RESULTS_ROOT, args.data_name, config_name(args), folder)

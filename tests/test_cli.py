@@ -126,3 +126,31 @@ def test_help_choices_equal_their_owners():
     assert pretrain.ARCH_NAMES == tuple(RESNET_ARCHS)
     assert pretrain.INIT_NAMES == tuple(INITS)
     assert sorted(pretrain.MOMENT_DTYPE_NAMES) == sorted(MOMENT_DTYPES)
+
+
+def probe_folder(tmp_path, monkeypatch, *extra):
+    """The --dump_path a probe command line resolves to when it gives none (results root moved to tmp_path)."""
+    import main_linear_probe as probe
+    from arguments import linear_probe
+    monkeypatch.setattr(linear_probe, "RESULTS_ROOT", str(tmp_path / "results" / "probe"))
+    for name in ("a.pth", "b.pth"):
+        (tmp_path / name).write_bytes(b"x")  # only the path matters here
+    argv = ["--arch", "resnet18", "--pretrained", str(tmp_path / "a.pth"), str(tmp_path / "b.pth"), *extra]
+    args = probe.get_args_parser().parse_args(argv)
+    probe.check_args(args)
+    return os.path.relpath(args.dump_path, tmp_path / "results" / "probe")
+
+
+def test_default_probe_folder_is_the_runs_own(tmp_path, monkeypatch):
+    """Same command -> same folder (so a rerun resumes); another dataset, backbone set, weight-decay grid or
+    recipe -> another folder; the order the weight decays are typed in does not matter."""
+    base = probe_folder(tmp_path, monkeypatch, "--data_name", "cifar100", "--wd", "1e-4", "5e-4")
+    assert base.startswith(os.path.join("cifar100", "2xresnet18-")) and "wd0.0001_0.0005-" in base
+    assert probe_folder(tmp_path, monkeypatch, "--data_name", "cifar100", "--wd", "5e-4", "1e-4") == base
+    others = [probe_folder(tmp_path, monkeypatch, "--data_name", "cifar10", "--wd", "1e-4", "5e-4"),
+              probe_folder(tmp_path, monkeypatch, "--data_name", "cifar100", "--wd", "1e-4"),
+              probe_folder(tmp_path, monkeypatch, "--data_name", "cifar100", "--wd", "1e-4", "5e-4", "--lr", "0.1"),
+              probe_folder(tmp_path, monkeypatch, "--data_name", "cifar100", "--wd", "1e-4", "5e-4", "--epochs", "3")]
+    assert len({base, *others}) == 5
+    explicit = probe_folder(tmp_path, monkeypatch, "--output_dir", str(tmp_path / "mine"))
+    assert explicit == os.path.relpath(tmp_path / "mine", tmp_path / "results" / "probe")
