@@ -41,6 +41,7 @@ from util.logs import (append_jsonl, claim_run_folder, close_logger, create_logg
                        use_progress_bar, write_json_atomic)
 from util.misc import UserError, requeue_slurm_job, run_main, set_seed  # noqa: E402
 from util.signals import StopSignal  # noqa: E402
+from util.tensorboard import MetricsBoard, require_tensorboard  # noqa: E402
 
 # The reference scripts' batch (they ran as one process): the default GLOBAL batch here.
 REFERENCE_BATCH = {"cifar": 256, "imagenet": 32}
@@ -348,6 +349,8 @@ class PositionSampler(torch.utils.data.Sampler):
 # ---------------------------------------------------------------- main
 def main(args):
     check_args(args)
+    if args.tensorboard:
+        require_tensorboard()
     require_cuda_if_requested(device_request(args))  # a GPU job on a CPU-only torch stops here, in one line
     dist_info = init_distributed(debug=args.debug, timeout_minutes=args.dist_timeout)
     resolve_batch(args, dist_info.world_size)
@@ -363,8 +366,8 @@ def main(args):
         logger.info(CPU_RUNTIME.line)
     head_loggers = [create_logger(d, dist_info.rank, console=False) for d in head_dirs] if sweep else [logger]
     try:
-        with StopSignal() as stop:
-            probe(args, dist_info, combos, head_dirs, logger, head_loggers, stop)
+        with StopSignal() as stop, MetricsBoard(args.tensorboard and dist_info.is_main, "epoch") as board:
+            probe(args, dist_info, combos, head_dirs, logger, head_loggers, stop, board)
     finally:
         for lg in {id(lg): lg for lg in [logger] + head_loggers}.values():
             close_logger(lg)
@@ -373,7 +376,7 @@ def main(args):
         cleanup()
 
 
-def probe(args, dist_info, combos, head_dirs, logger, head_loggers, stop):
+def probe(args, dist_info, combos, head_dirs, logger, head_loggers, stop, board):
     device, rank, world = dist_info.device, dist_info.rank, dist_info.world_size
     show_bar = use_progress_bar(dist_info.is_main)
     sweep = len(combos) > 1
@@ -597,6 +600,7 @@ def probe(args, dist_info, combos, head_dirs, logger, head_loggers, stop):
                 if args.skip_bad_images:
                     record.update(train_skipped=train_skipped, test_skipped=test_stats[h]["skipped"])
                 append_jsonl(record, os.path.join(head_dirs[h], "metrics.jsonl"))
+                board.add(record, head_dirs[h])  # --tensorboard: the same record as events beside train.log
             save_atomic(state, checkpoint_path)
             if (epoch + 1) % args.save_freq == 0:  # the reference's checkpoint_epoch{k}.pth.tar
                 save_atomic(state, os.path.join(args.dump_path, f"checkpoint_epoch{epoch + 1}.pth.tar"))

@@ -52,6 +52,7 @@ from util.logs import (append_jsonl, claim_run_folder, close_logger, create_logg
 from util.misc import UserError, requeue_slurm_job, run_main  # noqa: E402
 from util.sfadamw import AlgoPerfAdamWScheduleFree  # noqa: E402
 from util.signals import StopSignal  # noqa: E402
+from util.tensorboard import MetricsBoard, require_tensorboard  # noqa: E402
 
 # The recipe of the released checkpoints (AlgoPerf imagenet_resnet + schedule-free AdamW), and the
 # predecessor paper's SGD recipe; flags left unset take these values.
@@ -422,6 +423,8 @@ def save_backbone(model, path, step, stats, args):
 # ---------------------------------------------------------------- main
 def main(args):
     check_args(args)
+    if args.tensorboard:
+        require_tensorboard()
     require_cuda_if_requested(device_request(args))  # a GPU job on a CPU-only torch stops here, in one line
     dist_info = init_distributed(debug=args.debug, timeout_minutes=args.dist_timeout)
     if dist_info.is_main:
@@ -432,8 +435,8 @@ def main(args):
     if CPU_RUNTIME is not None:
         logger.info(CPU_RUNTIME.line)
     try:
-        with StopSignal() as stop:  # early: a signal during the (long) dataset scan still ends in a clean stop
-            pretrain(args, dist_info, logger, stop)
+        with StopSignal() as stop, MetricsBoard(args.tensorboard and dist_info.is_main, "step") as board:
+            pretrain(args, dist_info, logger, stop, board)  # early: a signal during the dataset scan stops cleanly
     finally:
         close_logger(logger)
         if lock is not None:
@@ -441,7 +444,7 @@ def main(args):
         cleanup()
 
 
-def pretrain(args, dist_info, logger, stop):
+def pretrain(args, dist_info, logger, stop, board):
     device, rank, world = dist_info.device, dist_info.rank, dist_info.world_size
     started = time.time()
     resolve_batch(args, world)
@@ -546,8 +549,10 @@ def pretrain(args, dist_info, logger, stop):
                     save_backbone(model, path, step, stats, args)
                     logger.info(f"saved {path}")
         if dist_info.is_main:
-            append_jsonl(dict(record, test_loss=stats["loss"], test_top1=stats["top1"], test_top5=stats["top5"],
-                              seconds=round(time.time() - since, 3)), os.path.join(args.dump_path, "metrics.jsonl"))
+            metrics = dict(record, test_loss=stats["loss"], test_top1=stats["top1"], test_top5=stats["top5"],
+                           seconds=round(time.time() - since, 3))
+            append_jsonl(metrics, os.path.join(args.dump_path, "metrics.jsonl"))
+            board.add(metrics, args.dump_path)  # --tensorboard: the same record as events beside train.log
             save_atomic(resume_state(step), resume_path)
 
     # ---- train

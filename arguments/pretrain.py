@@ -138,6 +138,9 @@ def add_run_args(p):
     add_launcher_args(g)
     g.add_argument("--dist_timeout", type=float, default=30.0, help="minutes a process waits for the others "
                    "(start-up rendezvous and every collective) before it stops with an error")
+    add_bool(g, "tensorboard", False, "TensorBoard events beside train.log (train/test loss and top-1, test "
+             "top-5, lr); needs the optional tensorboard package (`uv sync --extra tensorboard`); metrics.jsonl "
+             "stays the record")
     add_bool(g, "skip_bad_images", False, "skip unreadable image files (counted and "
                    "reported in the log) instead of stopping at the first one")
 

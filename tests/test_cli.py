@@ -154,3 +154,64 @@ def test_default_probe_folder_is_the_runs_own(tmp_path, monkeypatch):
     assert len({base, *others}) == 5
     explicit = probe_folder(tmp_path, monkeypatch, "--output_dir", str(tmp_path / "mine"))
     assert explicit == os.path.relpath(tmp_path / "mine", tmp_path / "results" / "probe")
+
+
+@pytest.fixture(scope="module")
+def tiny_probe_world(tmp_path_factory):
+    from helpers import make_checkpoint, make_cifar
+    base = tmp_path_factory.mktemp("cli_world")
+    make_cifar(str(base / "data"), "cifar10", n_train=40, n_test=20)
+    ckpt = str(base / "run0.pth.tar")
+    make_checkpoint(ckpt, "resnet18", "state_dict", seed=1)
+    return base, ckpt
+
+
+def probe_argv(world, dump, *extra):
+    base, ckpt = world
+    return ["--arch", "resnet18", "--pretrained", ckpt, "--data_path", str(base / "data"), "--dump_path", str(dump),
+            "--img_size", "16", "--workers", "0", "--batch_size", "20", "--epochs", "2", *extra]
+
+
+def test_tensorboard_events_hold_the_metrics_records(tiny_probe_world, tmp_path):
+    """--tensorboard writes, beside each head's train.log, the scalars of its metrics.jsonl records."""
+    import main_linear_probe as probe
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from util.tensorboard import events_in
+    args = probe.get_args_parser().parse_args(probe_argv(tiny_probe_world, tmp_path, "--wd", "1e-3", "1e-2",
+                                                         "--tensorboard"))
+    probe.main(args)
+    heads = [d for d in sorted(os.listdir(tmp_path)) if d.startswith("wd")]
+    assert len(heads) == 2
+    for head in heads:
+        folder = tmp_path / head
+        assert (folder / "train.log").exists() and events_in(folder)
+        records = [json.loads(line) for line in open(folder / "metrics.jsonl")]
+        events = EventAccumulator(str(folder)).Reload()
+        for key, tag in (("train_loss", "train/loss"), ("test_top1", "test/top1"), ("test_top5", "test/top5"),
+                         ("lr", "lr")):
+            scalars = events.Scalars(tag)
+            assert [s.step for s in scalars] == [r["epoch"] for r in records] == [0, 1]
+            assert [s.value for s in scalars] == pytest.approx([r[key] for r in records], rel=1e-6)
+
+
+def test_no_tensorboard_events_without_the_flag(tiny_probe_world, tmp_path):
+    import main_linear_probe as probe
+    from util.tensorboard import events_in
+    probe.main(probe.get_args_parser().parse_args(probe_argv(tiny_probe_world, tmp_path, "--epochs", "1")))
+    assert (tmp_path / "metrics.jsonl").exists() and not events_in(tmp_path)
+
+
+@pytest.mark.parametrize("script", ["main_linear_probe", "main_pretrain"])
+def test_tensorboard_flag_without_the_package_is_one_line(script, tiny_probe_world, tmp_path, monkeypatch, capsys):
+    module = importlib.import_module(script)
+    from util.cli import run_main
+    monkeypatch.setitem(sys.modules, "tensorboard", None)  # what an environment without the extra looks like
+    base, ckpt = tiny_probe_world
+    argv = (probe_argv(tiny_probe_world, tmp_path / "run") if script == "main_linear_probe" else
+            ["--arch", "resnet18", "--data_name", "imagefolder", "--data_path", str(base), "--dump_path",
+             str(tmp_path / "run"), "--output_dir", str(tmp_path / "ckpt")])
+    with pytest.raises(SystemExit) as exc:
+        run_main(module.main, module.get_args_parser().parse_args(argv + ["--tensorboard"]))
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and err.startswith("error: --tensorboard needs the tensorboard package")
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "run").exists()
