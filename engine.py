@@ -61,12 +61,29 @@ def image_batches(loader, device):
         yield to_device(images, labels, device)
 
 
+class EncodedBatches:
+    """Features of the frozen encoder, computed batch by batch (no autograd, fp32 out for the heads). The
+    encoder's forward is timed apart from data loading: .last_seconds (the batch just handed out) and .seconds
+    (the whole pass), so that the training log's Data column measures loading only. On a GPU the forward runs
+    asynchronously: what it costs beyond its launch lands in the iteration's Time, never in Data."""
+
+    def __init__(self, loader, encoder, device, precision):
+        self.loader, self.encoder, self.device, self.precision = loader, encoder, device, precision
+        self.seconds = self.last_seconds = 0.0
+
+    def __iter__(self):
+        for images, labels in image_batches(self.loader, self.device):
+            start = time.time()
+            with torch.inference_mode(), autocast(self.device, self.precision):
+                features = self.encoder(images)
+            features = features.float().clone()  # clone: a normal tensor again, the heads need autograd on it
+            self.last_seconds = time.time() - start
+            self.seconds += self.last_seconds
+            yield features, labels
+
+
 def encoded_batches(loader, encoder, device, precision):
-    """Features of the frozen encoder, computed batch by batch (no autograd, fp32 out for the heads)."""
-    for images, labels in image_batches(loader, device):
-        with torch.inference_mode(), autocast(device, precision):
-            features = encoder(images)
-        yield features.float().clone(), labels  # clone: a normal tensor again, the heads need autograd on it
+    return EncodedBatches(loader, encoder, device, precision)
 
 
 class CachedBatches:
@@ -158,7 +175,8 @@ def train_one_epoch(model, batches, num_batches, optimizer, epoch, args, device,
         if should_stop is not None and should_stop():  # a collective: every rank stops at the same iteration
             losses, top1s = meters.global_view(device)
             return [avg for _, avg in losses], [avg for _, avg in top1s], False
-        meters.data_time.update(time.time() - end)
+        # Data = loading only: the frozen encoder's forward (per-epoch mode, EncodedBatches) is timed apart
+        meters.data_time.update(time.time() - end - getattr(batches, "last_seconds", 0.0))
         logits = [out.float() for out in model(inputs)]
         losses = [F.cross_entropy(out, labels) for out in logits]
         values = torch.stack([loss.detach() for loss in losses]).tolist()

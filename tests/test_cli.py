@@ -215,3 +215,38 @@ def test_tensorboard_flag_without_the_package_is_one_line(script, tiny_probe_wor
     err = capsys.readouterr().err
     assert exc.value.code == 2 and err.startswith("error: --tensorboard needs the tensorboard package")
     assert len(err.strip().splitlines()) == 1 and not (tmp_path / "run").exists()
+
+
+def test_data_column_measures_loading_only(monkeypatch):
+    """Per-epoch mode: the Data time of the training log excludes the frozen backbones' forward (a fake clock:
+    loading a batch takes 0.1 s, the backbone 1.0 s, the head step nothing)."""
+    import types
+
+    import torch
+
+    import engine
+    from util import log_lines
+    clock = [0.0]
+    monkeypatch.setattr(engine, "time", types.SimpleNamespace(time=lambda: clock[0]))
+
+    def loader():
+        for _ in range(3):
+            clock[0] += 0.1
+            yield torch.zeros(2, 3, 4, 4), torch.tensor([0, 1])
+
+    class SlowEncoder(torch.nn.Module):
+        def forward(self, images):
+            clock[0] += 1.0
+            return images.flatten(1)
+
+    heads = torch.nn.Linear(48, 2)
+    optimizer = torch.optim.SGD([{"params": heads.parameters(), "lr": 0.1, "head": 0}])
+    lines = []
+    logger = types.SimpleNamespace(info=lines.append)
+    batches = engine.encoded_batches(loader(), SlowEncoder(), torch.device("cpu"), "fp32")
+    engine.train_one_epoch(lambda x: [heads(x)], batches, 3, optimizer, 0, types.SimpleNamespace(print_freq=1),
+                           torch.device("cpu"), [logger])
+    data = [float(line.split("\tData ")[1].split()[0]) for line in lines]
+    assert data == pytest.approx([0.1, 0.1, 0.1])
+    assert batches.seconds == pytest.approx(3.0)
+    assert all(log_lines.ITERATION_RE.search(line) for line in lines)  # the line format is unchanged
