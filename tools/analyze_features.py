@@ -1,7 +1,7 @@
 """Why does concatenation help? Look at the cached features of a concatenated encoder.
 
     python tools/analyze_features.py CACHE_DIR                       # the test-split entry of a --feature_cache
-    python tools/analyze_features.py CACHE_DIR/<entry> --head results/probe/best.pth.tar --knn 20
+    python tools/analyze_features.py CACHE_DIR/<entry> --head RUN/best.pth.tar --knn 20
 
 For the backbones of one feature-cache entry (main_linear_probe.py --feature_cache) it reports:
 - linear CKA between every pair of backbones (table and heat map PNG): 1 = the same features up to a rotation and
