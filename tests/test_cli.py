@@ -86,6 +86,13 @@ def test_every_help_line_shows_its_default_once():
     assert not problems, "\n".join(problems)
 
 
+def test_flags_are_spelled_with_underscores():
+    """One spelling across the project: --snake_case (a hyphenated spelling may remain as an alias)."""
+    bad = [f"{name} {action.option_strings}" for name, parser in parsers() for action, _ in visible_help(parser)
+           if "-" in [s for s in action.option_strings if s.startswith("--")][0][2:]]
+    assert not bad, bad
+
+
 def test_help_of_the_probe_merges_default_and_reference():
     from arguments import linear_probe
     text = linear_probe.get_args_parser().format_help()

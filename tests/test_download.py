@@ -359,4 +359,4 @@ def test_cli_error_is_one_line(server, tmp_path):
 def test_shell_wrapper_passes_arguments(tmp_path):
     proc = subprocess.run(["bash", os.path.join(ROOT, "tools", "download.sh"), "--help"],
                           capture_output=True, text=True, timeout=60, env={**os.environ, "PYTHON": sys.executable})
-    assert proc.returncode == 0 and "--keep-archive" in proc.stdout
+    assert proc.returncode == 0 and "--keep_archive" in proc.stdout

@@ -1,7 +1,7 @@
 """Download the released Time-Cat checkpoints and place them in the README layout.
 
     python tools/download.py                       # fetch, verify, extract, place, report the tags
-    python tools/download.py --sha256 HEX --keep-archive
+    python tools/download.py --sha256 HEX --keep_archive
     python tools/download.py --archive ckpt.tar.gz # use an archive you downloaded yourself
 
 The archive is streamed to <dest>/<name>.part (resumed with HTTP Range after a cut or a rerun), renamed when
@@ -375,7 +375,8 @@ def get_args_parser():
                    "(it is never deleted)")
     p.add_argument("--sha256", default=None, help="expected SHA-256 of the archive; a mismatch deletes the "
                    "downloaded archive and stops")
-    p.add_argument("--keep-archive", action="store_true", help="keep the downloaded archive in <dest> "
+    p.add_argument("--keep_archive", "--keep-archive", action="store_true",
+                   help="keep the downloaded archive in <dest> "
                    "instead of removing it after a verified extraction")
     p.add_argument("--force", action="store_true", help="download and place again even when every "
                    "checkpoint is already in place")
@@ -441,7 +442,7 @@ def main(args):
             print(f"  {name}")
     if ours and not args.keep_archive:
         os.remove(archive)
-        print(f"Removed {show(archive)} (use --keep-archive to keep it)")
+        print(f"Removed {show(archive)} (use --keep_archive to keep it)")
     _, incomplete = report_tags(dest, tags)
     if incomplete:
         print("warning: the archive did not provide every checkpoint of the release", file=sys.stderr)

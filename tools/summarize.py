@@ -362,7 +362,7 @@ def get_args_parser():
                    "<root>/summary.csv, or summary_<patterns>.csv when filtered)")
     p.add_argument("--plot", default=None, help="PNG of top-1 against the number of concatenated models, per "
                    "dataset; needs matplotlib, the 'plot' extra (default: <root>/summary.png when installed)")
-    p.add_argument("--no-save", action="store_true", help="print only, write no CSV or plot")
+    p.add_argument("--no_save", "--no-save", action="store_true", help="print only, write no CSV or plot")
     return p
 
 
