@@ -425,6 +425,7 @@ def main(args):
     check_args(args)
     if args.tensorboard:
         require_tensorboard()
+    apply_device_choice(args)  # --device cpu when main() is called directly (as a script: before torch loaded)
     require_cuda_if_requested(device_request(args))  # a GPU job on a CPU-only torch stops here, in one line
     dist_info = init_distributed(debug=args.debug, timeout_minutes=args.dist_timeout)
     if dist_info.is_main:

@@ -257,3 +257,25 @@ def test_data_column_measures_loading_only(monkeypatch):
     assert data == pytest.approx([0.1, 0.1, 0.1])
     assert batches.seconds == pytest.approx(3.0)
     assert all(log_lines.ITERATION_RE.search(line) for line in lines)  # the line format is unchanged
+
+
+def test_device_flag(monkeypatch):
+    """--device cuda on a machine whose torch sees no GPU is a one-line user error; --device cpu hides the GPUs;
+    a slurm GPU job on a CPU-only torch is refused rather than silently run on the CPU."""
+    import torch
+
+    from arguments import common, linear_probe
+    from util.cli import UserError
+    from util.distributed import require_cuda_if_requested
+    parse = linear_probe.get_args_parser().parse_args
+    assert parse([]).device == "auto" and common.device_request(parse([])) is None
+    env = {}
+    common.apply_device_choice(parse(["--device", "cpu"]), env)
+    assert env == {"CUDA_VISIBLE_DEVICES": ""}
+    if not torch.cuda.is_available():
+        with pytest.raises(UserError, match="--device cuda"):
+            require_cuda_if_requested(common.device_request(parse(["--device", "cuda"])), env={})
+        with pytest.raises(UserError, match="SLURM_GPUS_ON_NODE"):
+            require_cuda_if_requested(None, env={"SLURM_GPUS_ON_NODE": "4"})
+    require_cuda_if_requested(common.device_request(parse(["--device", "cpu"])), env={"SLURM_GPUS_ON_NODE": "4"},
+                              cuda_available=False)
