@@ -533,8 +533,7 @@ def probe(args, dist_info, combos, head_dirs, logger, head_loggers, stop, board)
             optimizer.train()
         skipped_before = getattr(train_source, "skipped", 0)
         try:
-            epoch_batches = train_batches()  # per-epoch mode: times the frozen backbones (.seconds) apart
-            train_loss, train_top1, completed = train_one_epoch(trained, epoch_batches, num_train_batches,
+            train_loss, train_top1, completed = train_one_epoch(trained, train_batches(), num_train_batches,
                                                                 optimizer, epoch, args, device, head_loggers,
                                                                 stop_agreed, show_bar and not sweep)
         except NonFiniteLoss as exc:
@@ -601,8 +600,6 @@ def probe(args, dist_info, combos, head_dirs, logger, head_loggers, stop, board)
                     record.update(val_loss=val_stats[h]["loss"], val_top1=val_stats[h]["top1"])
                 if args.skip_bad_images:
                     record.update(train_skipped=train_skipped, test_skipped=test_stats[h]["skipped"])
-                if hasattr(epoch_batches, "seconds"):  # this process's frozen-backbone forward time in training
-                    record.update(train_backbone_seconds=round(epoch_batches.seconds, 3))
                 append_jsonl(record, os.path.join(head_dirs[h], "metrics.jsonl"))
                 board.add(record, head_dirs[h])  # --tensorboard: the same record as events beside train.log
             save_atomic(state, checkpoint_path)
