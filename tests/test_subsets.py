@@ -89,3 +89,23 @@ def test_subset_user_errors(world, tmp_path):
     with pytest.raises(UserError, match="at most 63"):
         probe.main(probe.get_args_parser().parse_args(["--arch", "resnet18", "--pretrained", *world["ckpts"] * 3,
                                                        "--dump_path", str(tmp_path / "y"), "--subsets", "all"]))
+
+
+def test_two_processes_train_the_subset_heads_of_one(world, tmp_path):
+    """The same global batch of 32 (16 + 16 with torchrun), fp32, cached features: the same subset heads."""
+    from helpers import run_script
+    ckpts, common = world["ckpts"][:2], ["--subsets", "each", "--knn", "3"]
+    run_probe(world, tmp_path / "one", ckpts, *common)
+    argv = ["main_linear_probe.py", "--arch", "resnet18", "--pretrained", *ckpts, "--data_path", world["data"],
+            "--dump_path", str(tmp_path / "two"), "--feature_cache", world["cache"], *TINY, *common,
+            "--batch_size", "16"]
+    two = run_script(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *argv],
+                     env={"OMP_WAIT_POLICY": "PASSIVE"})
+    assert two.returncode == 0, two.stderr[-2000:]
+    heads = [torch.load(tmp_path / run / "checkpoint.pth.tar", weights_only=False)["heads"] for run in ("one", "two")]
+    assert sorted(heads[0]) == sorted(heads[1]) and any(key.startswith("2.") for key in heads[0])  # 1 full + 2 subsets
+    for key in heads[0]:
+        assert torch.allclose(heads[0][key].float(), heads[1][key].float(), rtol=1e-3, atol=1e-5), key
+    for run in ("one", "two"):
+        log = (tmp_path / run / "sub1" / "wd5e-4_lr0.01" / "train.log").read_text()
+        assert log.count("kNN Acc@1") == 2 and log.count("Top-1 test accuracy") == 1
