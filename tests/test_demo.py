@@ -19,12 +19,19 @@ def test_demo_quick_runs_every_stage_and_writes_the_table(tmp_path, capsys):
     assert [row.split("|")[1].strip() for row in table[:2]] == ["cat1", "cat2"]
     header = next(line for line in printed.splitlines() if line.startswith("| Method"))
     assert [c.strip() for c in header.split("|")[4:7]] == ["mixture", "shape", "texture"]
-    assert "| 8 steps" in table[0] and "| 4 steps" in table[1]  # equal total budget: 1 x 8 and 2 x 4 steps
+    assert "| 8 steps" in table[0] and "| 4 steps" in table[-1]  # equal total budget: 1 x 8 and 2 x 4 steps
+    # direct: trained from scratch on each transfer task (not on the mixture), probed like the others
+    direct = [row.split("|") for row in table if "| direct" in row]
+    assert len(direct) == 1 and direct[0][4].strip() == "–" and direct[0][5].strip() != "–"
+    # the cat2 probe's --subsets prefix heads give the cat-n curve: 1 and 2 backbones
+    curve = printed[printed.index("Cat-n curve"):]
+    assert [line.split("|")[1].strip() for line in curve.splitlines() if line.startswith("| ")][2:] == ["1", "2"]
+    assert (out / "summary_catn.png").stat().st_size > 0
     for task in ("mixture", "shape", "texture"):
         for name in ("cat1_group0", "cat2_group0"):
             assert "Top-1 test accuracy" in (out / "probe" / task / name / "wd5e-4_lr0.05" / "train.log").read_text()
     with open(out / "summary.csv") as f:
-        assert len([row for row in csv.DictReader(f) if row["selected"] == "1"]) == 6
+        assert len([row for row in csv.DictReader(f) if row["selected"] == "1"]) == 8  # 3 + 3 + 2 direct
     # a second run reuses the generated data
     demo.main(demo.get_args_parser().parse_args(["--quick", "--workers", "0", "--out", str(out), "--data",
                                                  str(data)]))
