@@ -887,7 +887,8 @@ def unreadable_note(stats):
 
 
 def check_same_recipe(saved_args, args, path, skip=()):
-    changed = [k for k in RECIPE_KEYS if k not in skip and saved_args.get(k, RECIPE_DEFAULTS.get(k)) != getattr(args, k)]
+    changed = [k for k in RECIPE_KEYS
+               if k not in skip and saved_args.get(k, RECIPE_DEFAULTS.get(k)) != getattr(args, k)]
     if changed:
         k = changed[0]
         raise UserError(f"{path} was written by a run with --{k} {saved_args.get(k)} (now {getattr(args, k)}); "
