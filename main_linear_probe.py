@@ -41,6 +41,7 @@ from util.logs import (append_jsonl, claim_run_folder, close_logger, create_logg
                        use_progress_bar, write_json_atomic)
 from util.misc import UserError, requeue_slurm_job, run_main, set_seed  # noqa: E402
 from util.signals import StopSignal  # noqa: E402
+from util.subsets import subset_folder, subsets_for  # noqa: E402
 from util.tensorboard import MetricsBoard, require_tensorboard  # noqa: E402
 
 # The reference scripts' batch (they ran as one process): the default GLOBAL batch here.
@@ -50,7 +51,9 @@ SCHEDULE_FREE = "schedulefree_adamw"
 RECIPE_KEYS = ("arch", "pretrained", "data_name", "exp_mode", "use_bn", "headinit", "optimizer", "lr", "wd",
                "momentum", "nesterov", "wd_skip_bn", "epochs", "scheduler_type", "decay_epochs", "gamma",
                "final_lr", "seed", "tf_name", "img_size", "data_rate", "precision", "feature_cache", "cache_views",
-               "val_split", "lr_last_layer", "beta2", "global_batch", "batch_semantics", "sync_bn")
+               "val_split", "lr_last_layer", "beta2", "global_batch", "batch_semantics", "sync_bn", "subsets")
+# the value a recipe key had in runs written before the key existed
+RECIPE_DEFAULTS = {"subsets": "none"}
 # what only training depends on: --mode eval_only may evaluate saved heads with another process count
 TRAINING_ONLY_KEYS = ("global_batch", "batch_semantics", "sync_bn")
 
@@ -128,12 +131,23 @@ def check_args(args):
                         f"{args.data_name}")
     if args.cache_views and not args.feature_cache:
         raise UserError("--cache_views needs --feature_cache DIR")
+    check_subsets_and_knn(args)
     if args.eval_freq != 1:
         raise UserError("--eval_freq: only 1 (evaluate after every epoch, the reference's) is supported")
     if args.dump_path is None:  # the run's own folder under results/probe/ (README "Where results go")
         args.dump_path = default_dump_path(args, RECIPE_KEYS)
     check_dump_path(args.dump_path)
     args.ignored = check_legacy(args)
+
+
+def check_subsets_and_knn(args):
+    subsets_for(args.subsets, len(args.pretrained))  # the one-line error of a mode too large for the backbones
+    if args.subsets != "none" and args.exp_mode == "finetune":
+        raise UserError("--subsets trains heads on frozen features: it is for --exp_mode lineareval")
+    if args.knn < 0:
+        raise UserError("--knn must be 0 (off) or a number of neighbours, e.g. 20")
+    if args.knn and not args.feature_cache:
+        raise UserError("--knn reads the cached features: add --feature_cache DIR (or drop --knn)")
 
 
 def check_numbers(args):
@@ -211,20 +225,45 @@ def resolve_batch(args, world):
 
 
 # ---------------------------------------------------------------- heads and optimisation
+class HeadSpec(NamedTuple):
+    """One head of the run: its optimisation values, its folder below --dump_path when the run has several heads,
+    and the backbones whose features it reads (None: the full concatenation)."""
+    lr: float
+    wd: float
+    name: str  # wd{wd}_lr{lr}, or sub{i}-{j}/wd{wd}_lr{lr} for a sub-concatenation's head (util/subsets.py)
+    subset: Optional[tuple] = None
+
+
 def head_combos(args):
-    """(lr, wd, name) of each head; a single head writes to --dump_path itself, a sweep to <name>/."""
-    return [(lr, wd, f"wd{wd_text}_lr{lr_text}") for lr, lr_text in zip(args.lr_values, args.lr)
-            for wd, wd_text in zip(args.wd_values, args.wd)]
+    """Every head: the full concatenation's per lr/wd value, then each --subsets subset's (the full set itself,
+    which 'prefix' and 'all' list last, is the full heads). A single head writes to --dump_path itself, several
+    to <dump_path>/<name>/."""
+    values = [(lr, wd, f"wd{wd_text}_lr{lr_text}") for lr, lr_text in zip(args.lr_values, args.lr)
+              for wd, wd_text in zip(args.wd_values, args.wd)]
+    n = len(args.pretrained)
+    subsets = [s for s in subsets_for(args.subsets, n) if len(s) < n]
+    return ([HeadSpec(lr, wd, name) for lr, wd, name in values]
+            + [HeadSpec(lr, wd, f"{subset_folder(s)}/{name}", s) for s in subsets for lr, wd, name in values])
 
 
-def build_heads(in_dim, num_classes, combos, classifiers, args, world):
-    """Every head starts from the same seeded initialisation, as it would alone; its BatchNorm is global over the
+def subset_columns(dims, subset):
+    """Column positions of the backbones `subset` in the concatenation of features of widths `dims`."""
+    spans = block_spans(dims)
+    return [c for i in subset for c in range(*spans[i])]
+
+
+def build_heads(dims, num_classes, combos, classifiers, args, world):
+    """Every head starts from the seeded initialisation it would get alone, on its backbones' features (so a
+    subset head draws exactly what a separate probe of those backbones draws); its BatchNorm is global over the
     processes with --sync_bn (the default for more than one)."""
     heads = []
-    for _ in combos:
+    for spec in combos:
+        subset = spec.subset or tuple(range(len(dims)))
         torch.manual_seed(args.seed)
-        head = LinearHead(in_dim, num_classes, args.use_bn, global_bn=args.sync_bn and world > 1)
-        head.init_weights(args.headinit, classifiers)
+        head = LinearHead(sum(dims[i] for i in subset), num_classes, args.use_bn,
+                          global_bn=args.sync_bn and world > 1,
+                          columns=None if spec.subset is None else subset_columns(dims, subset))
+        head.init_weights(args.headinit, classifiers and [classifiers[i] for i in subset])
         heads.append(head)
     return MultiHead(heads)
 
@@ -234,11 +273,11 @@ def param_groups(heads, encoder, combos, args):
     --wd_skip_bn (the head BN; the backbones' bn1/bn2/bn3 when fine-tuning, not downsample.1); the head's Linear
     gets --wd and --lr_last_layer (else --lr); other trainable parameters get --wd and --lr."""
     groups = []
-    for h, (head, (lr, wd, _)) in enumerate(zip(heads, combos)):
-        groups += named_groups(head.named_parameters(), lr, wd, h, args, linear_lr=args.lr_last_layer or lr)
+    for h, (head, spec) in enumerate(zip(heads, combos)):
+        groups += named_groups(head.named_parameters(), spec.lr, spec.wd, h, args,
+                               linear_lr=args.lr_last_layer or spec.lr)
     if args.exp_mode == "finetune":
-        lr, wd, _ = combos[0]
-        groups += named_groups(encoder.named_parameters(), lr, wd, 0, args)
+        groups += named_groups(encoder.named_parameters(), combos[0].lr, combos[0].wd, 0, args)
     return groups
 
 
@@ -358,7 +397,7 @@ def main(args):
     args.precision = resolve_precision(args.precision, dist_info.device)
     combos = head_combos(args)
     sweep = len(combos) > 1
-    head_dirs = [os.path.join(args.dump_path, name) if sweep else args.dump_path for _, _, name in combos]
+    head_dirs = [os.path.join(args.dump_path, spec.name) if sweep else args.dump_path for spec in combos]
     for directory in head_dirs:
         os.makedirs(directory, exist_ok=True)
     lock = claim_run_folder(args.dump_path, dist_info, head_dirs)  # before any log line: a refused run writes nothing
@@ -384,7 +423,7 @@ def probe(args, dist_info, combos, head_dirs, logger, head_loggers, stop, board)
     for lg in head_loggers if sweep else [logger]:
         log_startup(lg, args, dist_info, args.batch_size * world, args.lr if sweep else args.lr[0])
     if sweep:
-        logger.info(f"sweep of {len(combos)} heads on one backbone pass: {', '.join(n for _, _, n in combos)}")
+        logger.info(f"sweep of {len(combos)} heads on one backbone pass: {', '.join(spec.name for spec in combos)}")
     if args.ignored:
         logger.info("ignored (flags of the original with no effect here): "
                     + ", ".join(f"--{name} {getattr(args, name)}" for name in args.ignored))
@@ -412,7 +451,8 @@ def probe(args, dist_info, combos, head_dirs, logger, head_loggers, stop, board)
     finetune = args.exp_mode == "finetune"
     if not finetune:
         encoder.freeze()
-    heads = build_heads(encoder.out_dim, num_classes, combos, encoder.classifiers, args, world)
+    heads = build_heads([net.out_dim for net in encoder.backbones], num_classes, combos, encoder.classifiers, args,
+                        world)
     if args.sync_bn and dist_info.distributed and finetune:  # the backbones' BNs too, as the reference's --sync_bn
         if device.type != "cuda":
             raise UserError("fine-tuning with synchronised BatchNorm across processes needs GPUs (torch's "
@@ -430,6 +470,7 @@ def probe(args, dist_info, combos, head_dirs, logger, head_loggers, stop, board)
     optimizer = build_optimizer(param_groups(heads, encoder, combos, args), args)
 
     # ---- batch sources: features on the fly (reference), from the cache, or images when fine-tuning
+    knn = [None] * len(combos)  # --knn: each head's kNN accuracy on its features (cached features, rank 0)
     def loader(dataset, sampler, **kw):
         return image_loader(dataset, args.skip_bad_images, batch_size=args.batch_size, sampler=sampler,
                             **loader_kwargs, **kw)
@@ -456,6 +497,10 @@ def probe(args, dist_info, combos, head_dirs, logger, head_loggers, stop, board)
         val_source = CachedBatches([plain_features[val_rows]], plain_labels[val_rows], val_sampler,
                                    args.batch_size, device)
         train_batches, test_batches, val_batches = (lambda: train_source), (lambda: test_source), (lambda: val_source)
+        if args.knn and dist_info.is_main:  # only rank 0 logs; the features are fixed, so once per run
+            knn = knn_per_head(args, combos, [net.out_dim for net in encoder.backbones],
+                               (plain_features, plain_labels, train_positions), (test_features, test_labels),
+                               device, logger)
     else:
         train_source, test_source, val_source = train_loader, test_loader, val_loader
         if finetune:
@@ -513,8 +558,8 @@ def probe(args, dist_info, combos, head_dirs, logger, head_loggers, stop, board)
                 os.remove(stale)
     if dist_info.is_main:
         write_json_atomic(vars(args), os.path.join(args.dump_path, "args.json"))
-        for directory, (lr, wd, name) in zip(head_dirs, combos):
-            write_json_atomic(dict(vars(args), lr=lr, wd=wd, head=name), os.path.join(directory, "args.json"))
+        for directory, spec in zip(head_dirs, combos):
+            write_json_atomic(head_args(args, spec), os.path.join(directory, "args.json"))
 
     # ---- train
     # the processes agree on a stop at every iteration, so they all stop at the same one (slurm signals them at
@@ -556,7 +601,7 @@ def probe(args, dist_info, combos, head_dirs, logger, head_loggers, stop, board)
         if diverged:  # weights that went non-finite in the epoch's last step are never saved as a good state
             h = diverged[0]
             raise UserError(f"the test loss is {test_stats[h]['loss']} after epoch {epoch}"
-                            + (f" (head {combos[h][2]})" if sweep else "")
+                            + (f" (head {combos[h].name})" if sweep else "")
                             + f"; {last_good_state(epoch, checkpoint_path)}. Lower --lr?")
         if args.skip_bad_images:
             train_skipped = int(all_reduce_sum([train_source.skipped - skipped_before], device)[0])
@@ -568,7 +613,9 @@ def probe(args, dist_info, combos, head_dirs, logger, head_loggers, stop, board)
             improved.append(test["top1"] > best_test[h])
             best_test[h] = max(best_test[h], test["top1"])
             lg.info(log_lines.test_line(test["loss"], test["top1"], best_test[h]))
-            log_diagnostics(args, heads[h], encoder, test_batches, lg, device)
+            if knn[h] is not None:
+                lg.info(knn_line(knn[h]))
+            log_diagnostics(args, heads[h], combos[h].subset, encoder, test_batches, lg, device)
             lg.info(f"Test: Acc@5 {test['top5']:.3f} over {len(test_set) - test['skipped']} images"
                     + unreadable_note(test))
             if val is not None:
@@ -578,7 +625,7 @@ def probe(args, dist_info, combos, head_dirs, logger, head_loggers, stop, board)
                         f"{best_val[h]:.2f} over {len(val_positions) - val['skipped']} held-out training images"
                         + unreadable_note(val))
             if sweep:
-                logger.info(f"epoch {epoch} {combos[h][2]}: test Acc@1 {test['top1']:.3f} (best {best_test[h]:.2f})"
+                logger.info(f"epoch {epoch} {combos[h].name}: test Acc@1 {test['top1']:.3f} (best {best_test[h]:.2f})"
                             + (f", val Acc@1 {val['top1']:.3f}" if val is not None else ""))
         if dist_info.is_main:
             state = {"heads": heads.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch + 1,
@@ -594,8 +641,10 @@ def probe(args, dist_info, combos, head_dirs, logger, head_loggers, stop, board)
                     save_atomic(head_state, best_paths[h])
                 record = {"epoch": epoch, "train_loss": train_loss[h], "train_top1": train_top1[h],
                           "test_loss": test_stats[h]["loss"], "test_top1": test_stats[h]["top1"],
-                          "test_top5": test_stats[h]["top5"], "lr": lr_at_epoch(epoch, combos[h][0], args),
+                          "test_top5": test_stats[h]["top5"], "lr": lr_at_epoch(epoch, combos[h].lr, args),
                           "seconds": round(time.time() - start, 3)}
+                if knn[h] is not None:
+                    record.update(knn_top1=knn[h].top1, knn_top5=knn[h].top5, knn_k=knn[h].k)
                 if val_stats[h] is not None:
                     record.update(val_loss=val_stats[h]["loss"], val_top1=val_stats[h]["top1"])
                 if args.skip_bad_images:
@@ -614,22 +663,73 @@ def probe(args, dist_info, combos, head_dirs, logger, head_loggers, stop, board)
             e, v, t = selected[h]
             head_loggers[h].info(f"Selected on validation: epoch {e} val Acc@1 {v:.2f} test Acc@1 {t:.2f}")
     if sweep:
-        best = max(range(n), key=lambda h: best_test[h])
-        logger.info(f"Best on test (the reference's rule): {combos[best][2]} Acc@1 {best_test[best]:.2f}")
+        full = [h for h in range(n) if combos[h].subset is None]  # a subset head is a point of the cat-n curve
+        best = max(full, key=lambda h: best_test[h])
+        logger.info(f"Best on test (the reference's rule): {combos[best].name} Acc@1 {best_test[best]:.2f}")
         if val_positions:
-            pick = max(range(n), key=lambda h: selected[h][1])
+            pick = max(full, key=lambda h: selected[h][1])
             e, v, t = selected[pick]
-            logger.info(f"Selected on validation: {combos[pick][2]} epoch {e} val Acc@1 {v:.2f} test Acc@1 {t:.2f}")
+            logger.info(f"Selected on validation: {combos[pick].name} epoch {e} val Acc@1 {v:.2f} test Acc@1 {t:.2f}")
 
 
-def log_diagnostics(args, head, encoder, test_batches, logger, device):
-    """--custom_eval_func, after each evaluation, with the original's names and line format."""
-    spans = block_spans([net.out_dim for net in encoder.backbones])
+class SelectedRows:
+    """Rows `rows` and columns `columns` of a feature matrix, read lazily by kNN's chunks (a slice or an index
+    array of positions); nothing of the memory-mapped cache is copied beyond one chunk."""
+
+    def __init__(self, features, rows, columns):
+        self.features, self.rows, self.columns = features, rows, columns
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, key):
+        rows = self.rows[key] if isinstance(key, slice) else self.rows[torch.as_tensor(key, dtype=torch.long)]
+        block = self.features[rows]
+        return block if self.columns is None else block[:, self.columns]
+
+
+def knn_per_head(args, combos, dims, train, test, device, logger):
+    """--knn: the k-NN accuracy (analysis/knn.py) of the features each head reads, training rows (not the held-out
+    ones) against the test set; computed once per distinct subset."""
+    from analysis.knn import knn_accuracy
+    (train_features, train_labels, positions), (test_features, test_labels) = train, test
+    rows = torch.as_tensor(positions, dtype=torch.long)
+    start, results = time.time(), {}
+    for subset in dict.fromkeys(spec.subset for spec in combos):
+        columns = None if subset is None else torch.as_tensor(subset_columns(dims, subset))
+        results[subset] = knn_accuracy(SelectedRows(train_features, rows, columns), train_labels[rows],
+                                       SelectedRows(test_features, torch.arange(len(test_labels)), columns),
+                                       test_labels, k=args.knn, device=device)
+    logger.info(f"kNN (k={args.knn}) on the features of {len(results)} head input(s): "
+                f"{time.time() - start:.1f} s")
+    return [results[spec.subset] for spec in combos]
+
+
+def knn_line(result):
+    from analysis.knn import knn_log_line  # the line's one owner
+    return knn_log_line(result)
+
+
+def head_args(args, spec):
+    """args.json of one head: the run's arguments with the head's lr and wd; a subset head's lists only its
+    backbones (the arguments of the separate probe it equals), so tools/summarize.py counts them."""
+    out = dict(vars(args), lr=spec.lr, wd=spec.wd, head=spec.name)
+    if spec.subset is not None:
+        out.update(arch=[args.arch[i] for i in spec.subset], pretrained=[args.pretrained[i] for i in spec.subset],
+                   subset=list(spec.subset), tag=None)
+    return out
+
+
+def log_diagnostics(args, head, subset, encoder, test_batches, logger, device):
+    """--custom_eval_func, after each evaluation, with the original's names and line format; a subset head's are
+    over its own backbones."""
+    dims = [net.out_dim for net in encoder.backbones]
+    spans = block_spans([dims[i] for i in subset] if subset is not None else dims)
     head.eval()
     if "feature_importance" in args.custom_eval_func:
         logger.info(log_lines.diagnostic_line("feature_importance", feature_importance(head, spans)))
     if "cat_validate_network" in args.custom_eval_func:
-        batches = ((features_of(encoder, x, args.precision), y) for x, y in test_batches())
+        batches = ((head.select(features_of(encoder, x, args.precision)), y) for x, y in test_batches())
         logger.info(log_lines.diagnostic_line("cat_validate_network", cat_validate(head, batches, spans, device)))
 
 
@@ -671,7 +771,8 @@ def unreadable_note(stats):
 
 
 def check_same_recipe(saved_args, args, path, skip=()):
-    changed = [k for k in RECIPE_KEYS if k not in skip and saved_args.get(k) != getattr(args, k)]
+    changed = [k for k in RECIPE_KEYS
+               if k not in skip and saved_args.get(k, RECIPE_DEFAULTS.get(k)) != getattr(args, k)]
     if changed:
         k = changed[0]
         raise UserError(f"{path} was written by a run with --{k} {saved_args.get(k)} (now {getattr(args, k)}); "

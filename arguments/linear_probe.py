@@ -8,6 +8,7 @@ import os
 from arguments.common import add_device_arg, add_launcher_args
 from util.cli import ArgumentParser, add_alias
 from util.flags import add_bool, bool_flag
+from util.subsets import SUBSET_MODES
 
 PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_TAG_FILE = os.path.join(PROJECT_ROOT, "configs", "pretrained_checkpoints.yaml")
@@ -77,6 +78,14 @@ def add_head_args(g):
     g.add_argument("--gamma", type=float, default=0.1, help="step schedule factor (reference: 0.1)")
     g.add_argument("--final_lr", type=float, default=0.0, help="cosine schedule: lr reached at the end")
     g.add_argument("--seed", type=int, default=31, help="random seed (reference: 31)")
+    g.add_argument("--subsets", default="none", choices=SUBSET_MODES,
+                   help="also train heads on sub-concatenations of the backbones in the same pass, each in "
+                   "<dump_path>/sub{i}-{j}/wd{wd}_lr{lr}/: each = every backbone alone, prefix = the first k for "
+                   "k = 1..N, all = every subset (at most 63); the cat-n curve of tools/summarize.py "
+                   "(recommended: prefix; reference: none, one probe per catN)")
+    g.add_argument("--knn", type=int, default=0, metavar="K", help="with --feature_cache: also log the K-nearest-"
+                   "neighbour accuracy of each head's features (cosine, DINO's weighted vote), next to the Test "
+                   "lines (recommended: 20; reference: 0, off)")
 
 
 def add_data_args(g):

@@ -28,16 +28,25 @@ class GlobalBatchNorm1d(nn.BatchNorm1d):
 
 class LinearHead(nn.Module):
     """Optional BatchNorm1d (affine, default momentum/eps) followed by a Linear layer, as the reference probe.
-    global_bn: the BatchNorm's statistics are over every process's batch (GlobalBatchNorm1d)."""
+    global_bn: the BatchNorm's statistics are over every process's batch (GlobalBatchNorm1d).
+    columns: the head reads only these columns of its input (a sub-concatenation's features, --subsets); its
+    parameters and state_dict are those of a head built on just those features."""
 
-    def __init__(self, in_dim, num_classes, use_bn=True, global_bn=False):
+    def __init__(self, in_dim, num_classes, use_bn=True, global_bn=False, columns=None):
         super().__init__()
         bn = GlobalBatchNorm1d if global_bn else nn.BatchNorm1d
         self.bn = bn(in_dim) if use_bn else nn.Identity()
         self.linear = nn.Linear(in_dim, num_classes)
+        # not saved: the columns follow from the run's --subsets, and the saved head loads into a separate probe
+        self.register_buffer("columns", None if columns is None else torch.as_tensor(columns, dtype=torch.long),
+                             persistent=False)
+
+    def select(self, features):
+        """The columns this head reads (all of them without `columns`)."""
+        return features if self.columns is None else features.index_select(1, self.columns)
 
     def forward(self, features):
-        return self.linear(self.bn(features))
+        return self.linear(self.bn(self.select(features)))
 
     def init_weights(self, how, classifiers=None):
         """normal: N(0, 0.01^2) and zero bias (the reference); none: PyTorch's default;

@@ -16,15 +16,22 @@ def test_demo_quick_runs_every_stage_and_writes_the_table(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "pretrained seed group 1/1" in printed and "probed texture" in printed
     table = [line for line in printed.splitlines() if line.startswith("| cat")]
-    assert [row.split("|")[1].strip() for row in table[:2]] == ["cat1", "cat2"]
+    assert [row.split("|")[1].strip() for row in table[:3]] == ["cat1", "cat1", "cat2"]  # cat1, direct, cat2
     header = next(line for line in printed.splitlines() if line.startswith("| Method"))
     assert [c.strip() for c in header.split("|")[4:7]] == ["mixture", "shape", "texture"]
-    assert "| 8 steps" in table[0] and "| 4 steps" in table[1]  # equal total budget: 1 x 8 and 2 x 4 steps
+    assert "| 8 steps" in table[0] and "| 4 steps" in table[-1]  # equal total budget: 1 x 8 and 2 x 4 steps
+    # direct: trained from scratch on each transfer task (not on the mixture), probed like the others
+    direct = [row.split("|") for row in table if "| direct" in row]
+    assert len(direct) == 2 and direct[0][4].strip() == "–" and direct[0][5].strip() != "–"
+    # the cat2 probe's --subsets prefix heads give the cat-n curve: 1 and 2 backbones
+    curve = printed[printed.index("Cat-n curve"):]
+    assert [line.split("|")[1].strip() for line in curve.splitlines() if line.startswith("| ")][1:] == ["1", "2"]
+    assert (out / "summary_catn.png").stat().st_size > 0
     for task in ("mixture", "shape", "texture"):
         for name in ("cat1_group0", "cat2_group0"):
             assert "Top-1 test accuracy" in (out / "probe" / task / name / "wd5e-4_lr0.05" / "train.log").read_text()
     with open(out / "summary.csv") as f:
-        assert len([row for row in csv.DictReader(f) if row["selected"] == "1"]) == 6
+        assert len([row for row in csv.DictReader(f) if row["selected"] == "1"]) == 8  # 3 + 3 + 2 direct
     # a second run reuses the generated data
     demo.main(demo.get_args_parser().parse_args(["--quick", "--workers", "0", "--out", str(out), "--data",
                                                  str(data)]))
@@ -42,7 +49,8 @@ def test_demo_at_a_budget_of_thousands_of_steps_probes_what_pretraining_wrote(tm
                                                  "--data", str(tmp_path / "data"), "--epochs", "1"]))
     assert "probed texture" in capsys.readouterr().out
     written = sorted(p.relative_to(out / "checkpoints" / "group0").as_posix()
-                     for p in (out / "checkpoints" / "group0").rglob("*.pth.tar"))
+                     for p in (out / "checkpoints" / "group0").rglob("*.pth.tar")
+                     if p.parent.parent.name == "group0")  # the mixture runs; direct runs sit below <task>/
     assert written == ["checkpoints_step1/checkpoint_run0.pth.tar", "checkpoints_step1/checkpoint_run1.pth.tar",
                        "checkpoints_step2/checkpoint_run0.pth.tar", "checkpoints_stepfull/checkpoint_run0.pth.tar",
                        "checkpoints_stepfull/checkpoint_run1.pth.tar"]

@@ -177,6 +177,13 @@ PROBE_INTRO = [
     "*sweep*: a K-value weight-decay sweep as K separate per-epoch runs against one run with K heads.",
     "Accuracies are the final `Top-1 test accuracy` of each way.",
 ]
+SUBSETS_INTRO = [
+    "Wall time of a complete probe of 5 backbones on cached features: one head on the concatenation against",
+    "`--subsets all` (31 heads: every non-empty subset, the full one included) in the same pass; the same data,",
+    "epochs and cache, in one run. Top-1 is the full concatenation's head in both (equal by construction).",
+    "Target: the 31 heads cost at most 3x the one head. *ratio* = 31-head seconds / one-head seconds.",
+]
+SUBSETS_HEADER = "| date | machine | setup | one head s (top-1) | 31 heads s (top-1) | ratio |"
 PROBE_HEADER = ("| date | machine | setup | per-epoch s (top-1) | cached s (top-1) | speed-up | K | K runs s "
                 "| one K-head run s | speed-up |")
 
@@ -320,7 +327,32 @@ def bench_probe(args):
                f"{reference:.1f} ({ref_acc:.1f}) | {cached:.1f} ({cached_acc:.1f}) | {reference / cached:.1f}x | {k} | "
                f"{separate:.1f} | {together:.1f} | {separate / together:.1f}x |")
         print(f"recorded in {args.results}")
+    bench_subset_heads(args, work, common[common.index("--data_path"):], arch, size, n_train, n_test)
     shutil.rmtree(work, ignore_errors=True)
+
+
+def bench_subset_heads(args, work, data_args, arch, size, n_train, n_test):
+    """--subsets all on 5 cached backbones (31 heads: 30 sub-concatenations and the full one) against one head,
+    the same epochs and cached features; the backbones run once, before either timing."""
+    from helpers import make_checkpoint
+    ckpts = [os.path.join(work, f"subsets{i}.pth") for i in range(5)]
+    for seed, path in enumerate(ckpts):
+        make_checkpoint(path, arch, "raw", seed=seed)
+    epochs = 2 if args.quick else 10
+    common = ["--arch", arch, "--pretrained", *ckpts, *data_args, "--feature_cache", os.path.join(work, "cache5"),
+              "--precision", "fp32", "--epochs", str(epochs)]
+    timed_probe(common + ["--epochs", "1", "--dump_path", os.path.join(work, "cache5_fill")])  # fills the cache
+    load = os.getloadavg()[0]
+    one, one_acc = timed_probe(common + ["--dump_path", os.path.join(work, "one_head")])
+    many, many_acc = timed_probe(common + ["--subsets", "all", "--dump_path", os.path.join(work, "all_heads")],
+                                 log_name="wd5e-4_lr0.05/train.log")
+    setup = (f"cat5 {arch} {size}px cached, {n_train} train / {n_test} test, {epochs} epochs"
+             f"{' (quick)' if args.quick else ''}")
+    print(f"--subsets all, 31 heads: {many:.1f} s against one head {one:.1f} s -> {many / one:.2f}x (target <= 3x)")
+    if not args.no_record:
+        record(args.results, "probe subsets", SUBSETS_INTRO, SUBSETS_HEADER,
+               f"| {datetime.date.today().isoformat()} | {machine_description()}, load {load:.1f} | {setup} | "
+               f"{one:.1f} ({one_acc:.1f}) | {many:.1f} ({many_acc:.1f}) | {many / one:.2f}x |")
 
 
 # ---------------------------------------------------------------- command line

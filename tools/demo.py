@@ -8,9 +8,12 @@
    the orientation of its stripes. Two transfer tasks each need one cue with the other two made random:
    `shape` and `texture`. The probe of the pretraining task itself is the analogue of the ImageNet column.
 2. Pretrains small ResNets with main_pretrain.py at a fixed budget of T steps: cat1 is one run of T steps, catN is
-   N runs of T/N steps on other seeds; each comparison is repeated over --groups seed groups.
+   N runs of T/N steps on other seeds; `direct` is the same network trained from scratch for T steps on each
+   transfer task itself (the paper's comparison: pretraining elsewhere against training on the task); each
+   comparison is repeated over --groups seed groups.
 3. Probes each configuration on each task with main_linear_probe.py (feature cache, a weight-decay sweep in one
-   pass), then tools/summarize.py prints the table (mean ± std over the groups) and draws the plot.
+   pass; catN with --subsets prefix, so its cat1 ... catN curve comes from the same probe), then
+   tools/summarize.py prints the table (mean ± std over the groups), the cat-n curve, and draws both plots.
 """
 import argparse
 import contextlib
@@ -120,6 +123,10 @@ class PretrainJob(NamedTuple):
     steps: int  # the run's budget
     milestones: list  # budgets it saves (its own last step included)
     output: str  # checkpoint root of the group
+    task: str = "mixture"  # the images it trains on: the pretraining mixture, or a transfer task (direct)
+
+
+DIRECT = "direct"  # the folder of a direct run's probed checkpoint: summarize's steps column reads 'direct'
 
 
 class Plan(NamedTuple):
@@ -138,26 +145,44 @@ def plan(args):
         jobs += [PretrainJob(group, run, short, [short], output) for run in range(1, args.n)]
         configs[f"cat1_group{group}"] = [layout.checkpoint_path(output, args.steps, 0)]
         configs[f"cat{args.n}_group{group}"] = [layout.checkpoint_path(output, short, run) for run in range(args.n)]
+        for task in TASKS[1:]:  # direct: trained on the transfer task itself, T steps, its own seed
+            jobs.append(PretrainJob(group, 0, args.steps, [args.steps], os.path.join(output, task), task))
     return Plan(jobs, configs)
+
+
+def direct_checkpoint(args, job):
+    """Where a direct run's final checkpoint is probed from: <group>/<task>/direct/, a folder name that keeps it
+    out of the cat1 row (tools/summarize.py reads the steps of a checkpoint from its folder)."""
+    return os.path.join(job.output, DIRECT, layout.run_file_name(0))
+
+
+def publish_direct(args, job):
+    """Copy the direct run's final checkpoint to direct_checkpoint()."""
+    target = direct_checkpoint(args, job)
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    shutil.copyfile(layout.checkpoint_path(job.output, job.steps, 0), target)
+    return target
 
 
 def pretrain(args, job):
     import main_pretrain
-    group, run, steps, milestones, output = job
+    group, run, steps, milestones, output, task = job
+    seed = 1000 * group + run + 1 + (500 + 100 * TASKS.index(task) if task != "mixture" else 0)
     quietly(main_pretrain.main, [
         "--arch", args.arch, "--img_size", str(SIZE), "--data_name", "imagefolder",
-        "--data_path", os.path.join(args.data, "mixture"),
+        "--data_path", os.path.join(args.data, task),
         "--global_batch", str(args.batch), "--steps", str(steps), "--save_steps", *map(str, milestones),
         "--warmup_steps", str(max(1, steps // 10)), "--eval_every", "0", "--bn_refresh_batches", "10",
-        "--run", str(run), "--seed", str(1000 * group + run + 1), "--workers", str(args.workers),
+        "--run", str(run), "--seed", str(seed), "--workers", str(args.workers),
         "--precision", "fp32", "--print_freq", "50", "--output_dir", output,
-        "--dump_path", os.path.join(args.out, "pretrain", f"group{group}", f"run{run}"), "--start_over",
+        "--dump_path", os.path.join(args.out, "pretrain", f"group{group}", f"run{run}" if task == "mixture"
+                                    else f"direct_{task}"), "--start_over",
     ], main_pretrain.get_args_parser)
 
 
-def probe(args, task, name, checkpoints):
+def probe(args, task, name, checkpoints, subsets="none"):
     import main_linear_probe
-    quietly(main_linear_probe.main, [
+    quietly(main_linear_probe.main, ["--subsets", subsets,
         "--arch", args.arch, "--pretrained", *checkpoints, "--data_name", "imagefolder",
         "--data_path", os.path.join(args.data, task), "--img_size", str(SIZE), "--precision", "fp32",
         "--feature_cache", os.path.join(args.out, "feature_cache"), "--wd", *args.wd, "--lr", str(args.lr),
@@ -165,6 +190,24 @@ def probe(args, task, name, checkpoints):
         "--workers", str(args.workers), "--print_freq", "1000", "--start_over",
         "--dump_path", os.path.join(args.out, "probe", task, name),
     ], main_linear_probe.get_args_parser)
+
+
+def run_pretraining(args, jobs, stage):
+    """Every pretraining job in order; returns {task: [(group, checkpoint)]} of the direct runs."""
+    direct = {}
+    for job in jobs:
+        pretrain(args, job)
+        if job.task != "mixture":
+            direct.setdefault(job.task, []).append((job.group, publish_direct(args, job)))
+            stage(f"trained direct on {job.task}, seed group {job.group + 1}/{args.groups}: {args.steps} steps")
+        elif job.run == args.n - 1:
+            stage(f"pretrained seed group {job.group + 1}/{args.groups}: cat1 = 1 x {args.steps} steps, "
+                  f"cat{args.n} = {args.n} x {short_budget(args)} steps")
+    return direct
+
+
+def short_budget(args):
+    return args.steps // args.n
 
 
 def get_args_parser():
@@ -213,18 +256,17 @@ def main(args):
     shutil.rmtree(os.path.join(args.out, "probe"), ignore_errors=True)
 
     jobs, configs = plan(args)
-    for job in jobs:
-        pretrain(args, job)
-        if job.run == args.n - 1:
-            stage(f"pretrained seed group {job.group + 1}/{args.groups}: cat1 = 1 x {args.steps} steps, "
-                  f"cat{args.n} = {args.n} x {short} steps")
+    direct = run_pretraining(args, jobs, stage)
     missing = [path for paths in configs.values() for path in paths if not os.path.isfile(path)]
     if missing:  # a bug, not a user error: the plan and main_pretrain.py disagree on the layout
         raise RuntimeError(f"pretraining did not write {missing[0]}")
     for task in TASKS:
         for name, checkpoints in configs.items():
-            probe(args, task, name, checkpoints)
-        stage(f"probed {task}: {len(configs)} configurations x {len(args.wd)} weight decays")
+            probe(args, task, name, checkpoints, "prefix" if len(checkpoints) > 1 else "none")
+        for group, checkpoint in direct.get(task, []):
+            probe(args, task, f"direct_group{group}", [checkpoint])
+        stage(f"probed {task}: {len(configs) + len(direct.get(task, []))} configurations x {len(args.wd)} weight "
+              f"decays")
 
     from tools import summarize
     summary = summarize.get_args_parser().parse_args(["--root", os.path.join(args.out, "probe"),
