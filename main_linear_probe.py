@@ -21,6 +21,7 @@ import math  # noqa: E402
 import os  # noqa: E402
 import shutil  # noqa: E402
 import time  # noqa: E402
+from typing import NamedTuple, Optional  # noqa: E402
 
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
