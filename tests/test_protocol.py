@@ -97,7 +97,7 @@ def test_optimizer_groups_follow_the_bn_name_rule(tmp_path):
     args = args_for(tmp_path, "--exp_mode", "finetune", "--wd", "1e-3", "--lr_last_layer", "0.5")
     encoder = torch.nn.Module()
     encoder.net = torchvision.models.resnet18()
-    heads = probe.build_heads(512, 10, probe.head_combos(args), [], args, 1)
+    heads = probe.build_heads([512], 10, probe.head_combos(args), [], args, 1)
     optimizer = probe.build_optimizer(probe.param_groups(heads, encoder, probe.head_combos(args), args), args)
     assert optimizer.defaults["weight_decay"] == 0 and optimizer.defaults["nesterov"]
     head = groups_by_name(heads[0], optimizer)
@@ -111,7 +111,7 @@ def test_optimizer_groups_follow_the_bn_name_rule(tmp_path):
 def test_optimizer_variants(tmp_path):
     def build(*extra):
         args = args_for(tmp_path, *extra)
-        heads = probe.build_heads(8, 3, probe.head_combos(args), [], args, 1)
+        heads = probe.build_heads([8], 3, probe.head_combos(args), [], args, 1)
         return probe.build_optimizer(probe.param_groups(heads, None, probe.head_combos(args), args), args)
     assert build("--optimizer", "adam").defaults["betas"] == (0.9, 0.99)
     assert build("--optimizer", "adam", "--beta2", "0.95", "--momentum", "0.8").defaults["betas"] == (0.8, 0.95)
