@@ -9,8 +9,16 @@ import numpy as np
 import pytest
 import torch
 
-from analysis.features import (MomentAccumulator, analyse_chunks, backbone_dims, block_slices, effective_rank,
-                               head_weights, linear_cka_matrix, weight_share)
+from analysis.features import (
+    MomentAccumulator,
+    analyse_chunks,
+    backbone_dims,
+    block_slices,
+    effective_rank,
+    head_weights,
+    linear_cka_matrix,
+    weight_share,
+)
 from analysis.knn import knn_accuracy, knn_log_line
 from tools import analyze_features
 from util.misc import UserError

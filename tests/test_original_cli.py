@@ -81,6 +81,7 @@ def test_unsupported_original_values_are_one_line_errors(tmp_path, capsys, argv,
 def test_custom_eval_func_logs_the_original_diagnostics(tmp_path):
     """feature_importance = mean |W| per backbone block; cat_validate_network = each block scored alone."""
     import torch
+
     from helpers import make_checkpoint, make_cifar
     from util import log_lines
     data = str(tmp_path / "data")

@@ -255,7 +255,7 @@ def test_acc1_scripts_report_final_and_running_accuracy(world, tmp_path):
     run_probe(world, finished, "--epochs", "2")
     running.mkdir(parents=True)
     lines = open(finished / "train.log").read().splitlines()
-    (running / "train.log").write_text("\n".join(l for l in lines if "Top-1 test accuracy" not in l) + "\n")
+    (running / "train.log").write_text("\n".join(line for line in lines if "Top-1 test accuracy" not in line) + "\n")
     env = {"CAT_EXP_HOME": str(home)}
     final = subprocess.run(["bash", os.path.join(ROOT, "top1acc_final.sh"), "cifar10_", "cat2"], env=env,
                            capture_output=True, text=True)

@@ -24,21 +24,17 @@ key): run main_linear_probe.py --feature_cache DIR once (--epochs 1 is enough), 
 import argparse
 import json
 import os
-import sys
 
 import numpy as np
+import torch
+
+from analysis.features import analyse_chunks, backbone_dims, head_weights, row_chunks, weight_share
+from analysis.knn import knn_accuracy, knn_log_line
+from util.checkpoint import load_file
+from util.logs import write_json_atomic, writing
+from util.misc import ArgumentParser, UserError, run_main
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO not in sys.path:
-    sys.path.insert(0, REPO)
-
-import torch  # noqa: E402
-
-from analysis.features import analyse_chunks, backbone_dims, head_weights, row_chunks, weight_share  # noqa: E402
-from analysis.knn import knn_accuracy, knn_log_line  # noqa: E402
-from util.checkpoint import load_file  # noqa: E402
-from util.logs import write_json_atomic, writing  # noqa: E402
-from util.misc import ArgumentParser, UserError, run_main  # noqa: E402
 
 # what may differ between the training and test entries of one configuration
 SPLIT_KEYS = ("split", "view", "length", "data_rate", "seed")

@@ -16,18 +16,15 @@ import argparse
 import datetime
 import os
 import platform
-import sys
 import time
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO not in sys.path:
-    sys.path.insert(0, REPO)
+from util.cpu_runtime import configure_cpu_runtime
 
-from util.cpu_runtime import configure_cpu_runtime  # noqa: E402
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 CPU_RUNTIME = configure_cpu_runtime()  # before torch: OpenMP reads its settings when torch loads it
 
-import torch  # noqa: E402
+import torch  # noqa: E402 (after configure_cpu_runtime, on purpose)
 
 from engine import autocast, resolve_precision  # noqa: E402
 from util.misc import ArgumentParser, UserError, run_main  # noqa: E402
@@ -106,6 +103,7 @@ def rates(step_fns, batch_size, warmup, steps, device):
 
 
 def bench_train(args):
+    import engine_pretrain
     import main_pretrain
     from models import build_backbone
 
@@ -135,12 +133,12 @@ def bench_train(args):
         """main_pretrain.py's step at one precision, on its own freshly initialised model and optimizer."""
         torch.manual_seed(0)
         model = build_backbone(args.arch, 1000).to(device).to(memory_format=torch.channels_last)
-        optimizer = main_pretrain.build_optimizer(model, recipe)
+        optimizer = engine_pretrain.build_optimizer(model, recipe)
         train_model = torch.compile(model) if args.compile else model
         model.train()
         optimizer.train()
         step_recipe = argparse.Namespace(**{**vars(recipe), "precision": precision})
-        return lambda: main_pretrain.train_step(train_model, optimizer, Batches(), step_recipe, device, False)
+        return lambda: engine_pretrain.train_step(train_model, optimizer, Batches(), step_recipe, device, False)
 
     setting = "bf16 autocast, channels_last" + (", compile" if args.compile else "")
     measured = rates({"fp32": pretrain_step("fp32"), "bf16": pretrain_step("bf16")}, batch, warmup, steps, device)
@@ -193,6 +191,7 @@ def matmul_peak(device, dtype, size=2048, repeats=20):
 def gflop_per_image(arch, size):
     """Forward GFLOP (2 x multiply-adds) per image, counted by torch's FLOP counter."""
     from torch.utils.flop_counter import FlopCounterMode
+
     from models import build_backbone
     model = build_backbone(arch).eval()
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
@@ -255,6 +254,7 @@ def timed_probe(argv, log_name="train.log"):
     """Wall seconds and final top-1 of one main_linear_probe.py run (in this process)."""
     import contextlib
     import io
+
     import main_linear_probe
     start = time.perf_counter()
     parsed = main_linear_probe.get_args_parser().parse_args(argv)
@@ -269,8 +269,8 @@ def timed_probe(argv, log_name="train.log"):
 def bench_probe(args):
     import shutil
     import tempfile
-    sys.path.insert(0, os.path.join(REPO, "tests"))
-    from helpers import make_checkpoint, make_cifar
+
+    from datasets.synthetic import make_checkpoint, make_cifar
 
     work = tempfile.mkdtemp(prefix="timecat-bench-")
     n_train, n_test, size = (200, 100, 32) if args.quick else (1000, 500, 64)

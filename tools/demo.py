@@ -12,25 +12,21 @@
 3. Probes each configuration on each task with main_linear_probe.py (feature cache, a weight-decay sweep in one
    pass), then tools/summarize.py prints the table (mean ± std over the groups) and draws the plot.
 """
-import argparse
 import contextlib
 import io
 import json
 import os
 import shutil
-import sys
 import time
 from typing import NamedTuple
 
+import numpy as np
+from PIL import Image
+
+from util import layout
+from util.misc import ArgumentParser, UserError, run_main
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO not in sys.path:
-    sys.path.insert(0, REPO)
-
-import numpy as np  # noqa: E402
-from PIL import Image  # noqa: E402
-
-from util import layout  # noqa: E402
-from util.misc import ArgumentParser, UserError, run_main  # noqa: E402
 
 SIZE = 32
 CLASSES = 4

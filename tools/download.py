@@ -21,16 +21,14 @@ import tempfile
 import time
 import zlib
 
+import requests
+import yaml
+from tqdm import tqdm
+
+from util import layout
+from util.misc import ArgumentParser, UserError, run_main
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO not in sys.path:
-    sys.path.insert(0, REPO)
-
-import requests  # noqa: E402
-import yaml  # noqa: E402
-from tqdm import tqdm  # noqa: E402
-
-from util import layout  # noqa: E402
-from util.misc import ArgumentParser, UserError, run_main  # noqa: E402
 
 DEFAULT_URL = ("https://dl.fbaipublicfiles.com/richreps-timecat/"
                "ckpt_resnet50_sfadamw_imagenet1k_supervised.tar.gz")

@@ -17,11 +17,9 @@ import shutil
 import subprocess
 import sys
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO not in sys.path:
-    sys.path.insert(0, REPO)
+from util.sweeps import LAYOUTS, SWEEPS, sweep_tasks
 
-from util.sweeps import LAYOUTS, SWEEPS, sweep_tasks  # noqa: E402
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 LINEAREVAL = os.path.join("scripts", "lineareval.sbatch")
 PRETRAIN = os.path.join("scripts", "pretrain_timecat.sbatch")
