@@ -24,7 +24,7 @@ from models import RESNET_ARCHS, ConcatEncoder, LinearHead, MultiHead
 from util.checkpoint import load_file, save_atomic
 from util.distributed import all_reduce_sum, any_process, barrier, cleanup, init_distributed
 from util import log_lines
-from util.feature_cache import load_or_build
+from feature_cache import load_or_build
 from util.logs import (append_jsonl, claim_run_folder, close_logger, create_logger, log_startup, truncate_jsonl,
                        use_progress_bar, write_json_atomic)
 from util.flags import add_bool, bool_flag

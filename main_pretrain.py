@@ -43,9 +43,10 @@ from engine_pretrain import (
     resume_path_of,
 )
 from models import RESNET_ARCHS, build_backbone
+from models.checkpoint_keys import load_backbone_weights
 from models.init import INITS, algoperf_init
 from util import layout
-from util.checkpoint import load_backbone_weights, load_file
+from util.checkpoint import load_file
 from util.distributed import barrier, cleanup, init_distributed
 from util.logs import (
     claim_run_folder,

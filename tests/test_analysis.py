@@ -204,7 +204,7 @@ def test_no_curve_without_subset_heads(tmp_path, capsys):
 
 # ---------------------------------------------------------------- tools/analyze_features.py
 def write_entry(directory, features, labels, split, archs):
-    """A feature-cache entry in util/feature_cache.py's format: fp16 features.npy, labels.npy, manifest.json."""
+    """A feature-cache entry in feature_cache.py's format: fp16 features.npy, labels.npy, manifest.json."""
     os.makedirs(directory)
     np.save(os.path.join(directory, "features.npy"), np.asarray(features, dtype=np.float16))
     np.save(os.path.join(directory, "labels.npy"), np.asarray(labels, dtype=np.int64))

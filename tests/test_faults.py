@@ -639,7 +639,7 @@ def hold_lock(path):
 
 
 def test_a_run_waits_for_another_computing_the_same_cache_entry(world, tmp_path):
-    from util.feature_cache import entry_key
+    from feature_cache import entry_key
     argv = probe_argv(world, tmp_path / "run", "--epochs", "1", "--feature_cache", str(tmp_path / "cache"))
     args = probe.get_args_parser().parse_args(argv)
     probe.check_args(args)

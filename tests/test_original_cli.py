@@ -127,7 +127,7 @@ def test_fail_fast_errors_are_one_line(tmp_path, capsys):
 
 
 def test_feature_cache_key_holds_the_training_subset(tmp_path):
-    from util.feature_cache import entry_key
+    from feature_cache import entry_key
     ckpt = tmp_path / "x.pth"
     ckpt.write_bytes(b"placeholder")
     keys = []
