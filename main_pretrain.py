@@ -73,6 +73,12 @@ RECIPE_KEYS = ("arch", "img_size", "global_batch", "optimizer", "lr", "wd", "bet
                "gamma", "seed", "batch_size", "precision", "init", "sf_moment_dtype", "init_from")
 # The value a recipe key had in run folders written before the key existed (before --init, "sfadamw" was the
 # package's optimizer).
+# Flags that do not change the weight trajectory (where the run reads and writes, how often it logs, evaluates and
+# saves, how it is launched); every flag of get_args_parser is in exactly one of the two lists
+# (tests/faults/test_flag_classes.py).
+RUN_ONLY_KEYS = ("data_name", "data_path", "workers", "accum_steps", "steps", "save_steps", "eval_every",
+                 "bn_refresh_batches", "bn_refresh_every", "run", "output_dir", "dump_path", "start_over", "compile",
+                 "max_time", "print_freq", "debug", "dist_timeout", "skip_bad_images")
 LEGACY_RECIPE = {"init": "torchvision", "sf_moment_dtype": "bfloat16", "init_from": None}
 PRETRAIN_DATA = ("imagenet1k", "imagefolder")
 

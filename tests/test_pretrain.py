@@ -33,13 +33,6 @@ def data(tmp_path_factory):
     return root
 
 
-@pytest.fixture(autouse=True)
-def keep_signal_handlers():
-    """In-process runs install StopSignal's handlers; give pytest its own back."""
-    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR1)}
-    yield
-    for sig, handler in saved.items():
-        signal.signal(sig, handler)
 
 
 def argv(data, out, name, *extra):
