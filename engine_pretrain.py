@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from engine import autocast, evaluate, to_device
-from util import layout
+from util import layout, log_lines
 from util.checkpoint import save_atomic
 from util.distributed import all_reduce_sum, any_process, barrier
 from util.logs import append_jsonl
@@ -346,7 +346,7 @@ class Pretraining:
                 return
         bar.close()
         barrier()
-        self.logger.info(f"Top-1 test accuracy: {self.best_acc:.1f}")
+        self.logger.info(log_lines.final_line(self.best_acc))
 
     def log_step(self, step, lr, loss, window):
         args = self.args
@@ -411,8 +411,7 @@ class Pretraining:
                          source=self.loaders.val)
         self.check_finite(stats["loss"], "validation loss", step)
         self.best_acc = max(self.best_acc, stats["top1"])
-        self.logger.info(f"Test: Loss {stats['loss']:.4f} Acc@1 {stats['top1']:.3f} Best Acc@1 so far "
-                         f"{self.best_acc:.2f}")
+        self.logger.info(log_lines.pretrain_test_line(stats["loss"], stats["top1"], self.best_acc))
         self.logger.info(f"Test: Acc@5 {stats['top5']:.3f} over {val_size - stats['skipped']} images at step {step}"
                          + (f" ({stats['skipped']} unreadable skipped)" if stats["skipped"] else ""))
         if args.skip_bad_images:

@@ -27,6 +27,7 @@ CPU_RUNTIME = configure_cpu_runtime()  # before torch: OpenMP reads its settings
 import torch  # noqa: E402 (after configure_cpu_runtime, on purpose)
 
 from engine import autocast, resolve_precision  # noqa: E402
+from util import log_lines  # noqa: E402
 from util.misc import ArgumentParser, UserError, run_main  # noqa: E402
 
 RESULTS = os.path.join(REPO, "results", "benchmarks.md")  # a tool never modifies tracked files by default
@@ -262,8 +263,7 @@ def timed_probe(argv, log_name="train.log"):
         main_linear_probe.main(parsed)
     seconds = time.perf_counter() - start
     with open(os.path.join(parsed.dump_path, log_name)) as f:
-        accuracy = [float(line.split("Top-1 test accuracy:")[1]) for line in f if "Top-1 test accuracy:" in line]
-    return seconds, accuracy[-1] if accuracy else None
+        return seconds, log_lines.parse_final(f.read())
 
 
 def bench_probe(args):
