@@ -108,3 +108,17 @@ def test_tools_import_library_modules_not_the_entry_scripts():
     scripts = [f"{m} -> {t}" for m, targets in graph().items() for t in targets
                if m.startswith("tools.") and t.startswith("main_") and m not in SCRIPTS_DRIVEN_BY]
     assert not scripts, scripts
+
+
+# TODO(issue 12): add main_linear_probe.py once its probe() is split into stages
+SHORT_FUNCTION_FILES = ("main_pretrain.py", "engine_pretrain.py", "engine.py")
+
+
+def test_the_scripts_and_loops_have_no_function_over_80_lines():
+    long = []
+    for name in SHORT_FUNCTION_FILES:
+        with open(os.path.join(ROOT, name)) as f:
+            tree = ast.parse(f.read())
+        long += [f"{name}:{n.name} ({n.end_lineno - n.lineno + 1} lines)" for n in ast.walk(tree)
+                 if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) and n.end_lineno - n.lineno >= 80]
+    assert not long, long
