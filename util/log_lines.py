@@ -1,11 +1,12 @@
 """The log-line formats and their parsers, the probe's and pretraining's: the one owner of what train.log lines
 look like.
 
-The writers (engine.py, engine_pretrain.py, main_linear_probe.py, util/logs.py) format with the functions below; the readers
-(tools/summarize.py, tools/benchmark.py, the tests; tools/acc1.sh greps patterns that match both styles) parse with the regexes
-below. The formats are byte-compatible with the original linear-probe code (tab-separated fields, the same
-number formats; REFERENCE.md, "Exact details of the original code"), so old result folders and old scripts keep
-working; the parsers also accept this project's earlier space-separated lines. Depends on nothing of ours.
+The writers (engine.py, engine_pretrain.py, main_linear_probe.py, util/logs.py) format with the functions below; the
+readers (tools/summarize.py, tools/benchmark.py, the tests; tools/acc1.sh greps patterns that match both styles)
+parse with the regexes below. The formats are byte-compatible with the original linear-probe code (tab-separated
+fields, the same number formats; REFERENCE.md, "Exact details of the original code"), so old result folders and old
+scripts keep working; the parsers also accept this project's earlier space-separated lines. Depends on nothing of
+ours.
 """
 import re
 import time
