@@ -37,7 +37,7 @@ from util.checkpoint import load_file, save_atomic  # noqa: E402
 from util.distributed import (all_reduce_sum, any_process, barrier, cleanup, init_distributed,  # noqa: E402
                               require_cuda_if_requested)
 from util import log_lines  # noqa: E402
-from util.feature_cache import load_or_build  # noqa: E402
+from feature_cache import load_or_build  # noqa: E402
 from util.logs import (append_jsonl, claim_run_folder, close_logger, create_logger, log_startup, truncate_jsonl,  # noqa: E402
                        use_progress_bar, write_json_atomic)
 from util.misc import UserError, requeue_slurm_job, run_main, set_seed  # noqa: E402

@@ -13,6 +13,20 @@ EXTRA_RUN_SEED = 10000  # run i >= 5 defaults to seed 10000 + i, clear of the re
 BN_BATCH = 128  # images per forward pass and process (AlgoPerf: 1024 over 8 devices); the rest is accumulation
 SCHEDULE_FREE = ("sfadamw", "sfadamw_package")
 PRETRAIN_DATA = ("imagenet1k", "imagefolder")
+# A run resumed from its folder must follow the same weight trajectory; these flags define it (compared on resume).
+RECIPE_KEYS = ("arch", "img_size", "global_batch", "optimizer", "lr", "wd", "betas", "eps", "sf_r",
+               "weight_lr_power", "warmup_steps", "label_smoothing", "momentum", "schedule", "decay_epochs",
+               "gamma", "seed", "batch_size", "precision", "init", "sf_moment_dtype", "init_from")
+# Flags that do not change the weight trajectory (where the run reads and writes, how often it logs, evaluates and
+# saves, how it is launched); every flag of get_args_parser is in exactly one of the two lists
+# (tests/faults/test_flag_classes.py).
+RUN_ONLY_KEYS = ("data_name", "data_path", "workers", "accum_steps", "steps", "save_steps", "eval_every",
+                 "bn_refresh_batches", "bn_refresh_every", "run", "output_dir", "dump_path", "start_over", "compile",
+                 "max_time", "print_freq", "debug", "dist_timeout", "skip_bad_images", "device", "local_rank",
+                 "tensorboard")
+# The value a recipe key had in run folders written before the key existed (before --init, "sfadamw" was the
+# package's optimizer).
+LEGACY_RECIPE = {"init": "torchvision", "sf_moment_dtype": "bfloat16", "init_from": None}
 # Choices shown by --help, spelled here so that --help needs no torch; tests/test_cli.py checks that they equal
 # their owners' (models.backbones.RESNET_ARCHS, models.init.INITS, util.sfadamw.MOMENT_DTYPES).
 ARCH_NAMES = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnext50_32x4d", "resnext101_32x8d",

@@ -3,7 +3,7 @@ import torch
 import torch.nn as nn
 import torchvision
 
-from util.checkpoint import load_backbone_weights
+from models.checkpoint_keys import load_backbone_weights
 from util.misc import UserError
 
 RESNET_ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152",

@@ -9,8 +9,16 @@ import numpy as np
 import pytest
 import torch
 
-from analysis.features import (MomentAccumulator, analyse_chunks, backbone_dims, block_slices, effective_rank,
-                               head_weights, linear_cka_matrix, weight_share)
+from analysis.features import (
+    MomentAccumulator,
+    analyse_chunks,
+    backbone_dims,
+    block_slices,
+    effective_rank,
+    head_weights,
+    linear_cka_matrix,
+    weight_share,
+)
 from analysis.knn import knn_accuracy, knn_log_line
 from tools import analyze_features
 from util.misc import UserError
@@ -196,7 +204,7 @@ def test_no_curve_without_subset_heads(tmp_path, capsys):
 
 # ---------------------------------------------------------------- tools/analyze_features.py
 def write_entry(directory, features, labels, split, archs):
-    """A feature-cache entry in util/feature_cache.py's format: fp16 features.npy, labels.npy, manifest.json."""
+    """A feature-cache entry in feature_cache.py's format: fp16 features.npy, labels.npy, manifest.json."""
     os.makedirs(directory)
     np.save(os.path.join(directory, "features.npy"), np.asarray(features, dtype=np.float16))
     np.save(os.path.join(directory, "labels.npy"), np.asarray(labels, dtype=np.int64))

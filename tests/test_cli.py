@@ -181,8 +181,9 @@ def probe_argv(world, dump, *extra):
 
 def test_tensorboard_events_hold_the_metrics_records(tiny_probe_world, tmp_path):
     """--tensorboard writes, beside each head's train.log, the scalars of its metrics.jsonl records."""
-    import main_linear_probe as probe
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    import main_linear_probe as probe
     from util.tensorboard import events_in
     args = probe.get_args_parser().parse_args(probe_argv(tiny_probe_world, tmp_path, "--wd", "1e-3", "1e-2",
                                                          "--tensorboard"))

@@ -34,7 +34,11 @@ def fresh_clone(tmp_path):
         os.makedirs(clone / os.path.dirname(rel), exist_ok=True)
         shutil.copy(os.path.join(ROOT, rel), clone / rel)
     (clone / ".venv" / "bin").mkdir(parents=True)
-    os.symlink(sys.executable, clone / ".venv" / "bin" / "python")
+    # the clone's ./setup.sh would install it editable (its root on the path, pyproject.toml); the stand-in
+    # interpreter does the same with PYTHONPATH
+    python = clone / ".venv" / "bin" / "python"
+    python.write_text(f'#!/bin/sh\nPYTHONPATH="{clone}" exec "{sys.executable}" "$@"\n')
+    python.chmod(0o755)
     return clone
 
 

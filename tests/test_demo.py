@@ -4,8 +4,7 @@ import os
 
 import torch
 
-import main_pretrain
-
+import engine_pretrain
 from tools import demo
 
 
@@ -43,7 +42,7 @@ def test_demo_at_a_budget_of_thousands_of_steps_probes_what_pretraining_wrote(tm
     """Budgets that are multiples of 1000 steps are written as checkpoints_step{k}/ (k thousand): the demo's plan
     must name the same folders. The optimizer steps are skipped (weights stay at the initialisation) so that
     2000-step runs take seconds; everything else (milestones, checkpoints, probes) is real."""
-    monkeypatch.setattr(main_pretrain, "train_step", lambda *args: (torch.zeros(()), 0.0, None))
+    monkeypatch.setattr(engine_pretrain, "train_step", lambda *args: (torch.zeros(()), 0.0, None))
     out = tmp_path / "out"
     demo.main(demo.get_args_parser().parse_args(["--quick", "--steps", "2000", "--workers", "0", "--out", str(out),
                                                  "--data", str(tmp_path / "data"), "--epochs", "1"]))

@@ -15,12 +15,10 @@ import types
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
+from tools import download
+from util.misc import UserError
 
-from tools import download  # noqa: E402
-from util.misc import UserError  # noqa: E402
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 RELEASE_TOP = "ckpt_resnet50_sfadamw_imagenet1k_supervised"
 RELEASE = {"full": 5, "200k": 2, "100k": 4, "80k": 5}

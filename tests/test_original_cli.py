@@ -81,6 +81,7 @@ def test_unsupported_original_values_are_one_line_errors(tmp_path, capsys, argv,
 def test_custom_eval_func_logs_the_original_diagnostics(tmp_path):
     """feature_importance = mean |W| per backbone block; cat_validate_network = each block scored alone."""
     import torch
+
     from helpers import make_checkpoint, make_cifar
     from util import log_lines
     data = str(tmp_path / "data")
@@ -126,7 +127,7 @@ def test_fail_fast_errors_are_one_line(tmp_path, capsys):
 
 
 def test_feature_cache_key_holds_the_training_subset(tmp_path):
-    from util.feature_cache import entry_key
+    from feature_cache import entry_key
     ckpt = tmp_path / "x.pth"
     ckpt.write_bytes(b"placeholder")
     keys = []

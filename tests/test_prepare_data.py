@@ -12,12 +12,10 @@ import threading
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
+from tools import prepare_data
+from util.misc import UserError
 
-from tools import prepare_data  # noqa: E402
-from util.misc import UserError  # noqa: E402
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 WNIDS = ["n01440764", "n01443537", "n01484850"]
 
@@ -130,8 +128,9 @@ def test_cifar_subcommand_goes_through_torchvision(tmp_path, monkeypatch):
 
 
 def test_cifar_download_failure_is_one_clear_error(tmp_path, monkeypatch):
-    import torchvision
     from urllib.error import URLError
+
+    import torchvision
 
     def offline(root, train, download):
         raise URLError("no route to host")
@@ -180,7 +179,8 @@ def test_inat_download_from_local_server(tmp_path, capsys, monkeypatch):
     make_inat_archives(tmp_path, served)
     # the generated archive stands for the published one: its MD5 is the one to check
     image_archive = served / "train_val2018.tar.gz"
-    monkeypatch.setattr(prepare_data, "INAT_MD5", {image_archive.name: hashlib.md5(image_archive.read_bytes()).hexdigest()})
+    digest = hashlib.md5(image_archive.read_bytes()).hexdigest()
+    monkeypatch.setattr(prepare_data, "INAT_MD5", {image_archive.name: digest})
     handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(served))
     handler.log_message = lambda *a: None
     srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)

@@ -12,11 +12,12 @@ import pytest
 import torch
 import yaml
 
+import engine_pretrain
 import main_pretrain as pretrain
 from helpers import ROOT, make_imagenet, run_script
-from tools import plan_timecat
 from models import build_backbone
 from models.init import algoperf_init
+from tools import plan_timecat
 from util.misc import UserError, run_main
 from util.sfadamw import AlgoPerfAdamWScheduleFree
 
@@ -32,13 +33,6 @@ def data(tmp_path_factory):
     return root
 
 
-@pytest.fixture(autouse=True)
-def keep_signal_handlers():
-    """In-process runs install StopSignal's handlers; give pytest its own back."""
-    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR1)}
-    yield
-    for sig, handler in saved.items():
-        signal.signal(sig, handler)
 
 
 def argv(data, out, name, *extra):
@@ -145,10 +139,10 @@ def test_bn_refresh_recomputes_the_statistics_at_x(data, tmp_path):
     model.load_state_dict(fresh)
     train_set = build_image_folder(os.path.join(data, "imagenet", "train"), "ImageNet1k", "",
                                    build_transform("imagenet", "eval", True, 32))
-    sampler = pretrain.RefreshBatches(len(train_set), args.seed, 8, 3, 0, 1)
+    sampler = engine_pretrain.RefreshBatches(len(train_set), args.seed, 8, 3, 0, 1)
     sampler.step = 8
-    loader = torch.utils.data.DataLoader(pretrain.SeededSamples(train_set), batch_sampler=sampler)
-    pretrain.refresh_bn(model, loader, torch.device("cpu"), "fp32", 1)
+    loader = torch.utils.data.DataLoader(engine_pretrain.SeededSamples(train_set), batch_sampler=sampler)
+    engine_pretrain.refresh_bn(model, loader, torch.device("cpu"), "fp32", 1)
     recomputed = model.state_dict()
     for k in stat_keys:
         torch.testing.assert_close(recomputed[k], fresh[k], rtol=1e-4, atol=1e-5)
@@ -160,7 +154,7 @@ def test_evaluation_sees_x_and_training_resumes_at_y_in_train_mode(optimizer):
     pretrain.check_args(args)
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4), torch.nn.Linear(4, 2))
-    opt = pretrain.build_optimizer(model, args)
+    opt = engine_pretrain.build_optimizer(model, args)
     model.train()
     if optimizer == "sfadamw":
         opt.train()
@@ -169,7 +163,7 @@ def test_evaluation_sees_x_and_training_resumes_at_y_in_train_mode(optimizer):
         opt.step()
         opt.zero_grad()
     y = [p.detach().clone() for p in model.parameters()]
-    with pretrain.at_average(model, opt, args):
+    with engine_pretrain.at_average(model, opt, args):
         model.eval()
         inside = [p.detach().clone() for p in model.parameters()]
     assert model.training
@@ -271,7 +265,7 @@ def test_two_process_gloo_run_trains_the_same_weights_as_one_process(data, tmp_p
 # ---------------------------------------------------------------- units
 def test_each_global_batch_is_the_same_images_whatever_the_process_count():
     def global_batches(world, accum, batch, start=0, steps=6):
-        samplers = [iter(pretrain.TrainBatches(50, 7, 12, batch, accum, r, start)) for r in range(world)]
+        samplers = [iter(engine_pretrain.TrainBatches(50, 7, 12, batch, accum, r, start)) for r in range(world)]
         return [sorted(x for r in range(world) for _ in range(accum) for x in next(samplers[r]))
                 for _ in range(steps)]
 
@@ -304,7 +298,7 @@ def test_recipe_defaults_and_batch_resolution():
     sgd = pretrain.get_args_parser().parse_args(["--optimizer", "sgd", "--global_batch", "256"])
     pretrain.check_args(sgd)
     assert (sgd.lr, sgd.wd, sgd.label_smoothing, sgd.warmup_steps) == (0.1, 1e-4, 0.0, 0)
-    assert [pretrain.lr_at_step(s, sgd, 100) for s in (0, 2999, 3000, 6000)] == \
+    assert [engine_pretrain.lr_at_step(s, sgd, 100) for s in (0, 2999, 3000, 6000)] == \
         pytest.approx([0.1, 0.1, 0.01, 0.001])
 
 

@@ -194,6 +194,26 @@ def test_eval_only_reproduces_the_best_accuracy(world, tmp_path):
     assert f"Acc@1 {best:.3f}" in last
 
 
+def test_a_head_that_never_scores_still_writes_best_and_eval_only_reads_it(world, tmp_path):
+    """Every test image is of a class no training image has: the head stays at 0% and must still leave a best.pth.tar
+    (the reference starts its best accuracy below 0), so --mode eval_only reproduces the 0."""
+    import pickle
+    data = tmp_path / "data"
+    folder = make_cifar(str(data), "cifar10", n_train=100, n_test=20)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        with open(os.path.join(folder, name), "rb") as f:
+            batch = pickle.load(f)
+        batch["labels"] = [9] * len(batch["labels"]) if name == "test_batch" else [y % 9 for y in batch["labels"]]
+        with open(os.path.join(folder, name), "wb") as f:
+            pickle.dump(batch, f)
+    dump = tmp_path / "run"
+    run_probe(dict(world, data=str(data)), dump, "--epochs", "2")
+    assert [m["test_top1"] for m in read_metrics(dump)] == [0.0, 0.0]
+    assert os.path.isfile(dump / "best.pth.tar")
+    run_probe(dict(world, data=str(data)), dump, "--epochs", "2", "--mode", "eval_only")
+    assert "Acc@1 0.000" in open(dump / "train.log").read().strip().splitlines()[-1]
+
+
 def test_tag_fills_backbones_from_the_tag_file(world, tmp_path):
     tag_file = tmp_path / "tags.yaml"
     tag_file.write_text(yaml.safe_dump({"mine": {"arch": ["resnet18"] * 2, "pretrained": world["ckpts"]}}))
@@ -255,7 +275,7 @@ def test_acc1_scripts_report_final_and_running_accuracy(world, tmp_path):
     run_probe(world, finished, "--epochs", "2")
     running.mkdir(parents=True)
     lines = open(finished / "train.log").read().splitlines()
-    (running / "train.log").write_text("\n".join(l for l in lines if "Top-1 test accuracy" not in l) + "\n")
+    (running / "train.log").write_text("\n".join(line for line in lines if "Top-1 test accuracy" not in line) + "\n")
     env = {"CAT_EXP_HOME": str(home)}
     final = subprocess.run(["bash", os.path.join(ROOT, "top1acc_final.sh"), "cifar10_", "cat2"], env=env,
                            capture_output=True, text=True)

@@ -7,12 +7,10 @@ import sys
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
+from tools import summarize
+from util.misc import UserError
 
-from tools import summarize  # noqa: E402
-from util.misc import UserError  # noqa: E402
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 PREFIX = "INFO - 2025-06-01 12:00:00 - 0:00:01 - "
 TRANSFER = "supervised/imagenet/transfer"

@@ -24,16 +24,12 @@ key): run main_linear_probe.py --feature_cache DIR once (--epochs 1 is enough), 
 import argparse
 import json
 import os
-import sys
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO not in sys.path:
-    sys.path.insert(0, REPO)
 
 # numpy, torch and the analysis modules are imported inside the functions that use them,
 # so that --help answers without loading them
-from util.cli import ArgumentParser, UserError, run_main  # noqa: E402
+from util.cli import ArgumentParser, UserError, run_main
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # what may differ between the training and test entries of one configuration
 SPLIT_KEYS = ("split", "view", "length", "data_rate", "seed")
 
@@ -209,6 +205,7 @@ def resolve_device(name):
 
 def knn_report(entry, key, features, labels, args, device):
     import torch
+
     from analysis.knn import knn_accuracy, knn_log_line
     train_dir = entry if key.get("split") == "train" else sibling_entry(entry, key, "train")
     test_dir = entry if key.get("split") == "test" else sibling_entry(entry, key, "test")

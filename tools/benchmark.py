@@ -16,22 +16,19 @@ import argparse
 import datetime
 import os
 import platform
-import sys
 import time
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO not in sys.path:
-    sys.path.insert(0, REPO)
-
-from util.cpu_runtime import configure_cpu_runtime  # noqa: E402
+from util.cpu_runtime import configure_cpu_runtime
 
 CPU_RUNTIME = configure_cpu_runtime()  # before torch: OpenMP reads its settings when torch loads it
 
 # torch and engine are imported inside the functions that use them,
 # so that --help answers without loading them
-from arguments import pretrain as pretrain_args  # noqa: E402
+from arguments import pretrain as pretrain_args  # noqa: E402  (after configure_cpu_runtime, on purpose)
+from util import log_lines  # noqa: E402
 from util.cli import ArgumentParser, UserError, run_main  # noqa: E402
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(REPO, "results", "benchmarks.md")  # a tool never modifies tracked files by default
 
 
@@ -109,6 +106,8 @@ def rates(step_fns, batch_size, warmup, steps, device):
 
 def bench_train(args):
     import torch
+
+    import engine_pretrain
     import main_pretrain
     from models import build_backbone
 
@@ -138,12 +137,12 @@ def bench_train(args):
         """main_pretrain.py's step at one precision, on its own freshly initialised model and optimizer."""
         torch.manual_seed(0)
         model = build_backbone(args.arch, 1000).to(device).to(memory_format=torch.channels_last)
-        optimizer = main_pretrain.build_optimizer(model, recipe)
+        optimizer = engine_pretrain.build_optimizer(model, recipe)
         train_model = torch.compile(model) if args.compile else model
         model.train()
         optimizer.train()
         step_recipe = argparse.Namespace(**{**vars(recipe), "precision": precision})
-        return lambda: main_pretrain.train_step(train_model, optimizer, Batches(), step_recipe, device, False)
+        return lambda: engine_pretrain.train_step(train_model, optimizer, Batches(), step_recipe, device, False)
 
     setting = "bf16 autocast, channels_last" + (", compile" if args.compile else "")
     measured = rates({"fp32": pretrain_step("fp32"), "bf16": pretrain_step("bf16")}, batch, warmup, steps, device)
@@ -205,6 +204,7 @@ def gflop_per_image(arch, size):
     """Forward GFLOP (2 x multiply-adds) per image, counted by torch's FLOP counter."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
+
     from models import build_backbone
     model = build_backbone(arch).eval()
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
@@ -214,6 +214,7 @@ def gflop_per_image(arch, size):
 
 def bench_backbone(args):
     import torch
+
     from engine import autocast, resolve_precision
     from models import build_backbone
 
@@ -269,6 +270,7 @@ def timed_probe(argv, log_name="train.log"):
     """Wall seconds and final top-1 of one main_linear_probe.py run (in this process)."""
     import contextlib
     import io
+
     import main_linear_probe
     start = time.perf_counter()
     parsed = main_linear_probe.get_args_parser().parse_args(argv)
@@ -276,16 +278,16 @@ def timed_probe(argv, log_name="train.log"):
         main_linear_probe.main(parsed)
     seconds = time.perf_counter() - start
     with open(os.path.join(parsed.dump_path, log_name)) as f:
-        accuracy = [float(line.split("Top-1 test accuracy:")[1]) for line in f if "Top-1 test accuracy:" in line]
-    return seconds, accuracy[-1] if accuracy else None
+        return seconds, log_lines.parse_final(f.read())
 
 
 def bench_probe(args):
-    import torch
     import shutil
     import tempfile
-    sys.path.insert(0, os.path.join(REPO, "tests"))
-    from helpers import make_checkpoint, make_cifar
+
+    import torch
+
+    from datasets.synthetic import make_checkpoint, make_cifar
 
     work = tempfile.mkdtemp(prefix="timecat-bench-")
     n_train, n_test, size = (200, 100, 32) if args.quick else (1000, 500, 64)
@@ -334,7 +336,7 @@ def bench_probe(args):
 def bench_subset_heads(args, work, data_args, arch, size, n_train, n_test):
     """--subsets all on 5 cached backbones (31 heads: 30 sub-concatenations and the full one) against one head,
     the same epochs and cached features; the backbones run once, before either timing."""
-    from helpers import make_checkpoint
+    from datasets.synthetic import make_checkpoint
     ckpts = [os.path.join(work, f"subsets{i}.pth") for i in range(5)]
     for seed, path in enumerate(ckpts):
         make_checkpoint(path, arch, "raw", seed=seed)

@@ -80,8 +80,8 @@ def curve_table(curve, datasets, steps_label, columns):
         for data in datasets:
             cell = curve.cells.get(((k, steps), data))
             best = cell and cell["best"]
-            cells.append("–" if not best else f"{best['mean']:.1f}" + (f" ± {best['std']:.1f}" if best["std"]
-                                                                        is not None else "") + f" (n={len(best['runs'])})")
+            spread = f" ± {best['std']:.1f}" if best and best["std"] is not None else ""
+            cells.append("–" if not best else f"{best['mean']:.1f}{spread} (n={len(best['runs'])})")
         rows.append([str(k), steps_label(steps)] + cells)
     return ["backbones", "steps per backbone"] + [columns.get(d, d) for d in datasets], rows
 

@@ -15,25 +15,20 @@
    pass; catN with --subsets prefix, so its cat1 ... catN curve comes from the same probe), then
    tools/summarize.py prints the table (mean ± std over the groups), the cat-n curve, and draws both plots.
 """
-import argparse
 import contextlib
 import io
 import json
 import os
 import shutil
-import sys
 import time
 from typing import NamedTuple
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO not in sys.path:
-    sys.path.insert(0, REPO)
-
-from util import layout  # noqa: E402
 # numpy and PIL are imported inside the functions that use them,
 # so that --help answers without loading them
-from util.cli import ArgumentParser, UserError, run_main  # noqa: E402
+from util import layout
+from util.cli import ArgumentParser, UserError, run_main
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIZE = 32
 CLASSES = 4
 # background colours (RGB) of the four classes; they are dimmed and jittered per image
@@ -243,7 +238,6 @@ def main(args):
     args.decay_epochs = [max(1, round(args.epochs * 0.6)), max(1, round(args.epochs * 0.8))]
     if args.n < 2 or args.steps % args.n or args.groups < 1 or args.per_class < 2:
         raise UserError("--n must be at least 2 and divide --steps; --groups >= 1; --per_class >= 2")
-    short = args.steps // args.n
     start = time.time()
 
     def stage(text):

@@ -21,15 +21,12 @@ import tempfile
 import time
 import zlib
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO not in sys.path:
-    sys.path.insert(0, REPO)
-
-from util import layout  # noqa: E402
 # requests, yaml and tqdm are imported inside the functions that use them,
 # so that --help answers without loading them
-from util.cli import ArgumentParser, UserError, run_main  # noqa: E402
+from util import layout
+from util.cli import ArgumentParser, UserError, run_main
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_URL = ("https://dl.fbaipublicfiles.com/richreps-timecat/"
                "ckpt_resnet50_sfadamw_imagenet1k_supervised.tar.gz")
 DEFAULT_DEST = os.path.join(REPO, layout.CHECKPOINT_ROOT)

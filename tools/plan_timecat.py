@@ -15,16 +15,13 @@ import os
 import shlex
 import sys
 
+import yaml
+
+from arguments.pretrain import default_seed
+from util import layout
+from util.cli import ArgumentParser, UserError, run_main
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO not in sys.path:
-    sys.path.insert(0, REPO)
-
-import yaml  # noqa: E402
-
-from arguments.pretrain import default_seed  # noqa: E402
-from util import layout  # noqa: E402
-from util.cli import ArgumentParser, UserError, run_main  # noqa: E402
-
 # under results/ (ignored): a tool never modifies tracked files unless given their path
 DEFAULT_TAGS = os.path.join("results", "timecat_plan", "timecat_plan.yaml")
 DEFAULT_SBATCH = os.path.join("results", "timecat_plan", "pretrain_timecat.sbatch")
@@ -180,7 +177,8 @@ def main(args, argv=None):
         with open(path, "w") as f:
             f.write(text)
         print(f"wrote {path}")
-    print(f"train: python tools/submit.py pretrain --script {args.sbatch_out}   probe: python main_linear_probe.py --tag_file {args.tags_out} "
+    print(f"train: python tools/submit.py pretrain --script {args.sbatch_out}   "
+          f"probe: python main_linear_probe.py --tag_file {args.tags_out} "
           f"--tag {configs[-1][1]} --data_name cifar10")
 
 

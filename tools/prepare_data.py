@@ -20,13 +20,10 @@ import tempfile
 from dataclasses import dataclass, field
 from urllib.error import URLError
 
+from tools.download import CorruptArchive, fetch, safe_extract, show
+from util.cli import ArgumentParser, UserError, run_main
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO not in sys.path:
-    sys.path.insert(0, REPO)
-
-from tools.download import CorruptArchive, fetch, safe_extract, show  # noqa: E402
-from util.cli import ArgumentParser, UserError, run_main  # noqa: E402
-
 DATASETS = ("cifar10", "cifar100", "inaturalist18", "imagenet1k")
 CIFAR_URL = "https://www.cs.toronto.edu/~kriz/cifar.html"
 CIFAR_FILES = {

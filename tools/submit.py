@@ -17,13 +17,10 @@ import shutil
 import subprocess
 import sys
 
+from util.cli import ArgumentParser  # one-line errors, defaults shown once; torch-free
+from util.sweeps import LAYOUTS, SWEEPS, sweep_tasks
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO not in sys.path:
-    sys.path.insert(0, REPO)
-
-from util.cli import ArgumentParser  # noqa: E402  (one-line errors, defaults shown once; torch-free)
-from util.sweeps import LAYOUTS, SWEEPS, sweep_tasks  # noqa: E402
-
 LINEAREVAL = os.path.join("scripts", "lineareval.sbatch")
 PRETRAIN = os.path.join("scripts", "pretrain_timecat.sbatch")
 PATH_OPTIONS = {"--output": "output", "-o": "output", "--error": "error", "-e": "error", "--chdir": "chdir",

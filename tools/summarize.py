@@ -17,18 +17,14 @@ import json
 import os
 import re
 import statistics
-import sys
 from dataclasses import dataclass, field
 
+from tools import catn_curve
+from util import layout
+from util.cli import ArgumentParser, UserError, run_main
+from util.log_lines import EPOCH_RE, FINAL_RE, parse_tests  # the owner of the log formats
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO not in sys.path:
-    sys.path.insert(0, REPO)
-
-from tools import catn_curve  # noqa: E402
-from util import layout  # noqa: E402
-from util.log_lines import EPOCH_RE, FINAL_RE, parse_tests  # noqa: E402  (the owner of the log formats)
-from util.cli import ArgumentParser, UserError, run_main  # noqa: E402
-
 # table columns: dataset -> header, in the README's order; other datasets follow under their own name
 COLUMNS = {"imagenet1k": "ImageNet1k", "inaturalist18": "iNat18", "cifar100": "CIFAR100", "cifar10": "CIFAR10"}
 ALIASES = {"imagenet": "imagenet1k", "in1k": "imagenet1k", "inat": "inaturalist18", "inat18": "inaturalist18",

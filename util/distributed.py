@@ -81,7 +81,8 @@ def init_distributed(debug=False, timeout_minutes=30):
         except dist.DistError as exc:
             where = f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}"
             raise UserError(f"rank {rank} of {world_size} could not join the process group at {where} within "
-                            f"{timeout_minutes:g} min (--dist_timeout): {str(exc).strip().splitlines()[0].rstrip('.')}. Did every "
+                            f"{timeout_minutes:g} min (--dist_timeout): "
+                            f"{str(exc).strip().splitlines()[0].rstrip('.')}. Did every "
                             f"process start, and can this node reach {where}?") from None
     return info
 

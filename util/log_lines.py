@@ -1,10 +1,12 @@
-"""The probe's log-line formats and their parsers: the one owner of what train.log lines look like.
+"""The log-line formats and their parsers, the probe's and pretraining's: the one owner of what train.log lines
+look like.
 
-The writers (engine.py, main_linear_probe.py, util/logs.py) format with the functions below; the readers
-(tools/summarize.py, the tests; tools/acc1.sh greps patterns that match both styles) parse with the regexes
-below. The formats are byte-compatible with the original linear-probe code (tab-separated fields, the same
-number formats; REFERENCE.md, "Exact details of the original code"), so old result folders and old scripts keep
-working; the parsers also accept this project's earlier space-separated lines. Depends on nothing of ours.
+The writers (engine.py, engine_pretrain.py, main_linear_probe.py, util/logs.py) format with the functions below; the
+readers (tools/summarize.py, tools/benchmark.py, the tests; tools/acc1.sh greps patterns that match both styles)
+parse with the regexes below. The formats are byte-compatible with the original linear-probe code (tab-separated
+fields, the same number formats; REFERENCE.md, "Exact details of the original code"), so old result folders and old
+scripts keep working; the parsers also accept this project's earlier space-separated lines. Depends on nothing of
+ours.
 """
 import re
 import time
@@ -37,9 +39,19 @@ def test_line(loss, top1, best):
     return f"Test:\tLoss {loss:.4f}\tAcc@1 {top1:.3f}\tBest Acc@1 so far {best:.2f}"
 
 
+def pretrain_test_line(loss, top1, best):
+    """Pretraining's line after each evaluation (spaces where the probe's test_line has tabs; TEST_RE reads both)."""
+    return f"Test: Loss {loss:.4f} Acc@1 {top1:.3f} Best Acc@1 so far {best:.2f}"
+
+
+def final_line(top1):
+    """The reported number of a finished run (FINAL_RE, tools/acc1.sh and top1acc_final.sh read it)."""
+    return f"Top-1 test accuracy: {top1:.1f}"
+
+
 def final_message(top1):
-    """The closing message of a finished run: two lines, the second the reported number."""
-    return f"{FINAL_HEADER}\nTop-1 test accuracy: {top1:.1f}"
+    """The probe's closing message of a finished run: two lines, the second the reported number."""
+    return f"{FINAL_HEADER}\n{final_line(top1)}"
 
 
 def diagnostic_line(name, values):

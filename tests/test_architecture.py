@@ -1,0 +1,124 @@
+"""The import graph follows docs/architecture.md: no import cycle, no import from a layer above."""
+import ast
+import os
+import re
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPTS_DRIVEN_BY = {"tools.demo", "tools.benchmark"}  # the two tools that run the entry scripts, by design
+
+
+def layer_table():
+    """{top-level name: layer index} from the table in docs/architecture.md ('tests' last)."""
+    with open(os.path.join(ROOT, "docs", "architecture.md")) as f:
+        rows = [line for line in f if re.match(r"^\| (\d|tests)", line)]
+    layers = {}
+    for row in rows:
+        index = row.split("|")[1].strip().split()[0]
+        for name in re.findall(r"`([a-z_]+)(?:\.py|/\*)`", row.split("|")[2]):
+            layers[name] = 99 if index == "tests" else int(index)
+    return layers
+
+
+def our_modules():
+    """{dotted module name: path} for every Python file of the project (not .venv, data, results)."""
+    modules = {}
+    for folder, dirs, files in os.walk(ROOT):
+        dirs[:] = [d for d in dirs if not d.startswith(".") and d not in ("data", "results", "checkpoints")]
+        for name in files:
+            if name.endswith(".py"):
+                rel = os.path.relpath(os.path.join(folder, name), ROOT)[:-3].replace(os.sep, ".")
+                modules[rel.removesuffix(".__init__")] = os.path.join(folder, name)
+    return modules
+
+
+def imports_of(path, modules, aliases):
+    """Our modules imported anywhere in the file (function-level imports included)."""
+    found = set()
+    for node in ast.walk(ast.parse(open(path).read())):
+        names = []
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names = [f"{node.module}.{a.name}" for a in node.names] + [node.module]
+        for name in names:
+            while name and name not in modules and name not in aliases:
+                name = name.rpartition(".")[0]
+            if name:
+                found.add(aliases.get(name, name))
+    return found
+
+
+def graph():
+    modules = our_modules()
+    # test files import their folder's helpers by bare name (`helpers`, `driver`: pytest puts tests/ on the path)
+    aliases = {m.rpartition(".")[2]: m for m in modules if m.startswith("tests.")}
+    return {m: imports_of(p, modules, aliases) - {m} for m, p in modules.items()}
+
+
+def layer_of(module, layers):
+    top = module.split(".")[0]
+    return 99 if top == "tests" else layers[top]
+
+
+def test_every_module_has_a_layer_in_the_document():
+    layers = layer_table()
+    tops = {m.split(".")[0] for m in graph()}
+    missing = sorted(tops - set(layers) - {"tests"})
+    assert not missing, f"add these to docs/architecture.md's layer table: {missing}"
+
+
+def test_no_module_imports_from_a_layer_above_it():
+    layers = layer_table()
+    upward = [f"{m} -> {t}" for m, targets in graph().items() for t in targets
+              if layer_of(t, layers) > layer_of(m, layers)
+              and not (m in SCRIPTS_DRIVEN_BY and t.startswith("main_"))]
+    assert not upward, upward
+    assert not [m for m, targets in graph().items() if layer_of(m, layers) < 99
+                and any(layer_of(t, layers) == 99 for t in targets)], "a library module or tool imports tests/"
+
+
+def test_models_and_datasets_do_not_import_each_other():
+    crossing = [f"{m} -> {t}" for m, targets in graph().items() for t in targets
+                if {m.split(".")[0], t.split(".")[0]} == {"models", "datasets"}]
+    assert not crossing, crossing
+
+
+def test_the_module_graph_has_no_cycle():
+    edges = {m: {t for t in ts if not t.startswith("tests.")} for m, ts in graph().items()}
+    state = {}
+
+    def visit(module, path):
+        state[module] = "open"
+        for target in sorted(edges.get(module, ())):
+            # a package and its own submodules (models -> models.backbones) are one unit, not a cycle
+            if target.startswith(module + ".") or module.startswith(target + "."):
+                continue
+            if state.get(target) == "open":
+                raise AssertionError("import cycle: " + " -> ".join(path + [target]))
+            if target not in state:
+                visit(target, path + [target])
+        state[module] = "done"
+
+    for module in sorted(edges):
+        if module not in state:
+            visit(module, [module])
+
+
+def test_tools_import_library_modules_not_the_entry_scripts():
+    scripts = [f"{m} -> {t}" for m, targets in graph().items() for t in targets
+               if m.startswith("tools.") and t.startswith("main_") and m not in SCRIPTS_DRIVEN_BY]
+    assert not scripts, scripts
+
+
+# TODO(issue 12): add main_linear_probe.py once its probe() is split into stages
+SHORT_FUNCTION_FILES = ("main_pretrain.py", "engine_pretrain.py", "engine.py")
+
+
+def test_the_scripts_and_loops_have_no_function_over_80_lines():
+    long = []
+    for name in SHORT_FUNCTION_FILES:
+        with open(os.path.join(ROOT, name)) as f:
+            tree = ast.parse(f.read())
+        long += [f"{name}:{n.name} ({n.end_lineno - n.lineno + 1} lines)" for n in ast.walk(tree)
+                 if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) and n.end_lineno - n.lineno >= 80]
+    assert not long, long
