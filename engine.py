@@ -13,7 +13,8 @@ from tqdm import tqdm
 
 from util import log_lines
 from util.distributed import all_reduce_sum
-from util.misc import AverageMeter, UserError, correct_topk
+from util.cli import UserError
+from util.misc import AverageMeter, correct_topk
 
 
 class ShardSampler(torch.utils.data.Sampler):

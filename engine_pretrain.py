@@ -25,7 +25,8 @@ from util import layout, log_lines
 from util.checkpoint import save_atomic
 from util.distributed import all_reduce_sum, any_process, barrier
 from util.logs import append_jsonl
-from util.misc import UserError, requeue_slurm_job
+from util.cli import UserError
+from util.misc import requeue_slurm_job
 from util.sfadamw import AlgoPerfAdamWScheduleFree
 
 STOP_POLL_STEPS = 10  # steps between the (synchronising) checks of a stop signal across processes

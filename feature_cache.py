@@ -17,7 +17,8 @@ from datasets import SkipUnreadable, collate_readable
 from engine import ShardSampler, autocast, to_device
 from util.distributed import barrier, broadcast_object
 from util.logs import write_json_atomic
-from util.misc import UserError, lock_file, set_seed
+from util.cli import UserError
+from util.misc import lock_file, set_seed
 from util.signals import StopSafeDataLoader
 
 FORMAT_VERSION = 1

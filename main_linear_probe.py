@@ -40,7 +40,8 @@ from util import log_lines  # noqa: E402
 from feature_cache import load_or_build  # noqa: E402
 from util.logs import (append_jsonl, claim_run_folder, close_logger, create_logger, log_startup, truncate_jsonl,  # noqa: E402
                        use_progress_bar, write_json_atomic)
-from util.misc import UserError, requeue_slurm_job, run_main, set_seed  # noqa: E402
+from util.cli import UserError, run_main  # noqa: E402
+from util.misc import requeue_slurm_job, set_seed  # noqa: E402
 from util.signals import StopSignal  # noqa: E402
 from util.subsets import subset_folder, subsets_for  # noqa: E402
 from util.tensorboard import MetricsBoard, require_tensorboard  # noqa: E402

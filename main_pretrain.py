@@ -73,7 +73,7 @@ from util.logs import (
     use_progress_bar,
     write_json_atomic,
 )
-from util.misc import UserError, run_main
+from util.cli import UserError, run_main
 from util.signals import StopSignal
 from util.tensorboard import MetricsBoard, require_tensorboard
 

@@ -8,7 +8,7 @@ import torch
 
 from datasets.cifar import build_cifar, percent_subset
 from datasets.images import IMAGENET_HINT, INAT_HINT, INaturalist18, UnreadableImage, build_image_folder
-from util.misc import UserError
+from util.cli import UserError
 from util.signals import StopSafeDataLoader
 
 # imagefolder: any dataset laid out as <data_path>/{train,val}/<class>/<images>, with ImageNet's transforms

@@ -8,7 +8,7 @@ import pickle
 import numpy as np
 import torchvision
 
-from util.misc import UserError
+from util.cli import UserError
 
 FOLDERS = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python"}
 FILES = {"cifar10": {"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"]},

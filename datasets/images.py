@@ -5,7 +5,7 @@ import os
 import torchvision
 from PIL import Image
 
-from util.misc import UserError
+from util.cli import UserError
 
 
 class UnreadableImage(UserError):

@@ -4,7 +4,7 @@ import torch.nn as nn
 import torchvision
 
 from models.checkpoint_keys import load_backbone_weights
-from util.misc import UserError
+from util.cli import UserError
 
 RESNET_ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152",
                 "resnext50_32x4d", "resnext101_32x8d", "resnext101_64x4d", "wide_resnet50_2", "wide_resnet101_2")

@@ -4,7 +4,7 @@ normalisation)."""
 import torch
 
 from util.checkpoint import load_file
-from util.misc import UserError
+from util.cli import UserError
 
 # Wrappers that training code puts in front of parameter names: torch.compile, DDP, model lists, SSL heads.
 KNOWN_PREFIXES = ("_orig_mod.", "module.", "model0.", "backbone.")

@@ -4,7 +4,7 @@ import torch.distributed as dist
 import torch.distributed.nn as dist_nn
 import torch.nn as nn
 
-from util.misc import UserError
+from util.cli import UserError
 
 
 class GlobalBatchNorm1d(nn.BatchNorm1d):

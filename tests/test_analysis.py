@@ -21,7 +21,7 @@ from analysis.features import (
 )
 from analysis.knn import knn_accuracy, knn_log_line
 from tools import analyze_features
-from util.misc import UserError
+from util.cli import UserError
 from util.subsets import parse_subset_folder, subset_folder, subset_of_folder, subsets_for
 
 

@@ -16,7 +16,7 @@ import types
 import pytest
 
 from tools import download
-from util.misc import UserError
+from util.cli import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -9,7 +9,7 @@ import torch
 
 import main_linear_probe as probe
 from helpers import make_checkpoint, make_cifar, run_script
-from util.misc import run_main
+from util.cli import run_main
 
 TINY = ["--img_size", "32", "--workers", "0", "--batch_size", "32", "--print_freq", "5", "--precision", "fp32"]
 

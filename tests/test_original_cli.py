@@ -2,7 +2,7 @@
 import pytest
 
 import main_linear_probe as probe
-from util.misc import run_main
+from util.cli import run_main
 
 TAG = "supervisedimagenet_resnet50_sfadamw_5_step80k"
 # The six linear-probing sbatch scripts of the original release (REFERENCE.md): every one passes --debug (one

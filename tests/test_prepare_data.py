@@ -13,7 +13,7 @@ import threading
 import pytest
 
 from tools import prepare_data
-from util.misc import UserError
+from util.cli import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

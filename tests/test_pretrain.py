@@ -18,7 +18,7 @@ from helpers import ROOT, make_imagenet, run_script
 from models import build_backbone
 from models.init import algoperf_init
 from tools import plan_timecat
-from util.misc import UserError, run_main
+from util.cli import UserError, run_main
 from util.sfadamw import AlgoPerfAdamWScheduleFree
 
 # 4 classes x 8 training images, global batch 8: 4 steps per epoch. fp32 so runs compare bit for bit.

@@ -13,7 +13,7 @@ import yaml
 
 import main_linear_probe as probe
 from helpers import ROOT, make_checkpoint, make_cifar, make_imagenet, make_inat, run_script
-from util.misc import run_main
+from util.cli import run_main
 
 TINY = ["--img_size", "32", "--workers", "0", "--batch_size", "32", "--print_freq", "2", "--lr", "0.1"]
 

@@ -8,7 +8,7 @@ import torch
 
 import main_linear_probe as probe
 from helpers import make_checkpoint, make_cifar
-from util.misc import UserError
+from util.cli import UserError
 
 TINY = ["--img_size", "32", "--workers", "0", "--batch_size", "32", "--print_freq", "5", "--precision", "fp32",
         "--epochs", "2", "--decay_epochs", "1"]

@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from tools import summarize
-from util.misc import UserError
+from util.cli import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

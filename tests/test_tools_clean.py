@@ -13,7 +13,7 @@ import torch
 
 from tools import benchmark, download, prepare_data
 from util.checkpoint import load_file
-from util.misc import UserError
+from util.cli import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -8,7 +8,7 @@ import zipfile
 import torch
 
 from util.logs import temporary_path
-from util.misc import UserError
+from util.cli import UserError
 
 
 def _os_error(exc):

@@ -8,7 +8,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from util.misc import UserError
+from util.cli import UserError
 
 
 @dataclass

@@ -12,7 +12,8 @@ import torch
 
 from util import log_lines
 from util.distributed import broadcast_object
-from util.misc import UserError, git_revision, lock_file
+from util.cli import UserError
+from util.misc import git_revision, lock_file
 
 
 class _ElapsedFormatter(logging.Formatter):

@@ -1,13 +1,11 @@
-"""Small helpers shared by the scripts: seeding, meters, accuracy, git revision, file locks. The command-line
-conventions (ArgumentParser, UserError, run_main) live in util/cli.py, which loads nothing heavy; they are
-re-exported here under their old names. numpy and torch are imported when a helper needs them."""
+"""Small generic helpers: seeding, meters, accuracy, git revision, file locks, slurm requeue. The command-line
+conventions (ArgumentParser, UserError, run_main) live in util/cli.py. numpy and torch are imported when a helper
+needs them."""
 import errno
 import fcntl
 import os
 import random
 import subprocess
-
-from util.cli import ArgumentParser, UserError, run_main, user_error_line  # noqa: F401  (old import names)
 
 
 def lock_file(file, wait=False):

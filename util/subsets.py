@@ -8,7 +8,7 @@ import itertools
 import os
 import re
 
-from util.misc import UserError
+from util.cli import UserError
 
 SUBSET_MODES = ("none", "each", "prefix", "all")
 MAX_SUBSETS = 63  # 'all' on 6 backbones; beyond, heads would outnumber what one pass trains cheaply

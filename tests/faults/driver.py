@@ -9,7 +9,7 @@ import torch
 import main_linear_probe as probe
 import main_pretrain as pretrain
 from util.checkpoint import load_file
-from util.misc import run_main
+from util.cli import run_main
 
 ENV = dict(os.environ, OMP_NUM_THREADS="1")
 # 200 CIFAR images, batch 32: 7 iterations per epoch (the last of 8 images is kept, as the reference), 28 in all;

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 import main_linear_probe as probe
 import main_pretrain as pretrain
 from helpers import make_cifar, make_imagenet, make_inat
-from util.misc import run_main
+from util.cli import run_main
 
 # flag: (valid values, invalid values); None is a flag without value, a value with spaces is several values
 BAD_NUMBERS = ["-1", "nan", "inf", "-inf", "x", ""]
