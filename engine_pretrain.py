@@ -23,9 +23,9 @@ from arguments.pretrain import SCHEDULE_FREE
 from engine import autocast, evaluate, to_device
 from util import layout, log_lines
 from util.checkpoint import save_atomic
+from util.cli import UserError
 from util.distributed import all_reduce_sum, any_process, barrier
 from util.logs import append_jsonl
-from util.cli import UserError
 from util.misc import requeue_slurm_job
 from util.sfadamw import AlgoPerfAdamWScheduleFree
 

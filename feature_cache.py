@@ -15,9 +15,9 @@ import torch
 
 from datasets import SkipUnreadable, collate_readable
 from engine import ShardSampler, autocast, to_device
+from util.cli import UserError
 from util.distributed import barrier, broadcast_object
 from util.logs import write_json_atomic
-from util.cli import UserError
 from util.misc import lock_file, set_seed
 from util.signals import StopSafeDataLoader
 

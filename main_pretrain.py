@@ -63,6 +63,7 @@ from models.checkpoint_keys import load_backbone_weights
 from models.init import algoperf_init
 from util import layout
 from util.checkpoint import load_file
+from util.cli import UserError, run_main
 from util.distributed import barrier, cleanup, init_distributed, require_cuda_if_requested
 from util.logs import (
     claim_run_folder,
@@ -73,7 +74,6 @@ from util.logs import (
     use_progress_bar,
     write_json_atomic,
 )
-from util.cli import UserError, run_main
 from util.signals import StopSignal
 from util.tensorboard import MetricsBoard, require_tensorboard
 

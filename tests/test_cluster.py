@@ -10,9 +10,9 @@ import sys
 import pytest
 
 from util import sweeps
+from util.cli import UserError
 from util.cpu_runtime import configure_cpu_runtime
 from util.distributed import require_cuda_if_requested
-from util.cli import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = ("scripts/lineareval.sbatch", "scripts/pretrain_timecat.sbatch")

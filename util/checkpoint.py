@@ -7,8 +7,8 @@ import zipfile
 
 import torch
 
-from util.logs import temporary_path
 from util.cli import UserError
+from util.logs import temporary_path
 
 
 def _os_error(exc):

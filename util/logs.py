@@ -11,8 +11,8 @@ import time
 import torch
 
 from util import log_lines
-from util.distributed import broadcast_object
 from util.cli import UserError
+from util.distributed import broadcast_object
 from util.misc import git_revision, lock_file
 
 
