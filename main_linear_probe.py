@@ -7,8 +7,16 @@ A sweep in one pass: --wd 1e-4 5e-4 1e-3 trains one head per value on the same b
 """
 
 from arguments.common import apply_device_choice, device_request
-from arguments.linear_probe import (DEFAULT_TAG_FILE, DIAGNOSTICS, PROJECT_ROOT, default_dump_path,  # noqa: F401
-                                    get_args_parser)
+from arguments.linear_probe import (  # noqa: F401  (DEFAULT_TAG_FILE, DIAGNOSTICS: read by the tests)
+    DEFAULT_TAG_FILE,
+    DIAGNOSTICS,
+    PROJECT_ROOT,
+    RECIPE_DEFAULTS,
+    RECIPE_KEYS,
+    TRAINING_ONLY_KEYS,
+    default_dump_path,
+    get_args_parser,
+)
 from util.cpu_runtime import configure_cpu_runtime
 
 CPU_RUNTIME = None  # util.cpu_runtime's choice of OpenMP settings, logged by main(); set when run as a script
@@ -49,15 +57,6 @@ from util.tensorboard import MetricsBoard, require_tensorboard  # noqa: E402
 # The reference scripts' batch (they ran as one process): the default GLOBAL batch here.
 REFERENCE_BATCH = {"cifar": 256, "imagenet": 32}
 SCHEDULE_FREE = "schedulefree_adamw"
-# A resumed run must have been started with the same recipe; these arguments define it.
-RECIPE_KEYS = ("arch", "pretrained", "data_name", "exp_mode", "use_bn", "headinit", "optimizer", "lr", "wd",
-               "momentum", "nesterov", "wd_skip_bn", "epochs", "scheduler_type", "decay_epochs", "gamma",
-               "final_lr", "seed", "tf_name", "img_size", "data_rate", "precision", "feature_cache", "cache_views",
-               "val_split", "lr_last_layer", "beta2", "global_batch", "batch_semantics", "sync_bn", "subsets")
-# the value a recipe key had in runs written before the key existed
-RECIPE_DEFAULTS = {"subsets": "none"}
-# what only training depends on: --mode eval_only may evaluate saved heads with another process count
-TRAINING_ONLY_KEYS = ("global_batch", "batch_semantics", "sync_bn")
 
 
 def resolve_backbones(args):

@@ -14,6 +14,27 @@ PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_TAG_FILE = os.path.join(PROJECT_ROOT, "configs", "pretrained_checkpoints.yaml")
 DIAGNOSTICS = ("feature_importance", "cat_validate_network")
 RESULTS_ROOT = os.path.join(PROJECT_ROOT, "results", "probe")  # under the git-ignored results/
+# A resumed run must have been started with the same recipe; these arguments define it (compared on resume, and
+# hashed into the default --dump_path). global_batch and batch_semantics are derived from --batch_size and the
+# process count (DERIVED_RECIPE_KEYS); the rest are flags.
+RECIPE_KEYS = ("arch", "pretrained", "data_name", "exp_mode", "use_bn", "headinit", "optimizer", "lr", "wd",
+               "momentum", "nesterov", "wd_skip_bn", "epochs", "scheduler_type", "decay_epochs", "gamma",
+               "final_lr", "seed", "tf_name", "img_size", "data_rate", "precision", "feature_cache", "cache_views",
+               "val_split", "lr_last_layer", "beta2", "global_batch", "batch_semantics", "sync_bn", "subsets")
+DERIVED_RECIPE_KEYS = ("global_batch", "batch_semantics")  # set by main_linear_probe.resolve_batch, not flags
+# the value a recipe key had in runs written before the key existed
+RECIPE_DEFAULTS = {"subsets": "none"}
+# what only training depends on: --mode eval_only may evaluate saved heads with another process count
+TRAINING_ONLY_KEYS = ("global_batch", "batch_semantics", "sync_bn")
+# Flags not compared on resume: where the run reads and writes, what it logs, how it is launched, and flags whose
+# effect the recipe records through another key (--tag/--tag_file as arch/pretrained, --batch_size as
+# global_batch); the original's flags with no effect here. Every flag of get_args_parser is in exactly one of
+# RECIPE_KEYS and RUN_ONLY_KEYS (tests/faults/test_flag_classes.py).
+RUN_ONLY_KEYS = ("tag", "tag_file", "classifier", "knn", "data_path", "download", "batch_size", "workers",
+                 "dump_path", "mode", "start_over", "debug", "device", "eval_freq", "save_freq", "custom_eval_func",
+                 "cuda_deterministic", "dist_timeout", "print_freq", "tensorboard", "skip_bad_images",
+                 "config", "dist_url", "gpu", "reweight_path", "headpretrained", "richway", "world_size", "rank",
+                 "local_rank", "skip_pool", "save_init")
 
 
 # ---------------------------------------------------------------- arguments

@@ -2,6 +2,7 @@
 import pytest
 
 import main_linear_probe as probe
+from arguments.linear_probe import RECIPE_KEYS
 from util.cli import run_main
 
 TAG = "supervisedimagenet_resnet50_sfadamw_5_step80k"
@@ -28,7 +29,7 @@ def parsed(argv, tmp_path):
     args.tag, args.arch, args.pretrained = None, ["resnet50"], [str(ckpt)]  # the tag's files are not here
     probe.check_args(args)
     probe.resolve_batch(args, 1)
-    return {k: getattr(args, k) for k in probe.RECIPE_KEYS}
+    return {k: getattr(args, k) for k in RECIPE_KEYS}
 
 
 @pytest.mark.parametrize("data,wd,batch,extra", SBATCH)

@@ -50,6 +50,13 @@ PROBE_FLAGS = {
     "--skip_bad_images": ([None], []),
     "--dist_timeout": (["1", "0.5"], ["0", "-1", "nan", "x"]),
     "--print_freq": (["1", "3"], ["0", "x"]),
+    "--beta2": (["0.99", "0"], BAD_NUMBERS), "--lr_last_layer": (["0.1"], BAD_NUMBERS + ["0"]),
+    "--classifier": (["linear"], ["mlp"]), "--eval_freq": (["1"], ["0", "2", "x"]),
+    "--save_freq": (["1", "999"], ["0", "x"]), "--knn": (["0", "2"], ["-1", "x"]),
+    "--subsets": (["none", "each", "prefix"], ["some"]),
+    "--custom_eval_func": (["feature_importance", "feature_importance cat_validate_network"], ["other"]),
+    "--cuda_deterministic": ([None], []), "--no-cuda_deterministic": ([None], []), "--no-debug": ([None], []),
+    "--no-skip_bad_images": ([None], []), "--no-start_over": ([None], []), "--no-sync_bn": ([None], []),
     "--bogus": ([], [None, "1"]),
 }
 PRETRAIN_FLAGS = {
