@@ -1,8 +1,9 @@
-"""Training and exact evaluation loops shared by the scripts.
+"""The probe's loop and its exact evaluation (pretraining's evaluation reuses `evaluate`), MAE-style beside
+main_linear_probe.py.
 
-The probe trains one or many heads on batches of (inputs, labels): features of the frozen encoder computed on
-the fly (encoded_batches, the reference's per-epoch mode) or read from the feature cache (cached_batches), or
-images when fine-tuning. A model maps inputs to a list of logits, one per head.
+The probe trains one or many heads on a BatchSource of (inputs, labels): features of the frozen encoder computed
+on the fly (EncodedBatches, the reference's per-epoch mode), read from the feature cache (CachedBatches), or images
+when fine-tuning (ImageBatches). A model maps inputs to a list of logits, one per head.
 """
 import math
 import time
@@ -12,8 +13,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from util import log_lines
-from util.distributed import all_reduce_sum
 from util.cli import UserError
+from util.distributed import all_reduce_sum
 from util.misc import AverageMeter, correct_topk
 
 
@@ -57,23 +58,62 @@ def to_device(images, labels, device):
 
 
 # ---------------------------------------------------------------- batch sources
-def image_batches(loader, device):
-    for images, labels in loader:
-        yield to_device(images, labels, device)
+class BatchSource:
+    """Re-iterable batches of (inputs, labels) on the device, for training and exact evaluation: features for the
+    heads (fp32), or images that still go through the encoder (holds_images; fine-tuning). .skipped counts the
+    unreadable images dropped so far (--skip_bad_images); .last_seconds is the encoder's time for the batch just
+    handed out, which the training log's Data column leaves out."""
+    holds_images = False
+    skipped = 0
+    last_seconds = 0.0
+
+    def __len__(self):
+        raise NotImplementedError
+
+    def __iter__(self):
+        raise NotImplementedError
 
 
-class EncodedBatches:
-    """Features of the frozen encoder, computed batch by batch (no autograd, fp32 out for the heads). The
-    encoder's forward is timed apart from data loading: .last_seconds (the batch just handed out) and .seconds
-    (the whole pass), so that the training log's Data column measures loading only. On a GPU the forward runs
-    asynchronously: what it costs beyond its launch lands in the iteration's Time, never in Data."""
+class ImageBatches(BatchSource):
+    """Images of a loader (fine-tuning, pretraining's validation), moved to the device in channels_last."""
+    holds_images = True
+
+    def __init__(self, loader, device):
+        self.loader, self.device = loader, device
+
+    def __len__(self):
+        return len(self.loader)
+
+    @property
+    def skipped(self):
+        return getattr(self.loader, "skipped", 0)  # datasets.image_loader counts them with --skip_bad_images
+
+    def __iter__(self):
+        for images, labels in self.loader:
+            yield to_device(images, labels, self.device)
+
+
+class EncodedBatches(BatchSource):
+    """Features of the frozen encoder, computed batch by batch (no autograd, fp32 out for the heads): the
+    reference's per-epoch mode. The encoder's forward is timed apart from data loading: .last_seconds (the batch
+    just handed out) and .seconds (the current pass), so that the training log's Data column measures loading only.
+    On a GPU the forward runs asynchronously: what it costs beyond its launch lands in the iteration's Time, never
+    in Data."""
 
     def __init__(self, loader, encoder, device, precision):
         self.loader, self.encoder, self.device, self.precision = loader, encoder, device, precision
         self.seconds = self.last_seconds = 0.0
 
+    def __len__(self):
+        return len(self.loader)
+
+    @property
+    def skipped(self):
+        return getattr(self.loader, "skipped", 0)
+
     def __iter__(self):
-        for images, labels in image_batches(self.loader, self.device):
+        self.seconds = 0.0
+        for images, labels in ImageBatches(self.loader, self.device):
             start = time.time()
             with torch.inference_mode(), autocast(self.device, self.precision):
                 features = self.encoder(images)
@@ -87,7 +127,7 @@ def encoded_batches(loader, encoder, device, precision):
     return EncodedBatches(loader, encoder, device, precision)
 
 
-class CachedBatches:
+class CachedBatches(BatchSource):
     """Batches of cached features in the order of `sampler` (the same order the per-epoch mode would see).
     views: one N x D tensor per stored view; with several, each sample draws one at random each epoch.
     Unreadable images (label -1 in the cache, --skip_bad_images) are dropped from their batch and counted in
@@ -123,7 +163,6 @@ class CachedBatches:
             yield (features.to(self.device, non_blocking=True).float(),
                    self.labels[rows].to(self.device, non_blocking=True))
 
-
     def gather_views(self, rows, which):
         """Row rows[j] of view which[j], for every j; on the views' device (host memory or the GPU)."""
         device = self.views[0].device
@@ -132,6 +171,15 @@ class CachedBatches:
             mask = which == k
             features[mask.to(device)] = view[rows[mask].to(device)]
         return features
+
+
+def feature_batches(source, encoder, precision):
+    """(features, labels) of a source: images (fine-tuning) go through the encoder, features pass as they are."""
+    for inputs, labels in source:
+        if source.holds_images:
+            with torch.no_grad(), autocast(inputs.device, precision):
+                inputs = encoder(inputs).float()
+        yield inputs, labels
 
 
 # ---------------------------------------------------------------- loops
@@ -164,11 +212,13 @@ class EpochMeters:
 
 def train_one_epoch(model, batches, num_batches, optimizer, epoch, args, device, loggers, should_stop=None,
                     show_bar=False):
-    """One epoch of every head. Each head's loss depends on its own parameters only, so the summed loss
-    gives each head exactly the gradient it would get alone. Returns (losses, top-1s, completed), averaged over
-    every process. The heads run in fp32 (the encoder's precision is applied inside the model when it trains)."""
+    """One epoch of every head over the BatchSource `batches`. Each head's loss depends on its own parameters only,
+    so the summed loss gives each head exactly the gradient it would get alone. Returns (losses, top-1s,
+    completed), averaged over every process. The heads run in fp32 (the encoder's precision is applied inside the
+    model when it trains)."""
     heads = len(loggers)
     meters = EpochMeters(heads)
+    # the lr each head's log line shows: its first parameter group's (its Linear, listed first by param_groups)
     lrs = [next(g["lr"] for g in optimizer.param_groups if g["head"] == h) for h in range(heads)]
     end = time.time()
     for i, (inputs, labels) in enumerate(tqdm(batches, total=num_batches, desc=f"epoch {epoch}", leave=False,
@@ -178,13 +228,14 @@ def train_one_epoch(model, batches, num_batches, optimizer, epoch, args, device,
             return [avg for _, avg in losses], [avg for _, avg in top1s], False
         # Data = loading only: the frozen encoder's forward (per-epoch mode, EncodedBatches) is timed apart
         meters.data_time.update(time.time() - end - getattr(batches, "last_seconds", 0.0))
-        logits = [out.float() for out in model(inputs)]
+        logits = [out.float() for out in model(inputs)]  # fp32 logits: the loss of a bf16 head flips predictions
         losses = [F.cross_entropy(out, labels) for out in logits]
+        # one host sync for all heads' losses (not one .item() each); the values feed the meters and the check
         values = torch.stack([loss.detach() for loss in losses]).tolist()
-        if not all(math.isfinite(v) for v in values):
+        if not all(math.isfinite(v) for v in values):  # stop before a NaN step reaches the weights
             raise NonFiniteLoss(f"the training loss is {values} at epoch {epoch}, iteration {i}")
         optimizer.zero_grad(set_to_none=True)
-        sum(losses).backward()
+        sum(losses).backward()  # heads share no parameter: each gets the gradient of its own loss
         optimizer.step()
         meters.batch_time.update(time.time() - end)
         meters.update(values, logits, labels)
@@ -204,19 +255,17 @@ def log_iteration(loggers, meters, device, epoch, i, num_batches, lrs):
 
 
 @torch.no_grad()
-def evaluate(model, batches, device, precision, expected_count, show_bar=False, num_heads=None, source=None):
-    """Exact loss / top-1 / top-5 (%) over a whole split, summed across ranks. `batches` yields (images or
-    features, labels); `model` maps inputs to logits (returns one dict) or, with num_heads, to a list of
-    logits, one per head (returns a list of dicts). `source`, the loader or cached batches behind `batches`,
-    counts in .skipped the unreadable images it dropped (--skip_bad_images): those are reported as 'skipped'
-    and not scored."""
+def evaluate(model, source, device, precision, expected_count, show_bar=False, num_heads=None):
+    """Exact loss / top-1 / top-5 (%) over a whole split, summed across ranks. `source` is a BatchSource of
+    (images or features, labels); `model` maps its inputs to logits (returns one dict) or, with num_heads, to a
+    list of logits, one per head (returns a list of dicts). The unreadable images the source drops during the pass
+    (--skip_bad_images) are reported as 'skipped' and not scored."""
     sums = torch.zeros(num_heads or 1, 3, dtype=torch.float64)
-    count, skipped = 0, getattr(source, "skipped", 0)
-    for inputs, labels in tqdm(batches, desc="eval", leave=False, disable=not show_bar):
-        if inputs.dim() == 4:
-            inputs, labels = to_device(inputs, labels, device)
-        # images go through the encoder at its precision; cached or computed features meet the heads in fp32
-        with autocast(device, precision if inputs.dim() == 4 else "fp32"):
+    count, skipped = 0, source.skipped
+    # images go through the encoder at its precision; cached or computed features meet the heads in fp32
+    with_precision = precision if source.holds_images else "fp32"
+    for inputs, labels in tqdm(source, desc="eval", leave=False, disable=not show_bar):
+        with autocast(device, with_precision):
             outputs = model(inputs)
         for h, out in enumerate([outputs] if num_heads is None else outputs):
             out = out.float()
@@ -224,7 +273,7 @@ def evaluate(model, batches, device, precision, expected_count, show_bar=False, 
             sums[h] += torch.tensor([F.cross_entropy(out, labels, reduction="sum").item(), c1, c5],
                                     dtype=torch.float64)
         count += len(labels)
-    totals = all_reduce_sum(sums.flatten().tolist() + [count, getattr(source, "skipped", 0) - skipped], device)
+    totals = all_reduce_sum(sums.flatten().tolist() + [count, source.skipped - skipped], device)
     count, skipped = int(totals[-2]), int(totals[-1])
     if count + skipped != expected_count:
         raise RuntimeError(f"evaluation counted {count} samples and {skipped} unreadable ones, the split has "
