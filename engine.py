@@ -143,23 +143,24 @@ class CachedBatches(BatchSource):
         return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
 
     def __iter__(self):
-        indices = torch.tensor(list(self.sampler), dtype=torch.long)
+        indices = torch.tensor(list(self.sampler), dtype=torch.long)  # the epoch's order (the sampler reseeds it)
         choice = None
-        if len(self.views) > 1:
+        if len(self.views) > 1:  # one draw per sample per epoch, from the seeded generator: resumable
             choice = torch.randint(len(self.views), (len(indices),), generator=self.generator)
-        for b in range(len(self)):
+        for b in range(len(self)):  # len() already leaves out a dropped last batch (drop_last)
             rows = indices[b * self.batch_size:(b + 1) * self.batch_size]
             which = None if choice is None else choice[b * self.batch_size:(b + 1) * self.batch_size]
-            readable = self.labels[rows] >= 0
+            readable = self.labels[rows] >= 0  # label -1: an image the cache skipped as unreadable
             if not readable.all():
                 self.skipped += int((~readable).sum())
                 rows, which = rows[readable], None if which is None else which[readable]
-                if not len(rows):
+                if not len(rows):  # a batch of only unreadable images: nothing to train or score on
                     continue
             if which is None:
                 features = self.views[0][rows]
             else:
                 features = self.gather_views(rows, which)
+            # fp16 storage -> fp32 for the heads; non_blocking: the copy overlaps the previous step on a GPU
             yield (features.to(self.device, non_blocking=True).float(),
                    self.labels[rows].to(self.device, non_blocking=True))
 
