@@ -58,3 +58,27 @@ def test_demo_at_a_budget_of_thousands_of_steps_probes_what_pretraining_wrote(tm
         "cat1_group0": [str(out / "checkpoints" / "group0" / "checkpoints_step2" / "checkpoint_run0.pth.tar")],
         "cat2_group0": [str(out / "checkpoints" / "group0" / "checkpoints_step1" / f"checkpoint_run{i}.pth.tar")
                         for i in range(2)]}
+
+
+def test_sigterm_stops_the_demo_not_just_its_current_stage(tmp_path):
+    """The stages run in the demo's process and stop cleanly on SIGTERM (as a slurm job would); the demo must
+    then end, with the signal's exit status, rather than start the next pretraining run."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from helpers import ROOT
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "tools/demo.py", "--quick", "--workers", "0", "--out", str(out),
+                             "--data", str(tmp_path / "data")], cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    log = out / "pretrain" / "group0" / "run0" / "train.log"
+    deadline = time.time() + 120
+    while proc.poll() is None and time.time() < deadline and not (log.exists() and "Step: [" in log.read_text()):
+        time.sleep(0.01)  # polling the log, not timing the run
+    proc.send_signal(signal.SIGTERM)
+    printed, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "stopped by SIGTERM" in printed and "pretrained seed group" not in printed
+    assert not (out / "pretrain" / "group0" / "run1").exists()  # the next run never started

@@ -177,7 +177,7 @@ def test_evaluation_sees_x_and_training_resumes_at_y_in_train_mode(optimizer):
 # ---------------------------------------------------------------- preemption
 def test_sigterm_to_the_process_group_then_resume_gives_the_uninterrupted_weights(data, tmp_path):
     """As slurm preempts: SIGTERM to every process of the job at once, DataLoader workers included."""
-    common = ["--steps", "40", "--save_steps", "20", "--eval_every", "10"]
+    common = ["--steps", "20", "--save_steps", "10", "--eval_every", "5"]
     run(data, tmp_path / "straight", "run0", *common)
 
     out = tmp_path / "cut"
@@ -187,7 +187,7 @@ def test_sigterm_to_the_process_group_then_resume_gives_the_uninterrupted_weight
     log = out / "run0" / "train.log"
     deadline = time.time() + 120
     while proc.poll() is None and time.time() < deadline and \
-            not (log.exists() and "Step: [3/40]" in log.read_text()):
+            not (log.exists() and "Step: [3/20]" in log.read_text()):
         time.sleep(0.01)  # polling the log, not timing the run
     os.killpg(proc.pid, signal.SIGTERM)  # the run and its loader workers, as slurm signals a job step
     _, err = proc.communicate(timeout=120)
@@ -195,11 +195,11 @@ def test_sigterm_to_the_process_group_then_resume_gives_the_uninterrupted_weight
     text = log.read_text()
     assert "Stopped by SIGTERM at step" in text and "Top-1 test accuracy" not in text
     stopped_at = int(text.split("Stopped by SIGTERM at step ")[1].split(";")[0])
-    assert 3 <= stopped_at < 40
+    assert 3 <= stopped_at < 20
 
     run(data, out, "run0", *common)
     assert f"Resumed from step {stopped_at}" in log.read_text()
-    for folder in ("checkpoints_step20steps", "checkpoints_stepfull"):
+    for folder in ("checkpoints_step10steps", "checkpoints_stepfull"):
         a = load(tmp_path / "straight" / "ckpt" / folder / "checkpoint_run0.pth.tar")
         b = load(out / "ckpt" / folder / "checkpoint_run0.pth.tar")
         assert_same_tensors(a["state_dict"], b["state_dict"])

@@ -227,8 +227,10 @@ def bench_backbone(args):
     steps = args.steps or ((20 if args.quick else 50) if on_gpu else (2 if args.quick else 5))
     precision = resolve_precision("auto", device)
     load = os.getloadavg()[0]
-    peak32 = matmul_peak(device, torch.float32)
-    peak16 = matmul_peak(device, torch.bfloat16)
+    # --quick: a smaller product (bf16 matmuls without bf16 instructions run at a few GFLOP/s on a CPU)
+    peak_shape = dict(size=512, repeats=5) if args.quick and not on_gpu else {}
+    peak32 = matmul_peak(device, torch.float32, **peak_shape)
+    peak16 = matmul_peak(device, torch.bfloat16, **peak_shape)
     gflop = gflop_per_image(args.arch, size)
     print(f"{machine_description()}; torch {torch.__version__}; {args.arch} {size}px ({gflop:.2f} GFLOP/image), "
           f"batch {batch}; matmul peak fp32 {peak32:.0f} / bf16 {peak16:.0f} GFLOP/s; load {load:.1f}")

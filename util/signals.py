@@ -36,6 +36,9 @@ class StopSignal:
 
     def _handle(self, signum, frame):
         self.received = signal.Signals(signum).name
+        outer = self._previous.get(signum)
+        if isinstance(getattr(outer, "__self__", None), StopSignal):  # nested: the enclosing one hears it too
+            outer(signum, frame)
 
     def __call__(self):
         return self.received is not None
