@@ -76,7 +76,9 @@ def total_label(config):
     if n and steps and steps.endswith("steps") and steps[:-5].isdigit():
         return f"{n * int(steps[:-5])} steps"
     k = FULL_STEPS_K if steps == "full" else int(steps) if steps and steps.isdigit() else None
-    return f"{n * k}k" if n and k else "?"
+    if n and k:
+        return f"{n * k}k"
+    return "–" if steps and n else "?"  # a named step folder (the demo's direct runs): no budget to add up
 
 
 def config_name(config):
@@ -399,7 +401,7 @@ def main(args):
         # the paper's four columns always (empty ones show what is missing), unless only other datasets were run
         datasets = ([d for d in COLUMNS] if found & set(COLUMNS) else []) + sorted(found - set(COLUMNS))
         configs = sorted({r.config for r in usable}, key=config_order)
-        header = ["Method", "steps per ResNet50", "total"] + [COLUMNS.get(d, d) for d in datasets]
+        header = ["Method", "steps per backbone", "total"] + [COLUMNS.get(d, d) for d in datasets]
         rows = {what: [[config_name(c), steps_label(c[1]), total_label(c)]
                        + [cell_text(cells.get((c, d)), what) for d in datasets] for c in configs]
                 for what in ("top1", "wd")}
