@@ -221,7 +221,7 @@ def get_args_parser():
                        "cat1 and catN at equal budget, probe, summarise")
     p.add_argument("--quick", action="store_true", help="tiny budget and data, for a smoke test (seconds)")
     p.add_argument("--steps", type=int, default=None, help="pretraining budget T of each configuration "
-                   "(default 160; quick 8)")
+                   "(default 128; quick 8)")
     p.add_argument("--n", type=int, default=None, help="catN: N runs of T/N steps (default 4; quick 2)")
     p.add_argument("--groups", type=int, default=None, help="seed groups: each repeats the comparison "
                    "(default 2, which keeps the demo within 10 minutes on 2 cores; quick 1)")
@@ -240,7 +240,7 @@ def get_args_parser():
 
 def main(args):
     quick = args.quick
-    args.steps = args.steps or (8 if quick else 160)
+    args.steps = args.steps or (8 if quick else 128)
     args.n = args.n or (2 if quick else 4)
     args.groups = args.groups or (1 if quick else 2)
     args.per_class = args.per_class or (20 if quick else 250)
