@@ -106,6 +106,13 @@ def spread(points):
     return [b["std"] or 0 for _, b in points]
 
 
+def each(label):
+    """'32 steps' -> '32 steps each', '450k' -> '450k steps each', 'direct' (a named step folder) as it is."""
+    if label.endswith("steps"):
+        return f"{label} each"
+    return f"{label} steps each" if label[:1].isdigit() else label
+
+
 def write_curve_plot(path, curve, datasets, steps_label, columns):
     import matplotlib
 
@@ -118,11 +125,11 @@ def write_curve_plot(path, curve, datasets, steps_label, columns):
         for (d, steps), points in lines.items():
             if d == data:  # mean +- std over the subsets of each size
                 ax.errorbar([k for k, _ in points], [b["mean"] for _, b in points], yerr=spread(points), marker="o",
-                            capsize=3, label=f"subsets, {steps_label(steps)} steps each")
+                            capsize=3, label=f"subsets, {each(steps_label(steps))}")
         for (d, steps), points in separate.items():
             if d == data and points[0][0] is not None:
                 ax.errorbar([k for k, _ in points], [b["mean"] for _, b in points], yerr=spread(points), marker="s",
-                            linestyle="none", capsize=3, label=f"separate runs, {steps_label(steps)} steps each")
+                            linestyle="none", capsize=3, label=f"separate runs, {each(steps_label(steps))}")
         ax.set_title(columns.get(data, data))
         ax.set_xlabel("concatenated backbones")
         ax.xaxis.get_major_locator().set_params(integer=True)

@@ -323,8 +323,12 @@ def write_plot(path, cells, datasets):
         points = sorted((config, cell["best"]) for (config, d), cell in cells.items()
                         if d == data and config[0] is not None)
         xs = [config[0] for config, _ in points]
-        ax.errorbar(xs, [b["mean"] for _, b in points], yerr=[b["std"] or 0 for _, b in points], marker="o",
-                    capsize=3, linestyle="-")
+        budget = [p for p in points if total_label(p[0]) not in ("–", "?")]  # one line through equal budgets
+        other = [p for p in points if p not in budget]  # e.g. the demo's direct runs: markers only
+        for group, style in ((budget, "-"), (other, "none")):
+            if group:
+                ax.errorbar([c[0] for c, _ in group], [b["mean"] for _, b in group],
+                            yerr=[b["std"] or 0 for _, b in group], marker="o", capsize=3, linestyle=style)
         for (config, best), x in zip(points, xs):
             ax.annotate(steps_label(config[1]), (x, best["mean"]), textcoords="offset points", xytext=(4, 4),
                         fontsize=7)
