@@ -26,7 +26,7 @@ from util.checkpoint import save_atomic
 from util.cli import UserError
 from util.distributed import all_reduce_sum, any_process, barrier
 from util.logs import append_jsonl
-from util.misc import requeue_slurm_job
+from util.misc import requeue_slurm_job, seed_torch
 from util.sfadamw import AlgoPerfAdamWScheduleFree
 
 STOP_POLL_STEPS = 10  # steps between the (synchronising) checks of a stop signal across processes
@@ -313,7 +313,7 @@ class Pretraining:
         for step in range(start.step, args.steps):
             # everything random in step s is a function of (seed, s, rank): a resumed run draws what an
             # uninterrupted one would have
-            torch.manual_seed(derive_seed(args.seed, STEP_STREAM, step + 1, self.dist_info.rank))
+            seed_torch(derive_seed(args.seed, STEP_STREAM, step + 1, self.dist_info.rank))
             lr = lr_at_step(step, args, self.loaders.steps_per_epoch)
             if args.optimizer == "sgd":  # schedule-free applies its warmup itself; SGD is given its lr each step
                 for group in self.optimizer.param_groups:

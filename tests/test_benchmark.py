@@ -6,7 +6,7 @@ from tools import benchmark
 
 @pytest.mark.parametrize("section,extra", [
     ("backbone", ["--arch", "resnet18", "--steps", "1", "--img_size", "64", "--batch_size", "4"]),
-    ("probe", ["--epochs", "1", "--k", "2"]),
+    pytest.param("probe", ["--epochs", "1", "--k", "2"], marks=pytest.mark.slow),  # 20 s: five probes
 ])
 def test_benchmark_quick_mode_records_a_row(tmp_path, section, extra):
     results = tmp_path / "benchmarks.md"

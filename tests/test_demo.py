@@ -5,7 +5,7 @@ import os
 import torch
 
 import engine_pretrain
-from tools import demo
+from tools import demo, summarize
 
 
 def test_demo_quick_runs_every_stage_and_writes_the_table(tmp_path, capsys):
@@ -38,11 +38,14 @@ def test_demo_quick_runs_every_stage_and_writes_the_table(tmp_path, capsys):
     assert not os.path.exists(data / "pretrain")  # main_pretrain.py reads mixture/ itself: no symlink
 
 
-def test_demo_at_a_budget_of_thousands_of_steps_probes_what_pretraining_wrote(tmp_path, capsys, monkeypatch):
+def test_demo_at_a_budget_of_thousands_of_steps_plans_what_pretraining_writes(tmp_path, capsys, monkeypatch):
     """Budgets that are multiples of 1000 steps are written as checkpoints_step{k}/ (k thousand): the demo's plan
-    must name the same folders. The optimizer steps are skipped (weights stay at the initialisation) so that
-    2000-step runs take seconds; everything else (milestones, checkpoints, probes) is real."""
+    must name the same folders (the demo stops with an error naming a planned checkpoint pretraining did not write).
+    The optimizer steps are skipped (weights stay at the initialisation) so that 2000-step runs take seconds, and so
+    are the probes (the quick demo test probes what pretraining wrote); milestones and checkpoints are real."""
     monkeypatch.setattr(engine_pretrain, "train_step", lambda *args: (torch.zeros(()), 0.0, None))
+    monkeypatch.setattr(demo, "probe", lambda *args, **kwargs: None)
+    monkeypatch.setattr(summarize, "main", lambda *args: None)
     out = tmp_path / "out"
     demo.main(demo.get_args_parser().parse_args(["--quick", "--steps", "2000", "--workers", "0", "--out", str(out),
                                                  "--data", str(tmp_path / "data"), "--epochs", "1"]))

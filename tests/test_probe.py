@@ -147,6 +147,7 @@ def test_cat_weights_head_init_averages_the_backbones_classifiers(world, tmp_pat
 
 
 # ---------------------------------------------------------------- resume, eval_only, tags
+@pytest.mark.slow  # the default suite covers it: tests/faults/test_preemption.py (signals at seeded points)
 def test_interrupted_run_resumes_to_the_same_result(world, tmp_path):
     common = ["--arch", "resnet18", "--pretrained", *world["ckpts"], "--data_path", world["data"], *TINY,
               "--epochs", "4", "--decay_epochs", "2", "--print_freq", "1"]

@@ -184,7 +184,7 @@ def check_pretrain_command_line(fuzz_world, options):
         shutil.rmtree(out, ignore_errors=True)
 
 
-@fuzz_settings(40)
+@fuzz_settings(30)  # the slow-marked variant below draws 600
 @given(options=command_lines(PROBE_FLAGS))
 def test_fuzzed_probe_command_lines_never_end_in_a_traceback(fuzz_world, options):
     check_probe_command_line(fuzz_world, options)
