@@ -184,13 +184,13 @@ def check_pretrain_command_line(fuzz_world, options):
         shutil.rmtree(out, ignore_errors=True)
 
 
-@fuzz_settings(30)  # the slow-marked variant below draws 600
+@fuzz_settings(20)  # the slow-marked variant below draws 600
 @given(options=command_lines(PROBE_FLAGS))
 def test_fuzzed_probe_command_lines_never_end_in_a_traceback(fuzz_world, options):
     check_probe_command_line(fuzz_world, options)
 
 
-@fuzz_settings(20)  # the slow-marked variant below draws 400
+@fuzz_settings(12)  # the slow-marked variant below draws 400
 @given(options=command_lines(PRETRAIN_FLAGS))
 def test_fuzzed_pretraining_command_lines_never_end_in_a_traceback(fuzz_world, options):
     check_pretrain_command_line(fuzz_world, options)
