@@ -18,7 +18,6 @@ from arguments.pretrain import (
     LEGACY_RECIPE,
     PROJECT_ROOT,
     RECIPE_KEYS,
-    RUN_ONLY_KEYS,  # noqa: F401  (read by the tests beside RECIPE_KEYS)
     SCHEDULE_FREE,
     default_seed,
     get_args_parser,

@@ -116,9 +116,8 @@ def quietly(main, argv, parser):
     turn SIGTERM/SIGUSR1 into a clean stop of the run; the demo then stops too, instead of going on to the next
     stage."""
     from util.signals import StopSignal
-    with StopSignal() as stop:
-        with contextlib.redirect_stdout(io.StringIO()):
-            main(parser().parse_args(argv))
+    with StopSignal() as stop, contextlib.redirect_stdout(io.StringIO()):
+        main(parser().parse_args(argv))
     if stop():
         raise Interrupted(stop.received)
 
@@ -224,7 +223,7 @@ def get_args_parser():
                    "(default 128; quick 8)")
     p.add_argument("--n", type=int, default=None, help="catN: N runs of T/N steps (default 4; quick 2)")
     p.add_argument("--groups", type=int, default=None, help="seed groups: each repeats the comparison "
-                   "(default 2, which keeps the demo within 10 minutes on 2 cores; quick 1)")
+                   "(default 2: about 10 minutes on 2 cores; quick 1)")
     p.add_argument("--per_class", type=int, default=None, help="training images per class and task "
                    "(default 250, test: 100; quick 20, test 5)")
     p.add_argument("--arch", default="resnet18", help="torchvision ResNet of the backbones")
@@ -263,7 +262,7 @@ def main(args):
     try:
         run_stages(args, stage)
     except Interrupted as exc:
-        stage(f"stopped by {exc}: the stage in progress saved its state; `python tools/demo.py` starts again")
+        stage(f"stopped by {exc}: rerun `python tools/demo.py` to start over")
         raise SystemExit(128 + signal.Signals[str(exc)].value) from None
 
 
