@@ -15,7 +15,7 @@ from tqdm import tqdm
 from util import log_lines
 from util.cli import UserError
 from util.distributed import all_reduce_sum
-from util.misc import AverageMeter, correct_topk
+from util.misc import AverageMeter
 
 
 class ShardSampler(torch.utils.data.Sampler):
@@ -184,6 +184,28 @@ def feature_batches(source, encoder, precision):
 
 
 # ---------------------------------------------------------------- loops
+def stacked_logits(logits):
+    """Every head's logits as one fp32 (heads, batch, classes) tensor: each per-head statistic below is then one
+    operation for all heads."""
+    return torch.stack([out.float() for out in logits])
+
+
+def mean_losses(stacked, labels):
+    """Each head's mean cross-entropy over the batch: a (heads,) tensor."""
+    heads = stacked.shape[0]
+    return F.cross_entropy(stacked.flatten(0, 1), labels.repeat(heads), reduction="none").view(heads, -1).mean(dim=1)
+
+
+def batch_scores(stacked, labels):
+    """(heads, 3) float64 on the logits' device: each head's summed cross-entropy, top-1 and top-5 hits (k capped at
+    the class count) over the batch."""
+    heads = stacked.shape[0]
+    losses = F.cross_entropy(stacked.flatten(0, 1), labels.repeat(heads), reduction="none").view(heads, -1)
+    hits = stacked.topk(min(5, stacked.shape[2]), dim=2).indices.eq(labels[None, :, None])
+    return torch.stack([losses.sum(dim=1).double(), hits[..., :1].any(dim=2).sum(dim=1).double(),
+                        hits.any(dim=2).sum(dim=1).double()], dim=1)
+
+
 class EpochMeters:
     """Per-head loss and top-1 meters of one epoch, plus the batch and data-loading times."""
 
@@ -193,11 +215,13 @@ class EpochMeters:
         self.batch_time, self.data_time = AverageMeter(), AverageMeter()
         self.last_n = 0  # samples of the last batch on this process
 
-    def update(self, values, logits, labels):
+    def update(self, values, stacked, labels):
+        """values: each head's loss; stacked: the heads' logits (stacked_logits)."""
         self.last_n = len(labels)
+        hits = stacked.argmax(dim=2).eq(labels).sum(dim=1).tolist()  # one host sync for every head
         for h, value in enumerate(values):
             self.loss[h].update(value, len(labels))
-            self.top1[h].update(correct_topk(logits[h], labels, (1,))[0] * 100.0 / len(labels), len(labels))
+            self.top1[h].update(hits[h] * 100.0 / len(labels), len(labels))
 
     def global_view(self, device):
         """The meters summed over every process (a collective: all ranks call it at the same iteration), so the
@@ -220,7 +244,7 @@ def train_one_epoch(model, batches, num_batches, optimizer, epoch, args, device,
     heads = len(loggers)
     meters = EpochMeters(heads)
     # the lr each head's log line shows: its first parameter group's (its Linear, listed first by param_groups)
-    lrs = [next(g["lr"] for g in optimizer.param_groups if g["head"] == h) for h in range(heads)]
+    lrs = [next(g["lr"] for g in optimizer.param_groups if h in g.get("heads", (g["head"],))) for h in range(heads)]
     end = time.time()
     for i, (inputs, labels) in enumerate(tqdm(batches, total=num_batches, desc=f"epoch {epoch}", leave=False,
                                               disable=not show_bar)):
@@ -229,17 +253,17 @@ def train_one_epoch(model, batches, num_batches, optimizer, epoch, args, device,
             return [avg for _, avg in losses], [avg for _, avg in top1s], False
         # Data = loading only: the frozen encoder's forward (per-epoch mode, EncodedBatches) is timed apart
         meters.data_time.update(time.time() - end - getattr(batches, "last_seconds", 0.0))
-        logits = [out.float() for out in model(inputs)]  # fp32 logits: the loss of a bf16 head flips predictions
-        losses = [F.cross_entropy(out, labels) for out in logits]
+        stacked = stacked_logits(model(inputs))  # fp32 logits: the loss of a bf16 head flips predictions
+        losses = mean_losses(stacked, labels)  # every head's loss in one operation, whatever the head count
         # one host sync for all heads' losses (not one .item() each); the values feed the meters and the check
-        values = torch.stack([loss.detach() for loss in losses]).tolist()
+        values = losses.detach().tolist()
         if not all(math.isfinite(v) for v in values):  # stop before a NaN step reaches the weights
             raise NonFiniteLoss(f"the training loss is {values} at epoch {epoch}, iteration {i}")
         optimizer.zero_grad(set_to_none=True)
-        sum(losses).backward()  # heads share no parameter: each gets the gradient of its own loss
+        losses.sum().backward()  # heads share no parameter: each gets the gradient of its own loss
         optimizer.step()
         meters.batch_time.update(time.time() - end)
-        meters.update(values, logits, labels)
+        meters.update(values, stacked.detach(), labels)
         if i % args.print_freq == 0 or i == num_batches - 1:  # every rank reaches the same i: the sum is safe
             log_iteration(loggers, meters, device, epoch, i, num_batches, lrs)
         end = time.time()
@@ -268,11 +292,9 @@ def evaluate(model, source, device, precision, expected_count, show_bar=False, n
     for inputs, labels in tqdm(source, desc="eval", leave=False, disable=not show_bar):
         with autocast(device, with_precision):
             outputs = model(inputs)
-        for h, out in enumerate([outputs] if num_heads is None else outputs):
-            out = out.float()
-            c1, c5 = correct_topk(out, labels, (1, 5))
-            sums[h] += torch.tensor([F.cross_entropy(out, labels, reduction="sum").item(), c1, c5],
-                                    dtype=torch.float64)
+        # summed on the device: one host sync per evaluation, not three per head and batch
+        sums = sums.to(labels.device) + batch_scores(stacked_logits([outputs] if num_heads is None else outputs),
+                                                     labels)
         count += len(labels)
     totals = all_reduce_sum(sums.flatten().tolist() + [count, source.skipped - skipped], device)
     count, skipped = int(totals[-2]), int(totals[-1])
@@ -308,11 +330,8 @@ def cat_validate(head, batches, spans, device):
     count = 0
     for features, labels in batches:
         normed = head.bn(features.float())
-        for k, (a, b) in enumerate(spans):
-            logits = normed[:, a:b] @ head.linear.weight[:, a:b].T + head.linear.bias
-            c1, c5 = correct_topk(logits, labels, (1, 5))
-            sums[k] += torch.tensor([F.cross_entropy(logits, labels, reduction="sum").item(), c1, c5],
-                                    dtype=torch.float64)
+        logits = [normed[:, a:b] @ head.linear.weight[:, a:b].T + head.linear.bias for a, b in spans]
+        sums = sums.to(labels.device) + batch_scores(stacked_logits(logits), labels)
         count += len(labels)
     totals = all_reduce_sum(sums.flatten().tolist() + [count], device)
     count = max(totals[-1], 1)

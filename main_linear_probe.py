@@ -298,7 +298,7 @@ def build_heads(dims, num_classes, combos, classifiers, args, world):
                           columns=None if spec.subset is None else subset_columns(dims, subset))
         head.init_weights(args.headinit, classifiers and [classifiers[i] for i in subset])
         heads.append(head)
-    return MultiHead(heads)
+    return MultiHead(heads, fused=args.head_impl == "fused")
 
 
 def param_groups(heads, encoder, combos, args):
@@ -311,7 +311,21 @@ def param_groups(heads, encoder, combos, args):
                                linear_lr=args.lr_last_layer or spec.lr)
     if args.exp_mode == "finetune":
         groups += named_groups(encoder.named_parameters(), combos[0].lr, combos[0].wd, 0, args)
-    return groups
+    return merge_equal_groups(groups) if args.head_impl == "fused" else groups
+
+
+def merge_equal_groups(groups):
+    """--head_impl fused: the heads' groups with equal settings as one group ('heads' lists them; 'head' is the
+    first), so an optimizer step is a fixed number of operations too. Each parameter gets the same update."""
+    merged = {}
+    for group in groups:
+        key = (group["lr"], group["weight_decay"], group["part"])
+        if key in merged:
+            merged[key]["params"] += group["params"]
+            merged[key]["heads"].append(group["head"])
+        else:
+            merged[key] = dict(group, params=list(group["params"]), heads=[group["head"]])
+    return list(merged.values())
 
 
 def named_groups(named_parameters, lr, wd, head, args, linear_lr=None):

@@ -12,6 +12,7 @@ from util.subsets import SUBSET_MODES
 
 PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_TAG_FILE = os.path.join(PROJECT_ROOT, "configs", "pretrained_checkpoints.yaml")
+HEAD_IMPLS = ("separate", "fused")  # --head_impl: models.heads.MultiHead(fused=...)
 DIAGNOSTICS = ("feature_importance", "cat_validate_network")
 RESULTS_ROOT = os.path.join(PROJECT_ROOT, "results", "probe")  # under the git-ignored results/
 # A resumed run must have been started with the same recipe; these arguments define it (compared on resume, and
@@ -20,10 +21,12 @@ RESULTS_ROOT = os.path.join(PROJECT_ROOT, "results", "probe")  # under the git-i
 RECIPE_KEYS = ("arch", "pretrained", "data_name", "exp_mode", "use_bn", "headinit", "optimizer", "lr", "wd",
                "momentum", "nesterov", "wd_skip_bn", "epochs", "scheduler_type", "decay_epochs", "gamma",
                "final_lr", "seed", "tf_name", "img_size", "data_rate", "precision", "feature_cache", "cache_views",
-               "val_split", "lr_last_layer", "beta2", "global_batch", "batch_semantics", "sync_bn", "subsets")
+               "val_split", "lr_last_layer", "beta2", "global_batch", "batch_semantics", "sync_bn", "subsets",
+               "head_impl")
 DERIVED_RECIPE_KEYS = ("global_batch", "batch_semantics")  # set by main_linear_probe.resolve_batch, not flags
-# the value a recipe key had in runs written before the key existed
-RECIPE_DEFAULTS = {"subsets": "none"}
+# the value a recipe key had in runs written before the key existed; at that value a key stays out of the default
+# --dump_path's hash, so adding a recipe key moves no existing run's folder
+RECIPE_DEFAULTS = {"subsets": "none", "head_impl": "separate"}
 # what only training depends on: --mode eval_only may evaluate saved heads with another process count
 TRAINING_ONLY_KEYS = ("global_batch", "batch_semantics", "sync_bn")
 # Flags not compared on resume: where the run reads and writes, what it logs, how it is launched, and flags whose
@@ -104,6 +107,12 @@ def add_head_args(g):
                    "<dump_path>/sub{i}-{j}/wd{wd}_lr{lr}/: each = every backbone alone, prefix = the first k for "
                    "k = 1..N, all = every subset (at most 63); the cat-n curve of tools/summarize.py "
                    "(recommended: prefix; reference: none, one probe per catN)")
+    g.add_argument("--head_impl", default="separate", choices=HEAD_IMPLS,
+                   help="how several heads (a --wd/--lr sweep, --subsets) are computed: separate = each its own "
+                   "BatchNorm1d + Linear, bit-identical to a probe of that head alone; fused = all in one matrix "
+                   "product with the BatchNorm folded in, the same function up to fp32 rounding and several times "
+                   "faster with many heads (docs/benchmarks.md) (recommended: fused for --subsets all; reference: "
+                   "separate)")
     g.add_argument("--knn", type=int, default=0, metavar="K", help="with --feature_cache: also log the K-nearest-"
                    "neighbour accuracy of each head's features (cosine, DINO's weighted vote), next to the Test "
                    "lines (recommended: 20; reference: 0, off)")
@@ -199,7 +208,8 @@ def default_dump_path(args, recipe_keys, root=None):
     order they were typed in does not matter) and a hash of every recipe argument (recipe_keys, as the probe
     checks them on resume); the same command always gives the same folder, any recipe change another one."""
     wds = sorted(float(w) for w in args.wd)
-    recipe = {key: getattr(args, key, None) for key in recipe_keys if key != "wd"}
+    recipe = {key: getattr(args, key, None) for key in recipe_keys
+              if key != "wd" and not (key in RECIPE_DEFAULTS and getattr(args, key, None) == RECIPE_DEFAULTS[key])}
     digest = hashlib.sha256(json.dumps([recipe, wds, args.tag], sort_keys=True, default=str).encode()).hexdigest()
     folder = "wd" + "_".join(format(w, "g") for w in wds) + "-" + digest[:8]
     return os.path.join(root or RESULTS_ROOT, args.data_name, config_name(args), folder)

@@ -25,9 +25,14 @@ class ConcatEncoder(nn.Module):
         self.backbones = nn.ModuleList()
         self.classifiers = []  # each checkpoint's own fc {'weight', 'bias'}, for --headinit cat_weights
         for arch, path in zip(archs, checkpoints):
-            net = build_backbone(arch)
+            # with a checkpoint every tensor comes from it: build without the random initialisation (seconds for
+            # a few ResNet50s on a CPU) and give the tensors memory just before they are loaded
+            with torch.device("meta" if path else "cpu"):
+                net = build_backbone(arch)
             dim = net.fc.in_features
             net.fc = nn.Identity()
+            if path:
+                net.to_empty(device="cpu")
             classifier = load_backbone_weights(net, path, arch) if path else {}
             self.classifiers.append(classifier)
             net.out_dim = dim

@@ -68,7 +68,7 @@ def load_backbone_weights(model, path, arch):
         raise UserError(f"{path} does not match {arch}: shape mismatch at {wrong_shape[0]} "
                         f"({len(wrong_shape)} tensors). Is --arch right for this checkpoint?")
     for key, value in expected.items():
-        if key not in state:
-            state[key] = value
+        if key not in state:  # a counter the export left out: a fresh BatchNorm's 0
+            state[key] = torch.zeros_like(value, device="cpu")
     model.load_state_dict(state, strict=True)
     return classifier

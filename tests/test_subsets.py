@@ -63,6 +63,24 @@ def test_a_subset_head_equals_a_separate_probe_of_its_backbones(world, tmp_path)
     assert metrics(head)[0]["knn_k"] == 5 and "knn_top1" in metrics(tmp_path / "all" / "wd1e-4_lr0.01")[0]
 
 
+def test_fused_heads_equal_separate_heads_up_to_rounding(world, tmp_path):
+    """--head_impl fused computes every head in a fixed number of operations: the same heads, saved in the same
+    form (a fused head loads into a separate probe), to fp32 rounding."""
+    for impl in ("separate", "fused"):
+        run_probe(world, tmp_path / impl, world["ckpts"], "--subsets", "all", "--wd", "1e-4", "1e-3",
+                  "--head_impl", impl)
+    heads = [torch.load(tmp_path / impl / "checkpoint.pth.tar", weights_only=False)["heads"]
+             for impl in ("separate", "fused")]
+    assert sorted(heads[0]) == sorted(heads[1]) and len({key.split(".")[0] for key in heads[0]}) == 2 * 7
+    for key, value in heads[0].items():
+        assert torch.allclose(value.float(), heads[1][key].float(), rtol=1e-4, atol=1e-5), key
+    for head in ("wd1e-4_lr0.01", "sub0-2/wd1e-3_lr0.01", "sub1/wd1e-4_lr0.01"):
+        separate, fused = metrics(tmp_path / "separate" / head), metrics(tmp_path / "fused" / head)
+        for a, b in zip(separate, fused):
+            assert abs(a["test_top1"] - b["test_top1"]) <= 100 / 40 + 1e-9  # a near-tie may flip one of 40 images
+            assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-4)
+
+
 def test_prefix_heads_give_summarize_the_catn_curve(world, tmp_path, capsys):
     from tools import summarize
     root = tmp_path / "results"
@@ -92,13 +110,14 @@ def test_subset_user_errors(world, tmp_path):
 
 
 def test_two_processes_train_the_subset_heads_of_one(world, tmp_path):
-    """The same global batch of 32 (16 + 16 with torchrun), fp32, cached features: the same subset heads."""
+    """The same global batch of 32 (16 + 16 with torchrun), fp32, cached features: the same subset heads; the two
+    processes compute them fused (their BatchNorm statistics over both processes' samples), the one separately."""
     from helpers import run_script
     ckpts, common = world["ckpts"][:2], ["--subsets", "each", "--knn", "3"]
     run_probe(world, tmp_path / "one", ckpts, *common)
     argv = ["main_linear_probe.py", "--arch", "resnet18", "--pretrained", *ckpts, "--data_path", world["data"],
             "--dump_path", str(tmp_path / "two"), "--feature_cache", world["cache"], *TINY, *common,
-            "--batch_size", "16"]
+            "--batch_size", "16", "--head_impl", "fused"]
     two = run_script(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *argv],
                      env={"OMP_WAIT_POLICY": "PASSIVE"})
     assert two.returncode == 0, two.stderr[-2000:]
@@ -109,3 +128,22 @@ def test_two_processes_train_the_subset_heads_of_one(world, tmp_path):
     for run in ("one", "two"):
         log = (tmp_path / run / "sub1" / "wd5e-4_lr0.01" / "train.log").read_text()
         assert log.count("kNN Acc@1") == 2 and log.count("Top-1 test accuracy") == 1
+
+
+@pytest.mark.parametrize("use_bn", [True, False])
+def test_fused_evaluation_uses_each_heads_own_running_statistics(use_bn):
+    """Saved heads need not share statistics (heads loaded from different runs): evaluated fused, each head gives
+    its own BatchNorm1d + Linear's logits."""
+    from models.heads import LinearHead, MultiHead
+    torch.manual_seed(0)
+    heads = [LinearHead(12, 4, use_bn), LinearHead(8, 4, use_bn, columns=[0, 1, 2, 3, 8, 9, 10, 11]),
+             LinearHead(4, 4, use_bn, columns=[4, 5, 6, 7])]
+    for head in heads:
+        for tensor in head.state_dict().values():
+            if tensor.is_floating_point():
+                tensor.copy_(torch.rand_like(tensor) + 0.5)
+    separate, fused = MultiHead(heads).eval(), MultiHead(heads, fused=True).eval()
+    features = torch.randn(6, 12) * 2 + 1
+    with torch.no_grad():
+        for a, b in zip(separate(features), fused(features)):
+            assert torch.allclose(a, b, rtol=1e-5, atol=1e-5)

@@ -61,6 +61,9 @@ def record(path, section, intro, header, row):
     else:
         start = lines.index(title)
         end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
+        table = [i for i in range(start + 1, end) if lines[i].startswith("|")]
+        if table:  # under the section's table, above any reading of it that follows
+            end = table[-1] + 1
         while end > start and not lines[end - 1].strip():
             end -= 1
     lines.insert(end, row)
@@ -178,11 +181,14 @@ PROBE_INTRO = [
 ]
 SUBSETS_INTRO = [
     "Wall time of a complete probe of 5 backbones on cached features: one head on the concatenation against",
-    "`--subsets all` (31 heads: every non-empty subset, the full one included) in the same pass; the same data,",
-    "epochs and cache, in one run. Top-1 is the full concatenation's head in both (equal by construction).",
-    "Target: the 31 heads cost at most 3x the one head. *ratio* = 31-head seconds / one-head seconds.",
+    "`--subsets all` (31 heads: every non-empty subset, the full one included) in the same pass, computed",
+    "`--head_impl separate` (the default: each head its own BatchNorm1d + Linear, bit-identical to a separate",
+    "probe) and `--head_impl fused` (one fixed sequence of operations for all heads, equal to fp32 rounding); the",
+    "same data, epochs and cache, in one run. Top-1 is the full concatenation's head (equal by construction, to",
+    "rounding when fused). Target: the 31 heads cost at most 3x the one head. *ratio* = 31-head s / one-head s.",
 ]
-SUBSETS_HEADER = "| date | machine | setup | one head s (top-1) | 31 heads s (top-1) | ratio |"
+SUBSETS_HEADER = ("| date | machine | setup | one head s (top-1) | 31 heads separate s (top-1) | ratio "
+                  "| 31 heads fused s (top-1) | ratio |")
 PROBE_HEADER = ("| date | machine | setup | per-epoch s (top-1) | cached s (top-1) | speed-up | K | K runs s "
                 "| one K-head run s | speed-up |")
 
@@ -287,15 +293,10 @@ def bench_probe(args):
     import shutil
     import tempfile
 
-    import torch
-
     from datasets.synthetic import make_checkpoint, make_cifar
 
     work = tempfile.mkdtemp(prefix="timecat-bench-")
     n_train, n_test, size = (200, 100, 32) if args.quick else (1000, 500, 64)
-    epochs = args.epochs or (2 if args.quick else 28)
-    sweep_epochs = 1 if args.quick else 3
-    k = args.k or (2 if args.quick else 6)
     arch = args.arch
     data = os.path.join(work, "data")
     make_cifar(data, "cifar10", n_train=n_train, n_test=n_test, noise=120)
@@ -304,6 +305,18 @@ def bench_probe(args):
         make_checkpoint(path, arch, "raw", seed=seed)
     common = ["--arch", arch, "--pretrained", *ckpts, "--data_path", data, "--img_size", str(size),
               "--batch_size", "64", "--workers", str(args.workers), "--print_freq", "1000", "--lr", "0.05"]
+    if not args.subsets_only:
+        bench_cache_and_sweep(args, work, common, arch, size, n_train, n_test)
+    bench_subset_heads(args, work, common[common.index("--data_path"):], arch, size, n_train, n_test)
+    shutil.rmtree(work, ignore_errors=True)
+
+
+def bench_cache_and_sweep(args, work, common, arch, size, n_train, n_test):
+    """Per-epoch against cached probe, and a K-value sweep as K runs against one K-head run."""
+    import torch
+    epochs = args.epochs or (2 if args.quick else 28)
+    sweep_epochs = 1 if args.quick else 3
+    k = args.k or (2 if args.quick else 6)
     # one short untimed run first: the first probe in a process also pays for oneDNN kernel creation
     timed_probe(common + ["--epochs", "1", "--data_rate", "0.1", "--dump_path", os.path.join(work, "warmup")])
     load = os.getloadavg()[0]
@@ -331,8 +344,6 @@ def bench_probe(args):
                f"{reference:.1f} ({ref_acc:.1f}) | {cached:.1f} ({cached_acc:.1f}) | {reference / cached:.1f}x | {k} | "
                f"{separate:.1f} | {together:.1f} | {separate / together:.1f}x |")
         print(f"recorded in {args.results}")
-    bench_subset_heads(args, work, common[common.index("--data_path"):], arch, size, n_train, n_test)
-    shutil.rmtree(work, ignore_errors=True)
 
 
 def bench_subset_heads(args, work, data_args, arch, size, n_train, n_test):
@@ -348,15 +359,20 @@ def bench_subset_heads(args, work, data_args, arch, size, n_train, n_test):
     timed_probe(common + ["--epochs", "1", "--dump_path", os.path.join(work, "cache5_fill")])  # fills the cache
     load = os.getloadavg()[0]
     one, one_acc = timed_probe(common + ["--dump_path", os.path.join(work, "one_head")])
-    many, many_acc = timed_probe(common + ["--subsets", "all", "--dump_path", os.path.join(work, "all_heads")],
-                                 log_name="wd5e-4_lr0.05/train.log")
+    many = {impl: timed_probe(common + ["--subsets", "all", "--head_impl", impl, "--dump_path",
+                                        os.path.join(work, f"all_heads_{impl}")], log_name="wd5e-4_lr0.05/train.log")
+            for impl in ("separate", "fused")}
     setup = (f"cat5 {arch} {size}px cached, {n_train} train / {n_test} test, {epochs} epochs"
              f"{' (quick)' if args.quick else ''}")
-    print(f"--subsets all, 31 heads: {many:.1f} s against one head {one:.1f} s -> {many / one:.2f}x (target <= 3x)")
+    cells = []
+    for impl, (seconds, acc) in many.items():
+        print(f"--subsets all, 31 heads {impl}: {seconds:.1f} s against one head {one:.1f} s -> {seconds / one:.2f}x "
+              f"(target <= 3x)")
+        cells.append(f"{seconds:.1f} ({acc:.1f}) | {seconds / one:.2f}x")
     if not args.no_record:
         record(args.results, "probe subsets", SUBSETS_INTRO, SUBSETS_HEADER,
                f"| {datetime.date.today().isoformat()} | {machine_description()}, load {load:.1f} | {setup} | "
-               f"{one:.1f} ({one_acc:.1f}) | {many:.1f} ({many_acc:.1f}) | {many / one:.2f}x |")
+               f"{one:.1f} ({one_acc:.1f}) | {' | '.join(cells)} |")
 
 
 # ---------------------------------------------------------------- command line
@@ -390,6 +406,8 @@ def get_args_parser():
     probe.add_argument("--epochs", type=int, default=None, help="probe epochs (default 28, the reference)")
     probe.add_argument("--k", type=int, default=None, help="weight decays in the sweep (default 6; max 8)")
     probe.add_argument("--workers", type=int, default=0, help="data-loading processes")
+    probe.add_argument("--subsets_only", action="store_true", help="only the cost of --subsets all (31 heads) "
+                       "against one head, on 5 cached backbones")
     probe.set_defaults(func=bench_probe)
     return p
 

@@ -66,14 +66,6 @@ class AverageMeter:
         return self.sum / max(self.count, 1)
 
 
-def correct_topk(logits, target, ks=(1, 5)):
-    """Number of samples whose target is among the top-k logits, for each k (k capped at the class count)."""
-    maxk = min(max(ks), logits.shape[1])
-    pred = logits.topk(maxk, dim=1).indices
-    hit = pred.eq(target.unsqueeze(1))
-    return [hit[:, :min(k, maxk)].any(dim=1).sum().item() for k in ks]
-
-
 def requeue_slurm_job(logger):
     """Ask slurm to requeue this job (rank 0 only); a no-op outside slurm."""
     job = os.environ.get("SLURM_ARRAY_JOB_ID") and \
