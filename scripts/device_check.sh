@@ -32,12 +32,12 @@ step() {  # step NAME SECONDS COMMAND...: run with a limit, log to $OUT/NAME.log
 } | tee "$OUT/summary.txt"
 
 # the tests whose code paths change on a GPU: device placement, autocast, non_blocking copies, cuda seeding
-step tests 200 "$PY" -m pytest -q -p no:cacheprovider -n 8 --basetemp /tmp/device_check_tests \
+step tests 150 "$PY" -m pytest -q -p no:cacheprovider -n 8 --basetemp /tmp/device_check_tests \
   tests/test_probe.py tests/test_subsets.py tests/test_fast_probe.py tests/test_batch_sources.py \
   tests/test_pretrain.py tests/test_analysis.py -k "not two_processes"
-step backbone 100 "$PY" tools/benchmark.py backbone --record "$OUT/benchmarks.md"
-step train 100 "$PY" tools/benchmark.py train --record "$OUT/benchmarks.md"
-step probe 200 "$PY" tools/benchmark.py probe --epochs 10 --record "$OUT/benchmarks.md"
+step backbone 80 "$PY" tools/benchmark.py backbone --record "$OUT/benchmarks.md"
+step train 80 "$PY" tools/benchmark.py train --record "$OUT/benchmarks.md"
+step probe 150 "$PY" tools/benchmark.py probe --epochs 10 --record "$OUT/benchmarks.md"
 if [[ $("$PY" -c "import torch; print(torch.cuda.device_count())") -ge 2 ]]; then
   step nccl 200 "$PY" -m pytest -q -p no:cacheprovider tests/test_distributed_probe.py tests/test_subsets.py -k two_processes
 else
