@@ -296,7 +296,10 @@ def prepare_run(args, dist_info, logger):
     check_previous_run(args, resume_path_of(args.dump_path))
     log_startup(logger, args, dist_info, args.global_batch, args.lr)
     if dist_info.device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
+        # autotuning picks kernels by timing, and cuDNN's fastest backward kernels sum in a varying order: both make
+        # two identical runs differ in the last bits, which then grow; --cuda_deterministic rules both out
+        torch.backends.cudnn.benchmark = not args.cuda_deterministic
+        torch.backends.cudnn.deterministic = args.cuda_deterministic
         torch.backends.cuda.matmul.allow_tf32 = True  # only matters with --precision fp32
         torch.backends.cudnn.allow_tf32 = True
 

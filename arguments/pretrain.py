@@ -23,7 +23,7 @@ RECIPE_KEYS = ("arch", "img_size", "global_batch", "optimizer", "lr", "wd", "bet
 RUN_ONLY_KEYS = ("data_name", "data_path", "workers", "accum_steps", "steps", "save_steps", "eval_every",
                  "bn_refresh_batches", "bn_refresh_every", "run", "output_dir", "dump_path", "start_over", "compile",
                  "max_time", "print_freq", "debug", "dist_timeout", "skip_bad_images", "device", "local_rank",
-                 "tensorboard")
+                 "tensorboard", "cuda_deterministic")
 # The value a recipe key had in run folders written before the key existed (before --init, "sfadamw" was the
 # package's optimizer).
 LEGACY_RECIPE = {"init": "torchvision", "sf_moment_dtype": "bfloat16", "init_from": None}
@@ -144,6 +144,9 @@ def add_run_args(p):
                    "autocast, faster, not the reference numerics (see docs/benchmarks.md); auto = bf16 on GPUs and "
                    "on CPUs with bf16 instructions, fp32 elsewhere")
     add_bool(g, "compile", False, "torch.compile the training forward/backward")
+    add_bool(g, "cuda_deterministic", False, "deterministic cuDNN kernels, no autotuning: on a GPU, two runs (and a "
+             "run and its resumption) give bit-identical weights, slower (docs/benchmarks.md); CPU runs always do "
+             "(recommended: off for speed; on to compare runs bit for bit)")
     g.add_argument("--max_time", default=None, help="wall-clock budget of this process ([[D-]H:]M:S or seconds): "
                    "save the resume state and stop cleanly once it is spent, before a job's time limit")
     g.add_argument("--print_freq", type=int, default=100, help="steps between log lines")

@@ -23,7 +23,8 @@ from util.sfadamw import AlgoPerfAdamWScheduleFree
 
 # 4 classes x 8 training images, global batch 8: 4 steps per epoch. fp32 so runs compare bit for bit.
 TINY = ["--arch", "resnet18", "--img_size", "32", "--global_batch", "8", "--workers", "0", "--precision", "fp32",
-        "--warmup_steps", "2", "--lr", "0.01", "--bn_refresh_batches", "2", "--print_freq", "1"]
+        "--warmup_steps", "2", "--lr", "0.01", "--bn_refresh_batches", "2", "--print_freq", "1",
+        "--cuda_deterministic"]  # on a GPU machine the bit-for-bit comparisons below need it
 
 
 @pytest.fixture(scope="module")
@@ -142,10 +143,11 @@ def test_bn_refresh_recomputes_the_statistics_at_x(data, tmp_path):
     sampler = engine_pretrain.RefreshBatches(len(train_set), args.seed, 8, 3, 0, 1)
     sampler.step = 8
     loader = torch.utils.data.DataLoader(engine_pretrain.SeededSamples(train_set), batch_sampler=sampler)
-    engine_pretrain.refresh_bn(model, loader, torch.device("cpu"), "fp32", 1)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # the device the run refreshed on
+    engine_pretrain.refresh_bn(model.to(device), loader, device, "fp32", 1)
     recomputed = model.state_dict()
     for k in stat_keys:
-        torch.testing.assert_close(recomputed[k], fresh[k], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(recomputed[k].cpu(), fresh[k], rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("optimizer", ["sfadamw", "sgd"])
@@ -244,7 +246,7 @@ def test_sgd_recipe_trains_with_its_step_schedule(data, tmp_path):
 
 # ---------------------------------------------------------------- distributed
 def test_two_process_gloo_run_trains_the_same_weights_as_one_process(data, tmp_path):
-    common = ["--global_batch", "16", "--steps", "4", "--save_steps", "--eval_every", "0"]
+    common = ["--global_batch", "16", "--steps", "4", "--save_steps", "--eval_every", "0", "--device", "cpu"]
     result = run_script(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                          "main_pretrain.py", *argv(data, tmp_path / "ddp", "run0", *common)], timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -80,10 +80,14 @@ def init_distributed(debug=False, timeout_minutes=30):
                                     device_id=device if device.type == "cuda" else None)
         except dist.DistError as exc:
             where = f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}"
+            hint = f"Did every process start, and can this node reach {where}?"
+            if device.type == "cuda" and local_rank >= torch.cuda.device_count():  # seen: NCCL's "invalid usage"
+                hint = (f"Local rank {local_rank} shares one of this node's {torch.cuda.device_count()} GPU(s) with "
+                        f"another process, which NCCL refuses: launch at most one process per GPU "
+                        f"(--nproc_per_node), or run on CPUs with --device cpu.")
             raise UserError(f"rank {rank} of {world_size} could not join the process group at {where} within "
                             f"{timeout_minutes:g} min (--dist_timeout): "
-                            f"{str(exc).strip().splitlines()[0].rstrip('.')}. Did every "
-                            f"process start, and can this node reach {where}?") from None
+                            f"{str(exc).strip().splitlines()[0].rstrip('.')}. {hint}") from None
     return info
 
 

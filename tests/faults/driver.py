@@ -15,12 +15,14 @@ ENV = dict(os.environ, OMP_NUM_THREADS="1")
 # 200 CIFAR images, batch 32: 7 iterations per epoch (the last of 8 images is kept, as the reference), 28 in all;
 # fp32 so that runs compare bit for bit
 PROBE = ["--arch", "resnet18", "--img_size", "32", "--workers", "0", "--batch_size", "32", "--print_freq", "1",
-         "--lr", "0.1", "--precision", "fp32", "--epochs", "4", "--decay_epochs", "2"]
+         "--lr", "0.1", "--precision", "fp32", "--epochs", "4", "--decay_epochs", "2",
+         "--cuda_deterministic"]  # bit-for-bit resumption on a GPU machine too
 PROBE_EPOCHS, PROBE_ITERS = 4, 7
 # 4 classes x 8 images, global batch 8: 4 steps per epoch; evaluations (and resume states) every 10 steps
 PRETRAIN = ["--arch", "resnet18", "--img_size", "32", "--global_batch", "8", "--workers", "0", "--precision",
             "fp32", "--warmup_steps", "2", "--lr", "0.01", "--bn_refresh_batches", "2", "--print_freq", "1",
-            "--steps", "40", "--save_steps", "20", "--eval_every", "10"]
+            "--steps", "40", "--save_steps", "20", "--eval_every", "10",
+            "--cuda_deterministic"]  # bit-for-bit resumption on a GPU machine too
 PRETRAIN_STEPS = 40
 
 # Runs a script with torch.save wrapped: during the nth save of a file whose name holds TARGET it either sends
