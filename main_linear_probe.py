@@ -210,8 +210,8 @@ def check_numbers(args):
 
 def check_optimizer(args):
     """The reference's rules: Nesterov with SGD only (on by default), Adam's beta2 below 1."""
-    if args.optimizer == SCHEDULE_FREE:
-        args.optimizer = SCHEDULE_FREE  # one name in args.json and the recipe check
+    if args.optimizer == "sfadamw":  # the alias: one name in args.json, the recipe check and the loop's tests
+        args.optimizer = SCHEDULE_FREE
     if args.nesterov is None:
         args.nesterov = args.optimizer == "sgd"
     if args.nesterov and args.optimizer != "sgd":

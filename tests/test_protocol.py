@@ -117,7 +117,8 @@ def test_optimizer_variants(tmp_path):
     assert build("--optimizer", "adam", "--beta2", "0.95", "--momentum", "0.8").defaults["betas"] == (0.8, 0.95)
     sf = build("--optimizer", "schedulefree_adamw")
     assert sf.defaults["betas"] == (0.9, 0.999)
-    assert args_for(tmp_path, "--optimizer", "sfadamw").scheduler_type == "step"  # the schedule still applies
+    alias = args_for(tmp_path, "--optimizer", "sfadamw")
+    assert alias.scheduler_type == "step" and alias.optimizer == "schedulefree_adamw"  # the schedule still applies
     with pytest.raises(probe.UserError, match="--nesterov is for --optimizer sgd"):
         args_for(tmp_path, "--optimizer", "adam", "--nesterov", "True")
 
