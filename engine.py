@@ -190,17 +190,21 @@ def stacked_logits(logits):
     return torch.stack([out.float() for out in logits])
 
 
+def sample_losses(stacked, labels):
+    """(heads, batch): each head's cross-entropy on each sample, in one operation."""
+    heads = stacked.shape[0]
+    return F.cross_entropy(stacked.flatten(0, 1), labels.repeat(heads), reduction="none").view(heads, -1)
+
+
 def mean_losses(stacked, labels):
     """Each head's mean cross-entropy over the batch: a (heads,) tensor."""
-    heads = stacked.shape[0]
-    return F.cross_entropy(stacked.flatten(0, 1), labels.repeat(heads), reduction="none").view(heads, -1).mean(dim=1)
+    return sample_losses(stacked, labels).mean(dim=1)
 
 
 def batch_scores(stacked, labels):
     """(heads, 3) float64 on the logits' device: each head's summed cross-entropy, top-1 and top-5 hits (k capped at
     the class count) over the batch."""
-    heads = stacked.shape[0]
-    losses = F.cross_entropy(stacked.flatten(0, 1), labels.repeat(heads), reduction="none").view(heads, -1)
+    losses = sample_losses(stacked, labels)
     hits = stacked.topk(min(5, stacked.shape[2]), dim=2).indices.eq(labels[None, :, None])
     return torch.stack([losses.sum(dim=1).double(), hits[..., :1].any(dim=2).sum(dim=1).double(),
                         hits.any(dim=2).sum(dim=1).double()], dim=1)
