@@ -26,7 +26,7 @@ from util.checkpoint import save_atomic
 from util.cli import UserError
 from util.distributed import all_reduce_sum, any_process, barrier
 from util.logs import append_jsonl
-from util.misc import requeue_slurm_job, seed_torch
+from util.misc import requeue_slurm_job, seed_torch, stop_outcome
 from util.sfadamw import AlgoPerfAdamWScheduleFree
 
 STOP_POLL_STEPS = 10  # steps between the (synchronising) checks of a stop signal across processes
@@ -363,7 +363,8 @@ class Pretraining:
                 "lr": lr, "img_per_s": round(since_eval.steps * self.args.global_batch / train_seconds, 2)}
 
     def should_stop(self, done, stop, started, since_eval):
-        """On a stop signal (any process) or --max_time: save the resume state at `done` and requeue."""
+        """On a stop signal (any process) or --max_time: save the resume state at `done`; requeue the slurm job when
+        a process got SIGUSR1 (slurm's warning) or on --max_time, not on a plain SIGTERM (scancel)."""
         args, dist_info, device = self.args, self.dist_info, self.dist_info.device
         if dist_info.distributed and done % STOP_POLL_STEPS:
             return False  # the check is a collective: only every STOP_POLL_STEPS steps
@@ -372,12 +373,15 @@ class Pretraining:
             return False
         reason = stop.received or (f"--max_time {args.max_time}" if out_of_time else
                                    "a stop signal to another process")
+        # a collective too: every process calls it here; --max_time is a budget set to end before the time limit
+        requeue = any_process(stop.requeue or out_of_time, device)
         loss_sum = all_reduce_sum([since_eval.loss.item()], device)[0]
         self.check_finite(loss_sum, "training loss summed since the last evaluation", done)
         if dist_info.is_main:
             save_atomic(self.resume_state(done, (loss_sum, since_eval.steps)), self.resume_path)
-        self.logger.info(f"Stopped by {reason} at step {done}; a rerun resumes from step {done} ({self.resume_path})")
-        if dist_info.is_main:
+        self.logger.info(f"Stopped by {reason} at step {done}; a rerun resumes from step {done} ({self.resume_path}); "
+                         + stop_outcome(requeue))
+        if dist_info.is_main and requeue:
             requeue_slurm_job(self.logger)
         return True
 

@@ -81,7 +81,7 @@ from util.logs import (
     use_progress_bar,
     write_json_atomic,
 )
-from util.misc import requeue_slurm_job, set_seed
+from util.misc import requeue_slurm_job, set_seed, stop_outcome
 from util.signals import StopSignal
 from util.subsets import subset_folder, subsets_for
 from util.tensorboard import MetricsBoard, require_tensorboard
@@ -814,10 +814,12 @@ def train_epoch(run, data, model, optimizer, source, epoch, stop_agreed):
 
 
 def stopped(run, epoch):
+    """After a stop signal: requeue the slurm job when a process got SIGUSR1 (slurm's warning), not on SIGTERM."""
+    again = any_process(run.stop.requeue, run.dist.device)  # a collective: every process calls it here
     for lg in run.all_loggers:
         lg.info(f"Stopped by {run.stop.received or 'a stop signal to another process'} during epoch {epoch}; "
-                f"a rerun resumes from epoch {epoch} ({run.checkpoint_path})")
-    if run.dist.is_main:
+                f"a rerun resumes from epoch {epoch} ({run.checkpoint_path}); {stop_outcome(again)}")
+    if run.dist.is_main and again:
         requeue(run.logger)
 
 

@@ -67,7 +67,7 @@ class AverageMeter:
 
 
 def requeue_slurm_job(logger):
-    """Ask slurm to requeue this job (rank 0 only); a no-op outside slurm."""
+    """Ask slurm to requeue this job (rank 0 only, after SIGUSR1: see util/signals.py); a no-op outside slurm."""
     job = os.environ.get("SLURM_ARRAY_JOB_ID") and \
         f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ.get('SLURM_ARRAY_TASK_ID', '')}" \
         or os.environ.get("SLURM_JOB_ID")
@@ -75,3 +75,9 @@ def requeue_slurm_job(logger):
         return
     result = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
     logger.info(f"scontrol requeue {job}: {'ok' if result.returncode == 0 else result.stderr.strip()}")
+
+
+def stop_outcome(requeue):
+    """The end of a "Stopped by ..." line: whether the slurm job requeues itself (SIGUSR1, slurm's warning) or not
+    (SIGTERM: scancel)."""
+    return "requeueing the job" if requeue else "not requeued (SIGTERM is a cancel; SIGUSR1 requeues)"

@@ -1,5 +1,10 @@
 """Preemption as slurm does it: SIGTERM / SIGUSR1 to every process of the job, DataLoader workers included.
 
+Both stop a run at a clean point with a resumable state; only SIGUSR1 asks for a requeue. SIGUSR1 is the warning the
+job scripts ask for (`#SBATCH --signal=USR1@300`: time limit or preemption coming), so the job requeues itself and
+resumes. A plain SIGTERM is `scancel` (or the end of a grace time, where slurm requeues a preempted job by itself):
+the job saves and ends, CANCELLED, and a resubmission resumes.
+
 The main process turns the signal into a flag its loop polls (StopSignal); the processes of a distributed run agree
 on the stop through a collective (util.distributed.any_process), so they all stop at the same iteration; DataLoader
 workers ignore the signals and leave the stop to the main process, which shuts them down itself. Without that, a
@@ -12,15 +17,18 @@ import threading
 import torch
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+REQUEUE_SIGNAL = signal.SIGUSR1
 
 
 class StopSignal:
-    """SIGTERM / SIGUSR1 (slurm's preemption and time-limit warnings) become a flag the loops poll, so a run stops
-    at a clean point and a rerun resumes from its last checkpoint. A context manager: leaving it restores the
-    handlers that were there before (a test or a notebook keeps its own)."""
+    """SIGTERM (scancel) / SIGUSR1 (slurm's time-limit and preemption warning) become a flag the loops poll, so a
+    run stops at a clean point and a rerun resumes from its last checkpoint; `requeue` is true once SIGUSR1 came.
+    A context manager: leaving it restores the handlers that were there before (a test or a notebook keeps its
+    own)."""
 
     def __init__(self):
-        self.received = None
+        self.received = None  # the name of the last stop signal received
+        self.requeue = False  # SIGUSR1 came: the job should requeue itself
         self._previous = {}
 
     def __enter__(self):
@@ -36,6 +44,7 @@ class StopSignal:
 
     def _handle(self, signum, frame):
         self.received = signal.Signals(signum).name
+        self.requeue = self.requeue or signum == REQUEUE_SIGNAL
         outer = self._previous.get(signum)
         if isinstance(getattr(outer, "__self__", None), StopSignal):  # nested: the enclosing one hears it too
             outer(signum, frame)
