@@ -105,7 +105,7 @@ SchedulerParameters=sched_interval=5,bf_interval=5
 JobRequeue=1
 ReturnToService=2
 KillWait=30
-MinJobAge=120
+MinJobAge=300
 InactiveLimit=0
 Waittime=0
 SlurmctldTimeout=30

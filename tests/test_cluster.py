@@ -79,7 +79,11 @@ def test_submission_from_a_fresh_clone_creates_every_folder_sbatch_needs(tmp_pat
 
 def test_submit_without_slurm_is_one_clear_error(tmp_path):
     clone = fresh_clone(tmp_path)
-    env = dict(os.environ, PATH=os.path.dirname(shutil.which("bash")))  # no sbatch anywhere
+    # no sbatch anywhere: a PATH of one folder that holds only bash (bash's own folder may hold slurm's commands)
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    (bare / "bash").symlink_to(shutil.which("bash"))
+    env = dict(os.environ, PATH=str(bare))
     done = subprocess.run([sys.executable, str(clone / "tools" / "submit.py"), "pretrain"], env=env,
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and done.stderr.startswith("error: sbatch is not on PATH")
