@@ -16,6 +16,7 @@ from util import log_lines
 from util.cli import UserError
 from util.distributed import all_reduce_sum
 from util.misc import AverageMeter
+from util.progress import Progress
 
 
 class ShardSampler(torch.utils.data.Sampler):
@@ -250,6 +251,7 @@ def train_one_epoch(model, batches, num_batches, optimizer, epoch, args, device,
     # the lr each head's log line shows: its first parameter group's (its Linear, listed first by param_groups)
     lrs = [next(g["lr"] for g in optimizer.param_groups if h in g.get("heads", (g["head"],))) for h in range(heads)]
     end = time.time()
+    progress = Progress(f"epoch {epoch}", num_batches, bar=show_bar)  # in logs, where tqdm does not draw
     for i, (inputs, labels) in enumerate(tqdm(batches, total=num_batches, desc=f"epoch {epoch}", leave=False,
                                               disable=not show_bar)):
         if should_stop is not None and should_stop():  # a collective: every rank stops at the same iteration
@@ -270,6 +272,7 @@ def train_one_epoch(model, batches, num_batches, optimizer, epoch, args, device,
         meters.update(values, stacked.detach(), labels)
         if i % args.print_freq == 0 or i == num_batches - 1:  # every rank reaches the same i: the sum is safe
             log_iteration(loggers, meters, device, epoch, i, num_batches, lrs)
+        progress.update()
         end = time.time()
     losses, top1s = meters.global_view(device)
     return [avg for _, avg in losses], [avg for _, avg in top1s], True
@@ -293,7 +296,9 @@ def evaluate(model, source, device, precision, expected_count, show_bar=False, n
     count, skipped = 0, source.skipped
     # images go through the encoder at its precision; cached or computed features meet the heads in fp32
     with_precision = precision if source.holds_images else "fp32"
+    progress = Progress("eval", len(source) if hasattr(source, "__len__") else None, bar=show_bar)
     for inputs, labels in tqdm(source, desc="eval", leave=False, disable=not show_bar):
+        progress.update()
         with autocast(device, with_precision):
             outputs = model(inputs)
         # summed on the device: one host sync per evaluation, not three per head and batch

@@ -27,6 +27,7 @@ from util.cli import UserError
 from util.distributed import all_reduce_sum, any_process, barrier
 from util.logs import append_jsonl
 from util.misc import requeue_slurm_job, seed_torch, stop_outcome
+from util.progress import Progress
 from util.sfadamw import AlgoPerfAdamWScheduleFree
 
 STOP_POLL_STEPS = 10  # steps between the (synchronising) checks of a stop signal across processes
@@ -308,6 +309,7 @@ class Pretraining:
         since_eval = SinceEval(torch.tensor(start.loss_since_eval if self.dist_info.is_main else 0.0, device=device),
                                start.steps_since_eval)
         bar = tqdm(total=args.steps, initial=start.step, desc="pretrain", disable=not self.show_bar)
+        progress = Progress("pretrain", args.steps, "steps", bar=self.show_bar, start=start.step)  # logs: no tqdm
         if start.step >= args.steps:
             self.logger.info(f"nothing to train: the run is at step {start.step} of --steps {args.steps}")
         for step in range(start.step, args.steps):
@@ -330,6 +332,7 @@ class Pretraining:
             window.steps += 1
             window.data += data_wait
             bar.update(1)
+            progress.update()
             if done % args.print_freq == 0 or done == args.steps or done == start.step + 1:
                 self.log_step(step, lr, loss, window)
                 window = Window()

@@ -19,6 +19,7 @@ from util.cli import UserError
 from util.distributed import barrier, broadcast_object
 from util.logs import write_json_atomic
 from util.misc import lock_file, set_seed
+from util.progress import Progress
 from util.signals import StopSafeDataLoader
 
 FORMAT_VERSION = 1
@@ -121,7 +122,9 @@ def _extract(encoder, dataset, directory, args, dist_info, view, logger, show_ba
     order = np.asarray(sampler.indices, dtype=np.int64)
     start = 0
     desc = f"caching {os.path.basename(directory)[:8]}"
+    progress = Progress(desc, len(loader), bar=show_bar)  # in logs, where tqdm does not draw
     for images, targets, kept in tqdm(loader, desc=desc, leave=False, disable=not show_bar):
+        progress.update()
         rows = order[start:start + len(kept)]
         start += len(kept)
         labels[rows[~kept.numpy()]] = -1  # unreadable (--skip_bad_images): the batch sources drop label -1

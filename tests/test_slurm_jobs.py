@@ -160,6 +160,47 @@ def test_pretrain_job_requeues_on_usr1_cancels_on_scancel_and_resumes_exactly(sl
     TALLY["equal_results"] += 1
 
 
+def usr1_then_complete(env, job, log, progress):
+    """USR1 once mid-run (every task of the step gets it); the job requeues itself, resumes and completes."""
+    wait_text(log, progress, env, job)
+    scancel(env, job, "--signal=USR1")
+    wait_text(log, "Resumed from", env, job)
+    TALLY["requeued"] += 1
+    info = wait_job(env, job, ("COMPLETED", "FAILED", "CANCELLED"))
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", info
+
+
+def test_two_task_probe_job_rendezvous_from_slurm_requeues_and_ends_as_one_process(slurm, world,  # noqa: F811
+                                                                                   references):
+    """srun starts 2 CPU processes (gloo); they meet from slurm's variables, both get USR1, the job requeues and
+    resumes, and ends with the one-process job's numbers (the per-process batch is half the global one)."""
+    base = world["base"]
+    job = submit_probe(slurm, world, "probe_two_tasks", tasks=2)
+    usr1_then_complete(slurm, job, base / "probe_two_tasks" / "train.log", "Epoch[2] - Iter: [2/")
+    out, log = read(base / "probe_two_tasks.out"), read(base / "probe_two_tasks" / "train.log")
+    assert "Traceback" not in out and "launcher slurm" in log and "world size: 2," in log, out[-3000:]
+    got, expected = metrics(base / "probe_two_tasks" / "metrics.jsonl"), metrics(references("probe") /
+                                                                                  "metrics.jsonl")
+    assert [m["epoch"] for m in got] == [m["epoch"] for m in expected]
+    for a, b in zip(got, expected):
+        assert {k: pytest.approx(v, rel=1e-3, abs=1e-4) for k, v in a.items()} == b
+    TALLY["equal_results"] += 1
+
+
+@pytest.mark.slow
+def test_two_task_pretrain_job_rendezvous_from_slurm_requeues_and_ends_as_one_process(slurm, world,  # noqa: F811
+                                                                                      references):
+    base = world["base"]
+    job = submit_pretrain(slurm, world, "pretrain_two_tasks", tasks=2)
+    usr1_then_complete(slurm, job, base / "pretrain_two_tasks" / "run" / "train.log", "Step: [30/")
+    assert "Traceback" not in read(base / "pretrain_two_tasks.out")
+    got, expected = pretrain_result(base / "pretrain_two_tasks"), pretrain_result(references("pretrain"))
+    assert got["top1"] == pytest.approx(expected["top1"], abs=1e-3)
+    for a, b in zip(got["metrics"], expected["metrics"], strict=True):
+        assert {k: pytest.approx(v, rel=1e-3, abs=1e-4) for k, v in a.items()} == b
+    TALLY["equal_results"] += 1
+
+
 def test_tally(capsys):
     """The totals of this module's jobs, for the closing note (run last in the file)."""
     with capsys.disabled():
