@@ -2,8 +2,9 @@
 
 One entry per (split, view) lives in <cache_dir>/<hash of its key>/ with features.npy (N x D fp16), labels.npy
 (-1 for an image skipped as unreadable) and manifest.json. The manifest is written last, after every file is
-complete and checksummed, so a half-written entry is never used; an entry whose files do not match their manifest
-is rebuilt. A lock per entry keeps two runs from writing the same one.
+complete and checksummed, so a half-written entry is never used; until then, partial.json and chunks.<rank>.json
+record the chunks written, and a rerun (after a stop signal or a crash) resumes at the next chunk. An entry whose
+files do not match their manifest is rebuilt. A lock per entry keeps two runs from writing the same one.
 """
 import hashlib
 import json
@@ -16,7 +17,7 @@ import torch
 from datasets import SkipUnreadable, collate_readable
 from engine import ShardSampler, autocast, to_device
 from util.cli import UserError
-from util.distributed import barrier, broadcast_object
+from util.distributed import any_process, barrier, broadcast_object
 from util.logs import write_json_atomic
 from util.misc import lock_file, set_seed
 from util.progress import Progress
@@ -39,6 +40,8 @@ def entry_key(args, split, view, length):
             "data_path": os.path.abspath(args.data_path), "data_rate": args.data_rate if split == "train" else 1.0,
             "split": split, "view": view, "tf_name": args.tf_name, "img_size": args.img_size,
             "precision": args.precision, "length": length, "seed": args.seed if view >= 0 else None,
+            # an augmented view's draws depend on the extraction chunks (seeded one by one, for resumption)
+            **({"chunk_images": chunk_batches() * args.batch_size} if view >= 0 else {}),
             # an entry that skipped unreadable images serves only runs that skip them; absent when off, so the
             # entries written before the flag existed stay valid
             **({"skip_bad_images": True} if args.skip_bad_images else {}),
@@ -92,58 +95,116 @@ def _clear(directory):
             os.remove(os.path.join(directory, name))
 
 
+def chunk_batches():
+    """Batches per extraction chunk (--feature_cache): the unit written, recorded and resumed; a stop loses at most
+    the chunk in progress. $TIMECAT_CACHE_CHUNK changes it (tests use small chunks)."""
+    return max(1, int(os.environ.get("TIMECAT_CACHE_CHUNK", 200)))
+
+
+class ExtractionStopped(Exception):
+    """A stop signal came during the feature extraction; the chunks written so far are kept for the rerun."""
+
+    def __init__(self, what, done, total):
+        super().__init__(f"{what}: {done} of {total} chunks written")
+
+
+def _start_or_resume(directory, key, n, dim, world):
+    """(resumed, error) on the first process: keep the files of an unfinished extraction of the same key and
+    process count (its chunks are resumed), else clear the entry and allocate its files."""
+    partial_path = os.path.join(directory, "partial.json")
+    features_path, labels_path = os.path.join(directory, "features.npy"), os.path.join(directory, "labels.npy")
+    try:
+        with open(partial_path) as f:
+            partial = json.load(f)
+        if partial == {"key": key, "world": world} and \
+                np.load(features_path, mmap_mode="r").shape == (n, dim) and \
+                np.load(labels_path, mmap_mode="r").shape == (n,):
+            return True, None
+    except (OSError, ValueError):
+        pass
+    _clear(directory)
+    try:
+        _allocate(features_path, (n, dim), np.float16)
+        _allocate(labels_path, (n,), np.int64)
+    except OSError as exc:
+        _clear(directory)
+        return False, (f"cannot write the feature cache in {os.path.dirname(directory)} "
+                       f"({n * dim * 2 / 1e9:.2f} GB needed): {exc.strerror or exc}")
+    write_json_atomic({"key": key, "world": world}, partial_path)
+    return False, None
+
+
 @torch.no_grad()
-def _extract(encoder, dataset, directory, args, dist_info, view, logger, show_bar):
+def _extract(encoder, dataset, directory, key, args, dist_info, view, logger, show_bar, should_stop):
+    """Each process computes its shard in chunks of chunk_batches() batches: a chunk is written, flushed and
+    recorded (chunks.<rank>.json) before the next; a rerun skips the recorded chunks. Each chunk has its own loader
+    and seeds (seed, view, rank, chunk), so a resumed extraction writes what an uninterrupted one would. A stop
+    signal ends the chunk in progress unrecorded; ExtractionStopped is raised on every process."""
     from tqdm import tqdm
     rank, world, device = dist_info.rank, dist_info.world_size, dist_info.device
     n, dim = len(dataset), encoder.out_dim
-    features_path, labels_path = os.path.join(directory, "features.npy"), os.path.join(directory, "labels.npy")
-    error = None
-    if dist_info.is_main:
-        _clear(directory)
-        try:
-            _allocate(features_path, (n, dim), np.float16)
-            _allocate(labels_path, (n,), np.int64)
-        except OSError as exc:
-            _clear(directory)
-            error = (f"cannot write the feature cache in {os.path.dirname(directory)} "
-                     f"({n * dim * 2 / 1e9:.2f} GB needed): {exc.strerror or exc}")
-    error = broadcast_object(error)
+    resumed, error = _start_or_resume(directory, key, n, dim, world) if dist_info.is_main else (None, None)
+    resumed, error = broadcast_object((resumed, error))
     if error:
         raise UserError(error)
-    sampler = ShardSampler(n, rank, world)
-    generator = torch.Generator().manual_seed(args.seed + 7919 * (view + 1) + rank)
-    set_seed(args.seed + 7919 * (view + 1) + rank)  # augmented views are reproducible
-    loader = StopSafeDataLoader(SkipUnreadable(dataset) if args.skip_bad_images else dataset,
-                                args.batch_size, sampler=sampler, num_workers=args.workers,
-                                pin_memory=device.type == "cuda", generator=generator, collate_fn=collate_readable)
-    features = np.load(features_path, mmap_mode="r+")
-    labels = np.load(labels_path, mmap_mode="r+")
-    order = np.asarray(sampler.indices, dtype=np.int64)
-    start = 0
+    progress_path = os.path.join(directory, f"chunks.{rank}.json")
+    done = 0
+    if resumed and os.path.exists(progress_path):
+        with open(progress_path) as f:
+            done = json.load(f)["chunks"]
+    order = np.asarray(ShardSampler(n, rank, world).indices, dtype=np.int64)
+    per_chunk = chunk_batches() * args.batch_size
+    chunks = [order[i:i + per_chunk] for i in range(0, len(order), per_chunk)]
+    if resumed:
+        logger.info(f"feature cache: resuming at chunk {done} of {len(chunks)} ({directory})")
+    features = np.load(os.path.join(directory, "features.npy"), mmap_mode="r+")
+    labels = np.load(os.path.join(directory, "labels.npy"), mmap_mode="r+")
     desc = f"caching {os.path.basename(directory)[:8]}"
-    progress = Progress(desc, len(loader), bar=show_bar)  # in logs, where tqdm does not draw
-    for images, targets, kept in tqdm(loader, desc=desc, leave=False, disable=not show_bar):
-        progress.update()
-        rows = order[start:start + len(kept)]
-        start += len(kept)
-        labels[rows[~kept.numpy()]] = -1  # unreadable (--skip_bad_images): the batch sources drop label -1
-        if images is None:
-            continue
-        images, _ = to_device(images, targets, device)
-        with torch.inference_mode(), autocast(device, args.precision):
-            out = encoder(images)
-        features[rows[kept.numpy()]] = out.float().cpu().numpy().astype(np.float16)
-        labels[rows[kept.numpy()]] = targets.numpy()
-    features.flush()
-    labels.flush()
+    batches = sum(-(-len(c) // args.batch_size) for c in chunks)
+    progress = Progress(desc, batches, bar=show_bar, start=sum(-(-len(c) // args.batch_size) for c in chunks[:done]))
+    bar = tqdm(total=batches, initial=progress.start, desc=desc, leave=False, disable=not show_bar)
+    stopped = False
+    for c in range(done, len(chunks)):
+        seed = args.seed + 7919 * (view + 1) + 104729 * c + rank
+        set_seed(seed)  # augmented views are reproducible, chunk by chunk
+        loader = StopSafeDataLoader(SkipUnreadable(dataset) if args.skip_bad_images else dataset,
+                                    args.batch_size, sampler=chunks[c].tolist(), num_workers=args.workers,
+                                    pin_memory=device.type == "cuda", generator=torch.Generator().manual_seed(seed),
+                                    collate_fn=collate_readable)
+        start = 0
+        for images, targets, kept in loader:
+            if should_stop is not None and should_stop():
+                stopped = True
+                break
+            rows = chunks[c][start:start + len(kept)]
+            start += len(kept)
+            labels[rows[~kept.numpy()]] = -1  # unreadable (--skip_bad_images): the batch sources drop label -1
+            if images is not None:
+                images, _ = to_device(images, targets, device)
+                with torch.inference_mode(), autocast(device, args.precision):
+                    out = encoder(images)
+                features[rows[kept.numpy()]] = out.float().cpu().numpy().astype(np.float16)
+                labels[rows[kept.numpy()]] = targets.numpy()
+            progress.update()
+            bar.update(1)
+        del loader  # its workers end here, before a stop returns
+        if stopped:
+            break
+        features.flush()  # the chunk is on disk before it is recorded
+        labels.flush()
+        write_json_atomic({"chunks": c + 1}, progress_path)
+        done = c + 1
+    bar.close()
     del features, labels
     barrier()
+    if any_process(stopped, device):  # every process stops here, whichever got the signal
+        raise ExtractionStopped(f"feature extraction {desc}", done, len(chunks))
 
 
-def load_or_build(encoder, dataset, cache_dir, args, dist_info, split, view, logger, show_bar):
+def load_or_build(encoder, dataset, cache_dir, args, dist_info, split, view, logger, show_bar, should_stop=None):
     """(features N x D fp16 tensor, labels N int64 tensor) of `dataset` through the frozen encoder,
-    from the cache when a valid entry exists, else computed now and stored."""
+    from the cache when a valid entry exists, else computed now (in chunks, resumed after a stop) and stored.
+    should_stop: the stop-signal flag (util.signals.StopSignal); ExtractionStopped when it ends the extraction."""
     key = entry_key(args, split, view, len(dataset))
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
     directory = os.path.join(cache_dir, digest)
@@ -161,8 +222,11 @@ def load_or_build(encoder, dataset, cache_dir, args, dist_info, split, view, log
             logger.info(f"feature cache: reusing {what} from {directory}")
         else:
             logger.info(f"feature cache: computing {what} ({len(dataset)} images) into {directory} [{status[1]}]")
-            _extract(encoder, dataset, directory, args, dist_info, view, logger, show_bar)
+            _extract(encoder, dataset, directory, key, args, dist_info, view, logger, show_bar, should_stop)
             if dist_info.is_main:
+                for name in os.listdir(directory):  # the chunk records of the finished extraction
+                    if name == "partial.json" or name.startswith("chunks."):
+                        os.remove(os.path.join(directory, name))
                 files = {name: {"size": os.path.getsize(os.path.join(directory, name)),
                                 "crc32": _crc32(os.path.join(directory, name))}
                          for name in ("features.npy", "labels.npy")}

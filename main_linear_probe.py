@@ -65,7 +65,7 @@ from engine import (
     resolve_precision,
     train_one_epoch,
 )
-from feature_cache import load_or_build
+from feature_cache import ExtractionStopped, load_or_build
 from models import RESNET_ARCHS, ConcatEncoder, LinearHead, MultiHead
 from util import log_lines
 from util.checkpoint import load_file, save_atomic
@@ -538,7 +538,10 @@ def probe(run):
     data = build_probe_data(run)
     model = build_probe_model(run, data.splits.num_classes)
     optimizer = build_optimizer(param_groups(model.heads, model.encoder, run.combos, run.args), run.args)
-    sources = build_batch_sources(run, data, model)
+    try:
+        sources = build_batch_sources(run, data, model)
+    except ExtractionStopped as exc:  # a stop signal during the feature cache's extraction
+        return stopped(run, where=f"during the {exc}", resumes="the extraction at its next chunk")
     if run.args.mode == "eval_only":
         return evaluate_saved_heads(run, model, optimizer, sources)
     progress = resume_or_start(run, model, optimizer)
@@ -649,7 +652,7 @@ def cached_sources(run, data, encoder):
 
     def cached(dataset, split, view):
         return load_or_build(encoder, dataset, args.feature_cache, args, dist_info, split, view, run.logger,
-                             run.show_bar)
+                             run.show_bar, run.stop)
 
     plain_features, plain_labels = cached(splits.train_plain, "train", -1)
     test_features, test_labels = cached(splits.test_set, "test", -1)
@@ -813,12 +816,14 @@ def train_epoch(run, data, model, optimizer, source, epoch, stop_agreed):
     return (loss, top1) if completed else None
 
 
-def stopped(run, epoch):
+def stopped(run, epoch=None, where=None, resumes=None):
     """After a stop signal: requeue the slurm job when a process got SIGUSR1 (slurm's warning), not on SIGTERM."""
     again = any_process(run.stop.requeue, run.dist.device)  # a collective: every process calls it here
+    where = where or f"during epoch {epoch}"
+    resumes = resumes or f"from epoch {epoch} ({run.checkpoint_path})"
     for lg in run.all_loggers:
-        lg.info(f"Stopped by {run.stop.received or 'a stop signal to another process'} during epoch {epoch}; "
-                f"a rerun resumes from epoch {epoch} ({run.checkpoint_path}); {stop_outcome(again)}")
+        lg.info(f"Stopped by {run.stop.received or 'a stop signal to another process'} {where}; "
+                f"a rerun resumes {resumes}; {stop_outcome(again)}")
     if run.dist.is_main and again:
         requeue(run.logger)
 
