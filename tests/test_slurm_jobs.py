@@ -7,11 +7,12 @@ process. The totals (jobs submitted, requeued, results equal) are printed for th
 import json
 import os
 import re
+import subprocess
 
 import pytest
 import torch
 import yaml
-from slurm import SMALL_JOB, job_info, sbatch, scancel, slurm, wait_job, wait_text  # noqa: F401 (slurm: fixture)
+from slurm import LOCAL_SLURM, SMALL_JOB, job_info, sbatch, scancel, slurm, wait_job, wait_text  # noqa: F401 (slurm: fixture)
 
 from helpers import make_checkpoint, make_cifar, make_imagenet
 from util.checkpoint import load_file
@@ -23,10 +24,10 @@ PRETRAIN_SCRIPT = os.path.join(ROOT, "scripts", "pretrain_timecat.sbatch")
 PROBE = ["--img_size", "32", "--workers", "0", "--print_freq", "1", "--lr", "0.1", "--precision", "fp32",
          "--epochs", "6", "--decay_epochs", "2", "--no-download"]
 PROBE_BATCH = 32
-# 4 classes x 8 images, global batch 8: 4 steps per epoch; evaluations and resume states every 25 steps
+# 4 classes x 8 images, global batch 8: 4 steps per epoch; evaluations and resume states every 20 steps
 PRETRAIN = ["--arch", "resnet18", "--img_size", "32", "--global_batch", "8", "--workers", "0", "--precision", "fp32",
             "--warmup_steps", "2", "--lr", "0.01", "--bn_refresh_batches", "2", "--print_freq", "1",
-            "--steps", "150", "--save_steps", "75", "--eval_every", "25"]
+            "--steps", "80", "--save_steps", "40", "--eval_every", "20"]
 TALLY = {"submitted": 0, "requeued": 0, "cancelled": 0, "equal_results": 0}
 
 
@@ -97,7 +98,7 @@ def probe_result(dump):
 
 def pretrain_result(out):
     ckpts = {folder: load_file(str(out / "ckpt" / folder / "checkpoint_run4.pth.tar"))
-             for folder in ("checkpoints_step75steps", "checkpoints_stepfull")}
+             for folder in ("checkpoints_step40steps", "checkpoints_stepfull")}
     return {"weights": {k: v["state_dict"] for k, v in ckpts.items()}, "top1": {k: v["val_top1"] for k, v in
                                                                                  ckpts.items()},
             "metrics": metrics(out / "run" / "metrics.jsonl")}
@@ -148,7 +149,7 @@ def test_pretrain_job_requeues_on_usr1_cancels_on_scancel_and_resumes_exactly(sl
     base = world["base"]
     job = submit_pretrain(slurm, world, "pretrain_interrupted")
     log = base / "pretrain_interrupted" / "run" / "train.log"
-    interrupt_twice(slurm, job, log, progress=lambda n: "Step: [30/" if n == 1 else "Step: [100/",
+    interrupt_twice(slurm, job, log, progress=lambda n: "Step: [15/" if n == 1 else "Step: [50/",
                     resumed="Resumed from step", stopped_line=lambda sig: rf"Stopped by {sig} at step \d+")
     again = submit_pretrain(slurm, world, "pretrain_interrupted")
     assert wait_job(slurm, again, ("COMPLETED", "FAILED", "CANCELLED"))["JobState"] == "COMPLETED", \
@@ -201,13 +202,21 @@ def test_two_task_pretrain_job_rendezvous_from_slurm_requeues_and_ends_as_one_pr
                                                                                       references):
     base = world["base"]
     job = submit_pretrain(slurm, world, "pretrain_two_tasks", tasks=2)
-    usr1_then_complete(slurm, job, base / "pretrain_two_tasks" / "run" / "train.log", "Step: [30/")
+    usr1_then_complete(slurm, job, base / "pretrain_two_tasks" / "run" / "train.log", "Step: [15/")
     assert "Traceback" not in read(base / "pretrain_two_tasks.out")
     got, expected = pretrain_result(base / "pretrain_two_tasks"), pretrain_result(references("pretrain"))
     assert got["top1"] == pytest.approx(expected["top1"], abs=1e-3)
     for a, b in zip(got["metrics"], expected["metrics"], strict=True):
         assert {k: pytest.approx(v, rel=1e-3, abs=1e-4) for k, v in a.items()} == b
     TALLY["equal_results"] += 1
+
+
+def test_local_slurm_start_on_a_running_instance_is_a_no_op(slurm):  # noqa: F811
+    """Several test runs share one instance: a second `start` answers at once and leaves it running."""
+    again = subprocess.run([LOCAL_SLURM, "start"], env=slurm, capture_output=True, text=True, timeout=60)
+    assert again.returncode == 0 and "already running" in again.stderr, again.stderr
+    status = subprocess.run([LOCAL_SLURM, "status"], env=slurm, capture_output=True, text=True, timeout=60)
+    assert status.returncode == 0 and re.search(r"\b(idle|mix|alloc)", status.stdout), status.stdout
 
 
 def test_tally(capsys):
