@@ -3,15 +3,19 @@ arguments, grid selection, dry runs that write nothing, the original's slurm fla
 outside the clone ($TIMECAT_DATA / $TIMECAT_CHECKPOINTS, util/layout.py), the sbatch scripts' defaults and
 setup.sh's build choice. The parsing tests need no slurm; the end-to-end ones (at the bottom) run the project's
 scripts on the real local slurm (scripts/local_slurm.sh)."""
+import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
+import time
 
 import pytest
 
 from arguments import linear_probe as probe_args
 from arguments import pretrain as pretrain_args
+from helpers import make_checkpoint, make_cifar, make_imagenet
 from tools import download, submit
 from util import layout, sweeps
 
@@ -198,3 +202,172 @@ def test_setup_takes_the_build_as_a_flag_and_rejects_unknown_ones():
                           timeout=60, env=dict(os.environ, PATH=path))
     if shutil.which("nvidia-smi", path=path) is None:
         assert done.stdout.startswith("locked no nvidia-smi")
+
+
+# ---- on the real local slurm (scripts/local_slurm.sh): the project's scripts, submitted by tools/submit.py
+LOCAL_SLURM = os.path.join(ROOT, "scripts", "local_slurm.sh")
+# this machine's node: no GPU, 2 CPUs, little memory; everything else is the scripts' own
+SMALL_NODE = ["--gpus-per-node=0", "--cpus-per-task=1"]
+TAG = "supervisedimagenet_resnet50_sfadamw_run0"  # the sweep's tag for run0, redefined below on a small ResNet18
+
+
+@pytest.fixture(scope="module")
+def slurm():
+    """The environment that reaches the one-node slurm of scripts/local_slurm.sh (started if it is not running,
+    never stopped here: other test runs share it)."""
+    why = None
+    if not os.path.exists(LOCAL_SLURM):
+        why = "scripts/local_slurm.sh is missing"
+    else:
+        start = subprocess.run(["bash", LOCAL_SLURM, "start"], capture_output=True, text=True, timeout=600)
+        if start.returncode:
+            why = f"scripts/local_slurm.sh start failed: {start.stderr.strip().splitlines()[-1:]}"
+    if why:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"no local slurm: {why}")
+        pytest.skip(f"no local slurm: {why}")
+    env = {}
+    for line in subprocess.run(["bash", LOCAL_SLURM, "env"], capture_output=True, text=True, timeout=60,
+                               check=True).stdout.splitlines():
+        name, _, value = line.removeprefix("export ").partition("=")
+        env[name] = shlex.split(value)[0] if value else ""
+    return env
+
+
+@pytest.fixture(scope="module")
+def roots(tmp_path_factory):
+    """Data and checkpoints outside the clone, in folders whose names hold a space; a tag file there gives the
+    sweep's run0 tag a small ResNet18, by a checkpoints/... path that resolves under the checkpoint root."""
+    base = tmp_path_factory.mktemp("roots")
+    data, ckpts = base / "my data", base / "my ckpts"
+    make_cifar(str(data), "cifar10", n_train=400, n_test=100)
+    make_imagenet(str(data), num_classes=4, n_train=8, n_val=3, size=24)
+    make_checkpoint(str(ckpts / "supervised_pretrain" / "small" / "run0.pth"), "resnet18", "raw", seed=0)
+    (ckpts / "tags.yaml").write_text(f"{TAG}:\n  arch: [resnet18]\n  pretrained: "
+                                     "[checkpoints/supervised_pretrain/small/run0.pth]\n")
+    return {"base": base, "data": data, "ckpts": ckpts}
+
+
+def probe_flags(roots, dump, epochs):
+    return ["--tag_file", str(roots["ckpts"] / "tags.yaml"), "--epochs", str(epochs), "--img_size", "32",
+            "--batch_size", "50", "--workers", "0", "--no-download", "--dump_path", str(dump)]
+
+
+def job_id(stdout):
+    """The job id sbatch ('Submitted batch job N') or our submitit route ('job N: ...') printed."""
+    for line in stdout.splitlines():
+        if line.startswith("Submitted batch job "):
+            return line.split()[-1]
+        if line.startswith("job ") and ":" in line:
+            return line.split()[1].rstrip(":")
+    raise AssertionError(f"no job id in {stdout!r}")
+
+
+def wait_until(condition, timeout, what):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out after {timeout} s waiting for {what}"
+        time.sleep(1)
+
+
+def job_finished(job, env):
+    """Waits until slurm no longer lists the job (array tasks included); returns `scontrol show job`."""
+    squeue = lambda: subprocess.run(["squeue", "-h", "-j", job.split("_")[0]], capture_output=True, text=True,
+                                    env={**os.environ, **env}, timeout=30).stdout.strip()
+    wait_until(lambda: not squeue(), 300, f"job {job} to end")
+    return subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True,
+                          env={**os.environ, **env}, timeout=30).stdout
+
+
+def records(folder):
+    with open(os.path.join(folder, "metrics.jsonl")) as f:
+        return [{k: m[k] for k in ("epoch", "train_loss", "train_top1", "test_loss", "test_top1")}
+                for m in map(json.loads, f)]
+
+
+def test_a_sweep_task_with_data_and_checkpoints_outside_the_clone_runs_to_the_end(slurm, roots, tmp_path):
+    dump = tmp_path / "out sweep"
+    done = run_submit("lineareval", "--sweep", "cifar", "--data", "cifar10", "--config", "run0", "--wd", "1e-4",
+                      "5e-4", "--data_path", str(roots["data"]), "--checkpoint_root", str(roots["ckpts"]),
+                      "--", *SMALL_NODE, "--mem=2G", "--", *probe_flags(roots, dump, 2),
+                      env={**slurm, "OMP_NUM_THREADS": "1"}, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    job = job_id(done.stdout)
+    log = os.path.join(ROOT, "results", "slurm", f"timecat-probe-{job}_3.out")
+    try:
+        state = job_finished(f"{job}_3", slurm)
+        assert "JobState=COMPLETED" in state, state
+        for head in ("wd1e-4_lr0.01", "wd5e-4_lr0.01"):  # one_pass, narrowed to the two selected weight decays
+            assert "Top-1 test accuracy:" in (dump / head / "train.log").read_text()
+        recorded = json.loads((dump / "args.json").read_text())
+        assert recorded["data_path"] == str(roots["data"])
+        assert recorded["pretrained"] == [str(roots["ckpts"] / "supervised_pretrain" / "small" / "run0.pth")]
+        with open(log) as f:
+            assert "task 3: main_linear_probe.py --tag " + TAG in f.read()
+    finally:
+        if os.path.exists(log):
+            os.remove(log)
+
+
+def test_pretraining_takes_its_own_arguments_and_the_roots_through_submit(slurm, roots, tmp_path):
+    done = run_submit("pretrain", "--data_path", str(roots["data"]), "--checkpoint_root", str(roots["ckpts"]), "--",
+                      "--array=4", "--ntasks-per-node=1", *SMALL_NODE, "--mem-per-cpu=2G", "--",
+                      "--arch", "resnet18", "--img_size", "16", "--global_batch", "8", "--steps", "2", "--save_steps",
+                      "--eval_every", "0", "--warmup_steps", "1", "--bn_refresh_batches", "1",
+                      "--dump_path", str(tmp_path / "run4"), env={**slurm, "OMP_NUM_THREADS": "1"}, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    job = job_id(done.stdout)
+    log = os.path.join(ROOT, "results", "slurm", f"timecat_pretrain-{job}_4.out")
+    try:
+        state = job_finished(f"{job}_4", slurm)
+        assert "JobState=COMPLETED" in state, state
+        # run 4 of the array, with the step budget and architecture given on the submit line, written under the
+        # checkpoint root (the script names neither the data nor the checkpoint folder)
+        assert (roots["ckpts"] / "supervised_pretrain" / "resnet18_sfadamw" / "checkpoints_stepfull" /
+                "checkpoint_run4.pth.tar").is_file()
+        recorded = json.loads((tmp_path / "run4" / "args.json").read_text())
+        assert (recorded["steps"], recorded["run"], recorded["workers"]) == (2, 4, 0)  # 1 CPU: no worker
+        assert recorded["data_path"] == str(roots["data"])
+    finally:
+        if os.path.exists(log):
+            os.remove(log)
+
+
+def test_submitit_job_requeued_by_its_warning_signal_resumes_to_the_uninterrupted_result(slurm, roots, tmp_path):
+    pytest.importorskip("submitit")
+    dump, env = tmp_path / "out submitit", {**slurm, "OMP_NUM_THREADS": "1"}
+    flags = probe_flags(roots, dump, 10)
+    done = run_submit("lineareval", "--sweep", "cifar", "--data", "cifar10", "--config", "run0", "--wd", "1e-4",
+                      "--launcher", "submitit", "--gpus_per_node", "0", "--cpus_per_task", "1", "--mem", "2G",
+                      "--hours", "0.5", "--data_path", str(roots["data"]), "--checkpoint_root", str(roots["ckpts"]),
+                      "--", "--", *flags, env=env, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    job = job_id(done.stdout)
+    folder = os.path.join(ROOT, submit.SUBMITIT_FOLDER, job)
+    try:
+        # slurm's warning before the time limit, as submitit asks for it (USR2), once the first epoch is saved
+        wait_until(lambda: (dump / "metrics.jsonl").exists() and (dump / "metrics.jsonl").read_text(), 300,
+                   "the first epoch")
+        subprocess.run(["scancel", "--signal=USR2", job], env={**os.environ, **env}, check=True, timeout=30)
+        state = job_finished(job, slurm)
+        assert "JobState=COMPLETED" in state and "Restarts=1" in state, state
+        log = open(os.path.join(folder, f"{job}_0_log.out")).read()
+        assert "Caught signal SIGUSR2" in log and "Resumed from" in log, log[-3000:]
+        # the same task uninterrupted, as one plain process
+        reference = tmp_path / "reference"
+        argv = submit.task_arguments("cifar", "one_pass", 3, processes=1, workers=1, wds=["1e-4"],
+                                     probe_args=probe_flags(roots, reference, 10))
+        ran = subprocess.run([sys.executable, "main_linear_probe.py", *argv], cwd=ROOT, capture_output=True,
+                             text=True, timeout=600, env={**os.environ, **root_env(roots), "OMP_NUM_THREADS": "1"})
+        assert ran.returncode == 0, ran.stderr[-2000:]
+        assert records(dump) == records(reference) and len(records(dump)) == 10
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+        parent = os.path.dirname(folder)  # submitit leaves a link to the job's script beside the job folders
+        for name in os.listdir(parent):
+            if name.startswith(".submission_file_") and os.readlink(os.path.join(parent, name)).startswith(folder):
+                os.remove(os.path.join(parent, name))
+
+
+def root_env(roots):
+    return {layout.DATA_ENV: str(roots["data"]), layout.CHECKPOINTS_ENV: str(roots["ckpts"])}

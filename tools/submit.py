@@ -335,8 +335,8 @@ def submit_with_submitit(args, chosen, hours):
     with executor.batch():
         submitted = [executor.submit(job) for job in jobs]
     for (i, t), job in zip(chosen, submitted):
-        print(f"job {job.job_id}: index {i} {t.data} {t.config} -> {t.dump_path}")
-    print(f"logs: {os.path.join(SUBMITIT_FOLDER, '<job id>')}_0_log.out")
+        print(f"job {job.job_id}: index {i} {t.data} {t.config} -> {t.dump_path} (log "
+              f"{os.path.relpath(job.paths.stdout, REPO)})")
     return 0
 
 
