@@ -303,7 +303,10 @@ def test_a_sweep_task_with_data_and_checkpoints_outside_the_clone_runs_to_the_en
         assert recorded["data_path"] == str(roots["data"])
         assert recorded["pretrained"] == [str(roots["ckpts"] / "supervised_pretrain" / "small" / "run0.pth")]
         with open(log) as f:
-            assert "task 3: main_linear_probe.py --tag " + TAG in f.read()
+            line = next(line for line in f if line.startswith("task 3: "))
+        assert shlex.split(line)[3:] == submit.task_arguments("cifar", "one_pass", 3, workers=1,
+                                                              wds=["1e-4", "5e-4"],
+                                                              probe_args=probe_flags(roots, dump, 2))
     finally:
         if os.path.exists(log):
             os.remove(log)
