@@ -339,7 +339,7 @@ def test_pretraining_takes_its_own_arguments_and_the_roots_through_submit(slurm,
 def test_submitit_job_requeued_by_its_warning_signal_resumes_to_the_uninterrupted_result(slurm, roots, tmp_path):
     pytest.importorskip("submitit")
     dump, env = tmp_path / "out submitit", {**slurm, "OMP_NUM_THREADS": "1"}
-    flags = probe_flags(roots, dump, 10)
+    flags = probe_flags(roots, dump, 6)
     done = run_submit("lineareval", "--sweep", "cifar", "--data", "cifar10", "--config", "run0", "--wd", "1e-4",
                       "--launcher", "submitit", "--gpus_per_node", "0", "--cpus_per_task", "1", "--mem", "2G",
                       "--hours", "0.5", "--data_path", str(roots["data"]), "--checkpoint_root", str(roots["ckpts"]),
@@ -359,11 +359,11 @@ def test_submitit_job_requeued_by_its_warning_signal_resumes_to_the_uninterrupte
         # the same task uninterrupted, as one plain process
         reference = tmp_path / "reference"
         argv = submit.task_arguments("cifar", "one_pass", 3, processes=1, workers=1, wds=["1e-4"],
-                                     probe_args=probe_flags(roots, reference, 10))
+                                     probe_args=probe_flags(roots, reference, 6))
         ran = subprocess.run([sys.executable, "main_linear_probe.py", *argv], cwd=ROOT, capture_output=True,
                              text=True, timeout=600, env={**os.environ, **root_env(roots), "OMP_NUM_THREADS": "1"})
         assert ran.returncode == 0, ran.stderr[-2000:]
-        assert records(dump) == records(reference) and len(records(dump)) == 10
+        assert records(dump) == records(reference) and len(records(dump)) == 6
     finally:
         shutil.rmtree(folder, ignore_errors=True)
         parent = os.path.dirname(folder)  # submitit leaves a link to the job's script beside the job folders

@@ -27,6 +27,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 
 from arguments.common import add_checkpoint_root_arg, add_data_path_arg
 from util import layout
@@ -280,7 +281,11 @@ class ProbeJob:
         # submitit's preemption signal reaches every process of the step: the probe leaves it to this process
         self.child = subprocess.Popen([sys.executable, "main_linear_probe.py", *argv], cwd=REPO,
                                       preexec_fn=lambda: signal.signal(signal.SIGUSR2, signal.SIG_IGN))
-        code = self.child.wait()
+        # poll, not wait(): submitit's signal handler runs `checkpoint` in this thread, and a wait() it interrupted
+        # would hold the lock that checkpoint's own wait for the child needs (it would then never see it exit)
+        while self.child.poll() is None:
+            time.sleep(0.5)
+        code = self.child.returncode
         if code:
             raise RuntimeError(f"main_linear_probe.py exited with code {code} (its train.log says why)")
         return self.spec["index"]
