@@ -146,6 +146,18 @@ def test_sbatch_scripts_run_in_the_submit_folder_with_defaults_clusters_accept()
     assert 'workers=$(( cpus > 1 ? cpus - 1 : 0 ))' in text and text.rstrip().endswith('"$@"')
 
 
+def test_submitit_pretraining_runs_what_the_shipped_script_runs():
+    text, _ = sbatch_lines("pretrain_timecat.sbatch")
+    steps = text.split("\nSTEPS=(")[1].split(")")[0].split()
+    saves = [s.split() for s in shlex.split(text.split("\nSAVE_STEPS=(")[1].split(")")[0])]
+    plan = submit.pretrain_runs()
+    assert [str(n) for n, _ in plan.values()] == steps
+    assert [list(map(str, s)) for _, s in plan.values()] == saves
+    argv = submit.pretrain_arguments(2, workers=4, script_args=["--steps", "9"])
+    assert argv[:8] == ["--arch", "resnet50", "--run", "2", "--steps", "100000", "--save_steps", "80000"]
+    assert argv[argv.index("--workers") + 1] == "3" and argv[-2:] == ["--steps", "9"]  # one core for the loop
+
+
 # ---- data and checkpoints outside the clone
 def test_the_roots_default_to_the_environment_then_to_the_clone(monkeypatch, tmp_path):
     monkeypatch.delenv(layout.DATA_ENV, raising=False)
@@ -366,11 +378,54 @@ def test_submitit_job_requeued_by_its_warning_signal_resumes_to_the_uninterrupte
         assert records(dump) == records(reference) and len(records(dump)) == 6
     finally:
         shutil.rmtree(folder, ignore_errors=True)
-        parent = os.path.dirname(folder)  # submitit leaves a link to the job's script beside the job folders
-        for name in os.listdir(parent):
-            if name.startswith(".submission_file_") and os.readlink(os.path.join(parent, name)).startswith(folder):
-                os.remove(os.path.join(parent, name))
+        remove_submitit_links(folder)
+
+
+def remove_submitit_links(folder):
+    """submitit leaves a link to the job's script beside the job folders."""
+    parent = os.path.dirname(folder)
+    for name in os.listdir(parent):
+        if name.startswith(".submission_file_") and os.readlink(os.path.join(parent, name)).startswith(folder):
+            os.remove(os.path.join(parent, name))
 
 
 def root_env(roots):
     return {layout.DATA_ENV: str(roots["data"]), layout.CHECKPOINTS_ENV: str(roots["ckpts"])}
+
+
+def test_submitit_pretraining_run_requeued_by_its_warning_signal_ends_with_the_uninterrupted_weights(slurm, roots,
+                                                                                                  tmp_path):
+    pytest.importorskip("submitit")
+    import torch
+    env = {**slurm, "OMP_NUM_THREADS": "1"}
+    tiny = ["--arch", "resnet18", "--img_size", "16", "--global_batch", "8", "--precision", "fp32", "--steps", "16",
+            "--save_steps", "8", "--eval_every", "4", "--warmup_steps", "2", "--bn_refresh_batches", "1",
+            "--print_freq", "1"]
+    done = run_submit("pretrain", "--launcher", "submitit", "--runs", "4", "--tasks_per_node", "1",
+                      "--gpus_per_node", "0", "--cpus_per_task", "1", "--mem", "2G", "--hours", "0.5",
+                      "--data_path", str(roots["data"]), "--checkpoint_root", str(tmp_path / "my ckpts"), "--", "--",
+                      *tiny, "--dump_path", str(tmp_path / "cut"), env=env, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    job = job_id(done.stdout)
+    folder = os.path.join(ROOT, submit.SUBMITIT_FOLDER, job)
+    log = tmp_path / "cut" / "train.log"
+    try:
+        wait_until(lambda: log.exists() and "Step: [5/16]" in log.read_text(), 300, "step 5")
+        subprocess.run(["scancel", "--signal=USR2", job], env={**os.environ, **env}, check=True, timeout=30)
+        state = job_finished(job, slurm)
+        assert "JobState=COMPLETED" in state and "Restarts=1" in state, state
+        assert "Resumed from step" in log.read_text()
+        # the same run uninterrupted, as one plain process with the arguments the job got
+        argv = submit.pretrain_arguments(4, workers=1, script_args=[*tiny, "--dump_path", str(tmp_path / "whole"),
+                                                                    "--output_dir", str(tmp_path / "whole ckpt")])
+        ran = subprocess.run([sys.executable, "main_pretrain.py", *argv], cwd=ROOT, capture_output=True, text=True,
+                             timeout=600, env={**os.environ, **root_env(roots), "OMP_NUM_THREADS": "1"})
+        assert ran.returncode == 0, ran.stderr[-2000:]
+        cut = tmp_path / "my ckpts" / "supervised_pretrain" / "resnet18_sfadamw" / "checkpoints_stepfull"
+        a = torch.load(cut / "checkpoint_run4.pth.tar", map_location="cpu", weights_only=True)["state_dict"]
+        b = torch.load(tmp_path / "whole ckpt" / "checkpoints_stepfull" / "checkpoint_run4.pth.tar",
+                       map_location="cpu", weights_only=True)["state_dict"]
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+        remove_submitit_links(folder)

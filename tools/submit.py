@@ -54,6 +54,9 @@ MORE_SLURM_FLAGS = {"partition": "--partition", "qos": "--qos"}
 # What a probe task asks when nothing says otherwise: the original's CIFAR script (1 GPU, 8 CPUs, 64G), one process
 SWEEP_RESOURCES = {"nodes": 1, "tasks_per_node": 1, "gpus_per_node": 1, "cpus_per_task": 8, "mem": "64G",
                    "job_name": "timecat-probe"}
+# ... and a pretraining run: scripts/pretrain_timecat.sbatch's (tools/plan_timecat.py's defaults), 24 h
+PRETRAIN_RESOURCES = {"nodes": 1, "tasks_per_node": 8, "gpus_per_node": 8, "cpus_per_task": 10, "mem": None,
+                      "mem_per_cpu": "4G", "job_name": "timecat_pretrain", "hours": 24}
 
 
 class SubmitError(Exception):
@@ -247,9 +250,28 @@ def lineareval(args):
 
 def pretrain(args):
     if args.launcher == "submitit":
-        raise SubmitError("--launcher submitit submits the probe sweeps (lineareval); submit pretraining with "
-                          "sbatch (the default launcher)")
+        return submit_with_submitit(args)
+    if args.runs is not None:
+        raise SubmitError("--runs selects the runs of --launcher submitit; with sbatch, name the array tasks: "
+                          "-- --array=0,4")
     return submit(args.script, None, root_exports(args), slurm_flag_options(args), args, args.script_args)
+
+
+def pretrain_runs():
+    """{run: (steps, save_steps)} of the Time-Cat plan the shipped pretraining script runs (tools/plan_timecat.py's
+    defaults: the paper's budget)."""
+    from tools import plan_timecat
+    plan = plan_timecat.get_args_parser().parse_args([])
+    _, runs = plan_timecat.make_plan(plan)
+    return {i: (max(runs[i]), plan_timecat.save_steps(plan, i, runs)) for i in sorted(runs)}
+
+
+def pretrain_arguments(run, workers=1, script_args=()):
+    """main_pretrain.py arguments of one run of the plan, as scripts/pretrain_timecat.sbatch gives them."""
+    steps, save_steps = pretrain_runs()[run]
+    return ["--arch", "resnet50", "--run", str(run), "--steps", str(steps), "--save_steps", *map(str, save_steps),
+            "--workers", str(max(workers - 1, 0)), "--dump_path", f"results/pretrain/resnet50_sfadamw/run{run}",
+            *script_args]
 
 
 def task(args):
@@ -259,56 +281,61 @@ def task(args):
 
 
 # ---- submitit (MAE / DINO style): the same tasks, checkpointed and requeued by submitit
-class ProbeJob:
-    """One task of a sweep, as a submitit job: runs main_linear_probe.py with the task's arguments. submitit calls
-    `checkpoint` on slurm's warning signal before the time limit or a preemption (USR2, --signal=USR2@300): the
-    probe is asked to stop (SIGTERM: it saves its state), and the job is requeued with the same task, which the
-    probe resumes from its checkpoint."""
+class ScriptJob:
+    """One task as a submitit job: a probe task of a sweep (main_linear_probe.py) or a pretraining run
+    (main_pretrain.py), with the arguments the sbatch scripts give it. submitit calls `checkpoint` on slurm's warning
+    signal before the time limit or a preemption (USR2, --signal=USR2@300): the script is asked to stop (SIGTERM: it
+    saves a resumable state and exits), and submitit requeues the job with the same task, which resumes."""
 
-    def __init__(self, sweep, layout_name, index, wds=None, feature_cache=None, probe_args=()):
-        self.spec = dict(sweep=sweep, layout_name=layout_name, index=index, wds=wds, feature_cache=feature_cache,
-                         probe_args=list(probe_args))
-        self.child = None
+    def __init__(self, script, spec):
+        self.script, self.spec, self.child = script, spec, None
 
     def __getstate__(self):
-        return {"spec": self.spec, "child": None}  # the running process stays with this job
+        return {"script": self.script, "spec": self.spec, "child": None}  # the running process stays here
+
+    def arguments(self):
+        env = os.environ
+        processes, cpus = int(env.get("SLURM_NTASKS", "1")), int(env.get("SLURM_CPUS_PER_TASK", "1"))
+        if self.script == "main_pretrain.py":
+            return pretrain_arguments(workers=cpus, **self.spec)
+        return task_arguments(processes=processes, workers=cpus, **self.spec)
 
     def __call__(self):
-        env = os.environ
-        argv = task_arguments(processes=int(env.get("SLURM_NTASKS", "1")),
-                              workers=int(env.get("SLURM_CPUS_PER_TASK", "1")), **self.spec)
-        print(f"main_linear_probe.py {shlex.join(argv)}", flush=True)
-        # submitit's preemption signal reaches every process of the step: the probe leaves it to this process
-        self.child = subprocess.Popen([sys.executable, "main_linear_probe.py", *argv], cwd=REPO,
+        argv = self.arguments()
+        print(f"{self.script} {shlex.join(argv)}", flush=True)
+        # submitit's preemption signal reaches every process of the step: the script leaves it to this process
+        self.child = subprocess.Popen([sys.executable, self.script, *argv], cwd=REPO,
                                       preexec_fn=lambda: signal.signal(signal.SIGUSR2, signal.SIG_IGN))
         # poll, not wait(): submitit's signal handler runs `checkpoint` in this thread, and a wait() it interrupted
         # would hold the lock that checkpoint's own wait for the child needs (it would then never see it exit)
         while self.child.poll() is None:
             time.sleep(0.5)
-        code = self.child.returncode
-        if code:
-            raise RuntimeError(f"main_linear_probe.py exited with code {code} (its train.log says why)")
-        return self.spec["index"]
+        if self.child.returncode:
+            raise RuntimeError(f"{self.script} exited with code {self.child.returncode} (its train.log says why)")
+        return self.spec
 
     def checkpoint(self, *args, **kwargs):
         import submitit
         if self.child is not None and self.child.poll() is None:
-            self.child.send_signal(signal.SIGTERM)  # the probe saves a resumable state and exits
+            self.child.send_signal(signal.SIGTERM)  # the script saves a resumable state and exits
             try:
                 self.child.wait(timeout=240)  # inside slurm's 300 s warning
             except subprocess.TimeoutExpired:
                 self.child.kill()
-        return submitit.helpers.DelayedSubmission(ProbeJob(**self.spec))
+        return submitit.helpers.DelayedSubmission(ScriptJob(self.script, self.spec))
 
 
-def submitit_parameters(args, hours):
-    """submitit's executor parameters: the original's slurm flags where given, else the sweep's resources."""
-    value = lambda name: getattr(args, name) if getattr(args, name) is not None else SWEEP_RESOURCES.get(name)
+def submitit_parameters(args, hours, resources=SWEEP_RESOURCES):
+    """submitit's executor parameters: the original's slurm flags where given, else the task's resources."""
+    value = lambda name: getattr(args, name) if getattr(args, name) is not None else resources.get(name)
     params = {"timeout_min": int(round(60 * (args.hours if args.hours is not None else hours))),
               "nodes": value("nodes"), "tasks_per_node": value("tasks_per_node"),
               "gpus_per_node": value("gpus_per_node"), "cpus_per_task": value("cpus_per_task"),
-              "slurm_mem": value("mem"), "name": value("job_name"), "slurm_signal_delay_s": 300,
-              "slurm_additional_parameters": {"requeue": True}}
+              "name": value("job_name"), "slurm_signal_delay_s": 300, "slurm_additional_parameters": {"requeue": True}}
+    if value("mem") is not None:
+        params["slurm_mem"] = value("mem")
+    elif resources.get("mem_per_cpu"):
+        params["slurm_mem_per_cpu"] = resources["mem_per_cpu"]
     for name in ("constraint", "gres", "exclude", "account", "partition", "qos"):
         if getattr(args, name, None) is not None:
             params[f"slurm_{name}"] = getattr(args, name)
@@ -320,15 +347,29 @@ def submitit_parameters(args, hours):
     return params
 
 
-def submit_with_submitit(args, chosen, hours):
+def submit_with_submitit(args, chosen=None, hours=None):
+    """The probe tasks `chosen` of a sweep, or (pretrain) the plan's --runs, as submitit jobs (one array)."""
     try:
         import submitit
     except ImportError:
         raise SubmitError("--launcher submitit needs the submitit package: ./setup.sh installs it (the 'slurm' "
                           "extra), or `pip install submitit`") from None
-    params = submitit_parameters(args, hours)
-    jobs = [ProbeJob(args.sweep, args.layout, i, args.wd, args.feature_cache and os.path.abspath(args.feature_cache),
-                     args.script_args) for i, _ in chosen]
+    if args.command == "pretrain":
+        plan = pretrain_runs()
+        runs = list(plan) if args.runs is None else args.runs
+        for run in runs:
+            if run not in plan:
+                raise SubmitError(f"--runs {run}: the plan's runs are {', '.join(map(str, plan))}")
+        jobs = [(f"run {run}", ScriptJob("main_pretrain.py", {"run": run, "script_args": args.script_args}))
+                for run in runs]
+        params = submitit_parameters(args, PRETRAIN_RESOURCES["hours"], PRETRAIN_RESOURCES)
+    else:
+        cache = args.feature_cache and os.path.abspath(args.feature_cache)
+        jobs = [(f"index {i} {t.data} {t.config} -> {t.dump_path}",
+                 ScriptJob("main_linear_probe.py", {"sweep": args.sweep, "layout_name": args.layout, "index": i,
+                                                    "wds": args.wd, "feature_cache": cache,
+                                                    "probe_args": args.script_args})) for i, t in chosen]
+        params = submitit_parameters(args, hours)
     print(f"submitit: {len(jobs)} task(s), {params}")
     if args.dry_run:
         return 0
@@ -338,10 +379,9 @@ def submit_with_submitit(args, chosen, hours):
     executor = submitit.AutoExecutor(folder=os.path.join(REPO, SUBMITIT_FOLDER, "%j"), cluster="slurm")
     executor.update_parameters(**params)
     with executor.batch():
-        submitted = [executor.submit(job) for job in jobs]
-    for (i, t), job in zip(chosen, submitted):
-        print(f"job {job.job_id}: index {i} {t.data} {t.config} -> {t.dump_path} (log "
-              f"{os.path.relpath(job.paths.stdout, REPO)})")
+        submitted = [executor.submit(job) for _, job in jobs]
+    for (what, _), job in zip(jobs, submitted):
+        print(f"job {job.job_id}: {what} (log {os.path.relpath(job.paths.stdout, REPO)})")
     return 0
 
 
@@ -397,6 +437,8 @@ def get_args_parser():
     q.set_defaults(func=lineareval, feature_cache=None, dry_run=True)
     q = sub.add_parser("pretrain", parents=[run], help="the Time-Cat pretraining array (tools/plan_timecat.py)")
     q.add_argument("--script", default=PRETRAIN, help="sbatch script, relative to the project folder")
+    q.add_argument("--runs", type=int, nargs="+", default=None, help="with --launcher submitit: only these runs of "
+                   "the plan (default: all, 0-4); with sbatch: -- --array=...")
     q.set_defaults(func=pretrain)
     q = sub.add_parser("task", parents=[grid], help="print one array task's probe arguments (used by "
                        "scripts/lineareval.sbatch)")
