@@ -67,7 +67,7 @@ from engine import (
 )
 from feature_cache import ExtractionStopped, load_or_build
 from models import RESNET_ARCHS, ConcatEncoder, LinearHead, MultiHead
-from util import log_lines
+from util import layout, log_lines
 from util.checkpoint import load_file, save_atomic
 from util.cli import UserError, run_main
 from util.distributed import all_reduce_sum, any_process, barrier, cleanup, init_distributed, require_cuda_if_requested
@@ -108,7 +108,7 @@ def resolve_backbones(args):
                             f"{', '.join(sorted(map(str, tags))) if isinstance(tags, dict) else 'no tags'}")
         try:
             args.arch = [str(a) for a in tags[args.tag]["arch"]]
-            args.pretrained = [p if os.path.isabs(p) else os.path.join(PROJECT_ROOT, p)
+            args.pretrained = [layout.resolve_tag_path(p, PROJECT_ROOT, args.checkpoint_root)
                                for p in map(str, tags[args.tag]["pretrained"])]
         except (KeyError, TypeError):
             raise UserError(f"tag '{args.tag}' of {args.tag_file} needs an arch list and a pretrained list") from None

@@ -139,7 +139,7 @@ def check_args(args):
             raise UserError(f"--{name} must be a finite number, 0 or more")
     name = layout.run_dir_name(args.arch, args.optimizer)
     if args.output_dir is None:
-        args.output_dir = os.path.join(PROJECT_ROOT, layout.CHECKPOINT_ROOT, name)
+        args.output_dir = os.path.join(layout.pretrain_root(args.checkpoint_root), name)
     if args.dump_path is None:
         args.dump_path = os.path.join(PROJECT_ROOT, "results", "pretrain", name, f"run{args.run}")
     args.max_seconds = parse_duration(args.max_time) if args.max_time else None

@@ -4,7 +4,10 @@
 # Safe to run again. Changes nothing outside this folder: the system Python is never modified (PEP 668 safe).
 #
 #   ./setup.sh                  # auto: the lock's torch (CUDA 13) unless nvidia-smi reports an older driver
-#   CUDA=cu126 ./setup.sh       # force a build: locked | cpu | cu126 | cu128 (from download.pytorch.org)
+#   ./setup.sh --cuda cu126     # force a build (or CUDA=cu126): locked | cpu | cu126 | cu128 | cu130
+#                               # (all but locked from download.pytorch.org): on a login node without a GPU, the
+#                               # build of the GPU nodes' driver (nvidia-smi there: >= 580 cu130/locked,
+#                               # >= 570 cu128, >= 525 cu126)
 #   ./setup.sh --detect-cuda    # print the build auto would choose, and why; install nothing
 set -euo pipefail
 cd "$(dirname "$(readlink -f "${BASH_SOURCE[0]}")")"
@@ -23,13 +26,31 @@ detect_cuda() {
   else echo "none driver $driver is older than any supported CUDA build needs (525): update the driver"; fi
 }
 
-if [[ ${1:-} == --detect-cuda ]]; then detect_cuda; exit 0; fi
 choice=${CUDA:-auto}
-if [[ $choice == auto ]]; then read -r choice why < <(detect_cuda); echo "setup: torch build $choice ($why)"; fi
+while (( $# )); do
+  case $1 in
+    --detect-cuda) detect_cuda; exit 0 ;;
+    --cuda) [[ $# -ge 2 ]] || { echo "error: --cuda needs a build: locked, cpu, cu126, cu128, cu130 or auto" >&2; exit 2; }
+            choice=$2; shift 2 ;;
+    --cuda=*) choice=${1#--cuda=}; shift ;;
+    -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d'; exit 0 ;;
+    *) echo "error: unknown argument $1 (./setup.sh [--cuda locked|cpu|cu126|cu128|cu130|auto] [--detect-cuda])" >&2
+       exit 2 ;;
+  esac
+done
+no_driver_note=""
+if [[ $choice == auto ]]; then
+  read -r choice why < <(detect_cuda); echo "setup: torch build $choice ($why)"
+  if ! command -v nvidia-smi >/dev/null 2>&1; then
+    no_driver_note="setup: no NVIDIA driver on this machine (no nvidia-smi), so this is the lock's build (CUDA 13): \
+on GPU nodes it needs driver >= 580. If the jobs run on older drivers (nvidia-smi on a GPU node), rerun with \
+./setup.sh --cuda cu128 (driver >= 570) or --cuda cu126 (>= 525); --cuda cpu for CPU-only machines."
+  fi
+fi
 case $choice in
-  locked|cpu|cu126|cu128) ;;
-  none) echo "error: NVIDIA driver too old for any supported torch build; update it or set CUDA=cpu" >&2; exit 2 ;;
-  *) echo "error: CUDA=$choice is not one of locked, cpu, cu126, cu128 (or auto)" >&2; exit 2 ;;
+  locked|cpu|cu126|cu128|cu130) ;;
+  none) echo "error: NVIDIA driver too old for any supported torch build; update it or use --cuda cpu" >&2; exit 2 ;;
+  *) echo "error: CUDA=$choice is not one of locked, cpu, cu126, cu128, cu130 (or auto)" >&2; exit 2 ;;
 esac
 
 # uv: on PATH, as a module, a previous bootstrap in .uv/, else bootstrapped into .uv/ (never the system Python)
@@ -71,3 +92,4 @@ if [[ $choice != locked ]]; then
 fi
 .venv/bin/python -c "import torch, torchvision, schedulefree; print(f'setup: torch {torch.__version__}, torchvision {torchvision.__version__}, CUDA available: {torch.cuda.is_available()}')"
 echo "setup: done. Activate with: source .venv/bin/activate   (or run .venv/bin/python ...)"
+if [[ -n $no_driver_note ]]; then echo "$no_driver_note"; fi

@@ -3,6 +3,8 @@ flags of `python -m torch.distributed.launch`. Imports nothing heavy."""
 import argparse
 import os
 
+from util import layout
+
 DEVICES = ("auto", "cuda", "cpu")
 
 
@@ -12,6 +14,19 @@ def add_device_arg(g):
                         "clearly asked for GPUs (slurm GPU variables, CUDA_VISIBLE_DEVICES) stops with an error "
                         "rather than run on the CPU; cuda: stop with an error if torch sees no GPU; cpu: hide the "
                         "GPUs (recommended: auto)")
+
+
+def add_data_path_arg(g, project_root, help):
+    """--data_path, defaulting to $TIMECAT_DATA, else the clone's data/ (util/layout.py owns the names)."""
+    g.add_argument("--data_path", default=layout.data_root(project_root),
+                   help=f"{help}; default: ${layout.DATA_ENV} when set, else data/ of the project folder")
+
+
+def add_checkpoint_root_arg(g, project_root, help):
+    """--checkpoint_root, defaulting to $TIMECAT_CHECKPOINTS, else the clone's checkpoints/."""
+    g.add_argument("--checkpoint_root", default=layout.checkpoint_root(project_root),
+                   help=f"{help}; default: ${layout.CHECKPOINTS_ENV} when set, else checkpoints/ of the project "
+                   "folder")
 
 
 def add_launcher_args(g):

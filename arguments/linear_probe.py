@@ -5,7 +5,7 @@ import hashlib
 import json
 import os
 
-from arguments.common import add_device_arg, add_launcher_args
+from arguments.common import add_checkpoint_root_arg, add_data_path_arg, add_device_arg, add_launcher_args
 from util.cli import ArgumentParser, add_alias
 from util.flags import add_bool, bool_flag
 from util.subsets import SUBSET_MODES
@@ -37,7 +37,8 @@ RUN_ONLY_KEYS = ("tag", "tag_file", "classifier", "knn", "data_path", "download"
                  "dump_path", "mode", "start_over", "debug", "device", "eval_freq", "save_freq", "custom_eval_func",
                  "cuda_deterministic", "dist_timeout", "print_freq", "tensorboard", "skip_bad_images",
                  "config", "dist_url", "gpu", "reweight_path", "headpretrained", "richway", "world_size", "rank",
-                 "local_rank", "skip_pool", "save_init")
+                 "local_rank", "skip_pool", "save_init",
+                 "checkpoint_root")
 
 
 # ---------------------------------------------------------------- arguments
@@ -65,7 +66,10 @@ def add_backbone_args(g):
     g.add_argument("--tag", default=None, help="named set of checkpoints from --tag_file; fills --arch and "
                    "--pretrained (e.g. supervisedimagenet_resnet50_sfadamw_5_step80k)")
     g.add_argument("--tag_file", default=DEFAULT_TAG_FILE, help="YAML file of tags: {tag: {arch: [...], "
-                   "pretrained: [...]}}; relative checkpoint paths are relative to the project folder")
+                   "pretrained: [...]}}; relative checkpoint paths checkpoints/... are relative to --checkpoint_root, "
+                   "others to the project folder")
+    add_checkpoint_root_arg(g, PROJECT_ROOT, "the folder holding supervised_pretrain/, where the tags' "
+                            "checkpoints/... paths point")
     g.add_argument("--arch", nargs="+", default=None, help="one torchvision ResNet name per backbone, or one "
                    "for all (reference: resnet50)")
     g.add_argument("--pretrained", nargs="+", default=None, help="one checkpoint per backbone; features are "
@@ -122,8 +126,7 @@ def add_data_args(g):
     g.add_argument("--data_name", default="cifar10", help="cifar10, cifar100, cifar10_{p}perc, "
                    "cifar100_{p}perc, inaturalist18, imagenet1k, or imagefolder (any <data_path>/{train,val}/"
                    "<class>/ folders, with ImageNet's transforms)")
-    g.add_argument("--data_path", default=os.path.join(PROJECT_ROOT, "data"),
-                   help="root of the README data layout (cifar/, imagenet/, inaturalist18/)")
+    add_data_path_arg(g, PROJECT_ROOT, "root of the README data layout (cifar/, imagenet/, inaturalist18/)")
     add_bool(g, "download", True, "download CIFAR with torchvision into an existing --data_path when it is "
              "missing (reference: True)")
     g.add_argument("--tf_name", default="eval", choices=["eval", "224px", "32px"],

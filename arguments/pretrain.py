@@ -3,7 +3,7 @@
 import argparse
 import os
 
-from arguments.common import add_device_arg, add_launcher_args
+from arguments.common import add_checkpoint_root_arg, add_data_path_arg, add_device_arg, add_launcher_args
 from util.cli import ArgumentParser, add_alias
 from util.flags import add_bool
 
@@ -23,7 +23,7 @@ RECIPE_KEYS = ("arch", "img_size", "global_batch", "optimizer", "lr", "wd", "bet
 RUN_ONLY_KEYS = ("data_name", "data_path", "workers", "accum_steps", "steps", "save_steps", "eval_every",
                  "bn_refresh_batches", "bn_refresh_every", "run", "output_dir", "dump_path", "start_over", "compile",
                  "max_time", "print_freq", "debug", "dist_timeout", "skip_bad_images", "device", "local_rank",
-                 "tensorboard", "cuda_deterministic")
+                 "tensorboard", "cuda_deterministic", "checkpoint_root")
 # The value a recipe key had in run folders written before the key existed (before --init, "sfadamw" was the
 # package's optimizer).
 LEGACY_RECIPE = {"init": "torchvision", "sf_moment_dtype": "bfloat16", "init_from": None}
@@ -55,9 +55,8 @@ def add_model_and_data_args(p):
                    "(reference: resnet50)")
     g.add_argument("--data_name", default="imagenet1k", choices=PRETRAIN_DATA, help="dataset of the probe's "
                    "registry (reference: imagenet1k); imagefolder: any <data_path>/{train,val}/<class>/ tree")
-    g.add_argument("--data_path", default=os.path.join(PROJECT_ROOT, "data"),
-                   help="imagenet1k: the README's data root (holding imagenet/) or the ImageNet folder itself "
-                   "(holding train/ and val/)")
+    add_data_path_arg(g, PROJECT_ROOT, "imagenet1k: the README's data root (holding imagenet/) or the ImageNet "
+                      "folder itself (holding train/ and val/)")
     g.add_argument("--init", default="algoperf", choices=INIT_NAMES, help="initialisation (reference: algoperf: "
                    "truncated-normal convs, N(0, 0.01^2) classifier, zero last BatchNorm per residual branch)")
     g.add_argument("--img_size", type=int, default=224, help="training crop; validation resizes to 8/7 of it "
@@ -129,8 +128,10 @@ def add_run_args(p):
                    f"to the released seeds {', '.join(map(str, RELEASED_SEEDS))}")
     g.add_argument("--seed", type=int, default=None, help="seed of initialisation, data order and augmentation; "
                    f"default: the released seed of --run (run >= 5: {EXTRA_RUN_SEED} + run)")
-    g.add_argument("--output_dir", default=None, help="checkpoint root; default: "
-                   "checkpoints/supervised_pretrain/{arch}_{optimizer} (the layout the probe's tags read)")
+    add_checkpoint_root_arg(g, PROJECT_ROOT, "the folder holding supervised_pretrain/ (the layout the probe's "
+                            "tags read)")
+    g.add_argument("--output_dir", default=None, help="this recipe's checkpoint folder; default: "
+                   "<checkpoint_root>/supervised_pretrain/{arch}_{optimizer}")
     g.add_argument("--dump_path", default=None, help="this run's folder (train.log, metrics.jsonl, args.json, "
                    "resume.pth.tar); default: results/pretrain/{arch}_{optimizer}/run{run}")
     g.add_argument("--init_from", default=None, help="start step 0 from these weights instead of --init (fine-tune, "

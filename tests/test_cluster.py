@@ -30,7 +30,8 @@ def fake_command(folder, name, body):
 def fresh_clone(tmp_path):
     """The files a fresh clone has (no results/), with the project's interpreter reachable as .venv/bin/python."""
     clone = tmp_path / "clone"
-    for rel in ("tools/submit.py", "util/__init__.py", "util/cli.py", "util/sweeps.py", *SCRIPTS):
+    for rel in ("tools/submit.py", "util/__init__.py", "util/cli.py", "util/sweeps.py", "util/layout.py",
+                "arguments/__init__.py", "arguments/common.py", *SCRIPTS):
         os.makedirs(clone / os.path.dirname(rel), exist_ok=True)
         shutil.copy(os.path.join(ROOT, rel), clone / rel)
     (clone / ".venv" / "bin").mkdir(parents=True)
@@ -54,14 +55,14 @@ def sbatch_paths(script_text):
     return found
 
 
-@pytest.mark.parametrize("command", [["lineareval", "--sweep", "cifar"], ["pretrain"]])
+@pytest.mark.parametrize("command", [["lineareval", "--sweep", "cifar", "--layout", "per_wd"], ["pretrain"]])
 def test_submission_from_a_fresh_clone_creates_every_folder_sbatch_needs(tmp_path, command):
     clone, fakes = fresh_clone(tmp_path), tmp_path / "bin"
     assert not (clone / "results").exists()
     # the fake sbatch fails, as slurm does at job start, when the log folder is missing at submission
     fake_command(fakes, "sbatch", 'script="${@: -1}"; out=$(sed -n "s/^#SBATCH --output=//p" "$script"); '
                  '[[ -d "$(dirname "$out")" ]] || { echo "missing $(dirname "$out")" >&2; exit 1; }; '
-                 'echo "$@" > "$PWD/sbatch.args"')
+                 'echo "$@" "SWEEP=$SWEEP" "LAYOUT=$LAYOUT" > "$PWD/sbatch.args"')
     env = dict(os.environ, PATH=f"{fakes}:{os.environ['PATH']}")
     done = subprocess.run([sys.executable, str(clone / "tools" / "submit.py"), *command], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=60)
@@ -74,7 +75,7 @@ def test_submission_from_a_fresh_clone_creates_every_folder_sbatch_needs(tmp_pat
         assert (clone / os.path.dirname(value)).is_dir(), value
     args = (clone / "sbatch.args").read_text().split()
     if command[0] == "lineareval":  # the array covers the sweep exactly: 2 datasets x 6 wd x 8 configs
-        assert "--array=0-95" in args and "--export=ALL,SWEEP=cifar,LAYOUT=per_wd" in args
+        assert "--array=0-95" in args and "--export=ALL" in args and "SWEEP=cifar" in args and "LAYOUT=per_wd" in args
 
 
 def test_submit_without_slurm_is_one_clear_error(tmp_path):
@@ -115,7 +116,7 @@ def probe_flag(argv, name, count=1):
     ("imagenet", 11, "lineareval/imagenet1k_5e-4/resnet50_sfadamw/run0", "5e-4"),
 ])
 def test_reference_layout_task_probes_one_wd_into_the_original_folder(tmp_path, sweep, index, folder, wd):
-    argv = run_array_task(tmp_path, "scripts/lineareval.sbatch", index, SWEEP=sweep)
+    argv = run_array_task(tmp_path, "scripts/lineareval.sbatch", index, SWEEP=sweep, LAYOUT="per_wd")
     assert argv[:2] == [".venv/bin/python", "main_linear_probe.py"]  # the project's interpreter
     assert probe_flag(argv, "--dump_path") == f"results/supervised/imagenet/transfer/{folder}"
     assert probe_flag(argv, "--wd") == wd and probe_flag(argv, "--batch_size") == ("256" if sweep == "cifar"

@@ -23,13 +23,13 @@ import zlib
 
 # requests, yaml and tqdm are imported inside the functions that use them,
 # so that --help answers without loading them
+from arguments.common import add_checkpoint_root_arg
 from util import layout
 from util.cli import ArgumentParser, UserError, run_main
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_URL = ("https://dl.fbaipublicfiles.com/richreps-timecat/"
                "ckpt_resnet50_sfadamw_imagenet1k_supervised.tar.gz")
-DEFAULT_DEST = os.path.join(REPO, layout.CHECKPOINT_ROOT)
 TAG_FILE = os.path.join(REPO, "configs", "pretrained_checkpoints.yaml")
 ARCH_DIR = layout.run_dir_name("resnet50", "sfadamw")
 UNRECOGNIZED_DIR = "unrecognized_from_archive"
@@ -366,8 +366,9 @@ def get_args_parser():
                     "<dest>/resnet50_sfadamw/checkpoints_step{full,200,100,80}/checkpoint_run{i}.pth.tar.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--url", default=DEFAULT_URL, help="archive to download")
-    p.add_argument("--dest", default=show(DEFAULT_DEST), help="checkpoint folder (the tags read "
-                   "checkpoints/supervised_pretrain of the project folder)")
+    add_checkpoint_root_arg(p, REPO, "the folder holding supervised_pretrain/, which the probe's tags read")
+    p.add_argument("--dest", default=None, help="checkpoint folder; default: <checkpoint_root>/supervised_pretrain "
+                   "(the tags read it there)")
     p.add_argument("--archive", default=None, help="use this local .tar.gz instead of downloading "
                    "(it is never deleted)")
     p.add_argument("--sha256", default=None, help="expected SHA-256 of the archive; a mismatch deletes the "
@@ -386,7 +387,7 @@ def get_args_parser():
 
 
 def main(args):
-    dest = args.dest
+    dest = args.dest or layout.pretrain_root(args.checkpoint_root)
     tags = release_tags()
     expected = sorted({rel for rels in tags.values() for rel in rels})
     if not args.force and all(os.path.isfile(os.path.join(dest, rel)) for rel in expected):

@@ -41,8 +41,10 @@ def get_args_parser():
                    "has 5: every run then trains the full baseline budget)")
     g = p.add_argument_group("layout")
     g.add_argument("--arch", default="resnet50", help="backbone (paper: resnet50)")
-    g.add_argument("--output_dir", default=os.path.join("checkpoints", "supervised_pretrain", "resnet50_sfadamw"),
-                   help="main_pretrain.py --output_dir; relative paths are relative to the project folder")
+    g.add_argument("--output_dir", default=None, help="main_pretrain.py --output_dir in the script (relative: to "
+                   "the project folder); default: none, so the runs write under --checkpoint_root / "
+                   "$TIMECAT_CHECKPOINTS at run time, and the tags name checkpoints/supervised_pretrain/"
+                   "{arch}_sfadamw/..., which the probe resolves under its --checkpoint_root")
     g.add_argument("--dump_root", default=os.path.join("results", "pretrain", "resnet50_sfadamw"),
                    help="run i logs to DUMP_ROOT/run{i}")
     g.add_argument("--tag_prefix", default="supervisedimagenet_resnet50_sfadamw", help="tags are "
@@ -55,11 +57,17 @@ def get_args_parser():
     g = p.add_argument_group("slurm")
     g.add_argument("--gpus_per_task", type=int, default=8, help="GPUs (processes) per run; the global batch "
                    "stays 1024 whatever the count")
-    g.add_argument("--cpus_per_gpu", type=int, default=10, help="CPU cores per GPU (data-loading workers + 1)")
-    g.add_argument("--time", default="72:00:00", help="slurm time limit per job; a preempted or timed-out job "
-                   "saves its state on SIGUSR1 and requeues itself")
+    g.add_argument("--cpus_per_gpu", type=int, default=10, help="CPU cores per GPU; the data-loading workers are "
+                   "SLURM_CPUS_PER_TASK - 1 at run time, so -- --cpus-per-task=N at submission changes them")
+    g.add_argument("--time", default="24:00:00", help="slurm time limit per job (a limit most clusters accept); a "
+                   "job reaching it gets SIGUSR1 300 s before, saves its state and requeues itself, so a run longer "
+                   "than the limit goes on in the next job")
+    g.add_argument("--mem_per_cpu", default="4G", help="slurm --mem-per-cpu (scales with the CPUs a job asks: "
+                   "40G per 10-CPU process)")
     g.add_argument("--partition", default=None, help="slurm partition")
-    g.add_argument("--data_path", default="data", help="main_pretrain.py --data_path in the script")
+    g.add_argument("--data_path", default=None, help="main_pretrain.py --data_path in the script; default: none, "
+                   "so the runs read $TIMECAT_DATA, else data/ of the project folder (or pass it at submission: "
+                   "tools/submit.py pretrain --data_path DIR)")
     g.add_argument("--extra", default="", help="more main_pretrain.py flags for every run, e.g. '--compile'")
     return p
 
@@ -93,7 +101,8 @@ def checkpoint_path(args, run, steps, runs):
     """The milestone folder of `steps`, or checkpoints_stepfull for a baseline that is the run's last step
     (the released layout)."""
     final = steps == max(runs[run]) and steps == args.baseline_steps
-    return layout.checkpoint_path(args.output_dir, steps, run, final)
+    output_dir = args.output_dir or os.path.join(layout.CHECKPOINT_ROOT, layout.run_dir_name(args.arch, "sfadamw"))
+    return layout.checkpoint_path(output_dir, steps, run, final)
 
 
 def save_steps(args, run, runs):
@@ -104,14 +113,16 @@ def save_steps(args, run, runs):
 
 def sbatch_script(args, runs, command):
     order = sorted(runs)
-    data_workers = max(1, args.cpus_per_gpu - 1)
     lines = [
         "#!/bin/bash",
         "# Time-Cat pretraining: one array task per ResNet run, each on one node with "
         f"{args.gpus_per_task} GPU(s).",
         f"# Written by: {command}",
-        "# Submit from anywhere:  python tools/submit.py pretrain [--script THIS_FILE] [-- more sbatch flags]",
-        "# (it creates results/slurm/ first: slurm does not start a job whose log folder is missing)",
+        "# Submit from anywhere:  python tools/submit.py pretrain [--script THIS_FILE] [--data_path DIR] "
+        "[-- sbatch flags [-- main_pretrain.py flags]]",
+        "# (it creates results/slurm/ first: slurm does not start a job whose log folder is missing, and runs sbatch",
+        "# from the project folder, where the job runs). Fewer GPUs: -- --ntasks-per-node=2 --gpus-per-node=2 (the",
+        "# global batch stays 1024 by accumulation); the data-loading workers follow --cpus-per-task.",
         "# A job that is preempted or reaches its time limit gets SIGUSR1, saves resume.pth.tar, requeues itself,",
         "# and the requeued job resumes at the same step.",
         "#SBATCH --job-name=timecat_pretrain",
@@ -120,6 +131,7 @@ def sbatch_script(args, runs, command):
         f"#SBATCH --ntasks-per-node={args.gpus_per_task}",
         f"#SBATCH --gpus-per-node={args.gpus_per_task}",
         f"#SBATCH --cpus-per-task={args.cpus_per_gpu}",
+        f"#SBATCH --mem-per-cpu={args.mem_per_cpu}",
         f"#SBATCH --time={args.time}",
         "#SBATCH --signal=USR1@300",
         "#SBATCH --requeue",
@@ -130,7 +142,7 @@ def sbatch_script(args, runs, command):
         lines.append(f"#SBATCH --partition={args.partition}")
     lines += [
         "set -euo pipefail",
-        'cd "${CAT_EXP_HOME:-$SLURM_SUBMIT_DIR}"',
+        'cd "$SLURM_SUBMIT_DIR"  # the project folder (tools/submit.py runs sbatch there)',
         "",
         f"RUNS=({' '.join(str(i) for i in order)})",
         f"STEPS=({' '.join(str(max(runs[i])) for i in order)})",
@@ -138,11 +150,14 @@ def sbatch_script(args, runs, command):
         "i=${SLURM_ARRAY_TASK_ID}",
         "run=${RUNS[$i]}",
         "",
-        "export OMP_NUM_THREADS=1",
+        "cpus=${SLURM_CPUS_PER_TASK:-1}",
+        "workers=$(( cpus > 1 ? cpus - 1 : 0 ))  # one core per process for the training loop",
+        "# the script's arguments (\"$@\", tools/submit.py pretrain ... -- ... -- ARGS) come last and win",
         "srun --kill-on-bad-exit=1 ${PYTHON:-.venv/bin/python} main_pretrain.py \\",
         f"    --arch {args.arch} --run \"$run\" --steps \"${{STEPS[$i]}}\" --save_steps ${{SAVE_STEPS[$i]}} \\",
-        f"    --data_path {shlex.quote(args.data_path)} --workers {data_workers} \\",
-        f"    --output_dir {shlex.quote(args.output_dir)} --dump_path {shlex.quote(args.dump_root)}/run\"$run\" \\",
+        f"    --workers \"$workers\" --dump_path {shlex.quote(args.dump_root)}/run\"$run\" \\",
+        *([f"    --data_path {shlex.quote(args.data_path)} \\"] if args.data_path else []),
+        *([f"    --output_dir {shlex.quote(args.output_dir)} \\"] if args.output_dir else []),
         f"    {args.extra + ' ' if args.extra else ''}\"$@\"",
     ]
     return "\n".join(lines) + "\n"

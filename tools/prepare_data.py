@@ -20,7 +20,9 @@ import tempfile
 from dataclasses import dataclass, field
 from urllib.error import URLError
 
+from arguments.common import add_data_path_arg
 from tools.download import CorruptArchive, fetch, safe_extract, show
+from util import layout
 from util.cli import ArgumentParser, UserError, run_main
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -69,7 +71,7 @@ class Report:
 
 def data_flag(data_path):
     """' --data_path X' for the commands we suggest, unless X is the default."""
-    same = os.path.abspath(data_path) == os.path.join(REPO, "data")
+    same = os.path.abspath(data_path) == os.path.abspath(layout.data_root(REPO))
     return "" if same else f" --data_path {show(data_path)}"
 
 
@@ -417,8 +419,7 @@ def check(args):
 
 def get_args_parser():
     common = ArgumentParser(add_help=False)
-    common.add_argument("--data_path", default=show(os.path.join(REPO, "data")),
-                        help="data folder (the linear probe's default is data/ of the project folder)")
+    add_data_path_arg(common, REPO, "data folder, the scripts' --data_path")
     p = ArgumentParser("tools/prepare_data.py", description=__doc__,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)

@@ -7,11 +7,20 @@ A milestone folder is `checkpoints_stepfull` (a run's last step), `checkpoints_s
 them `checkpoints_full` / `checkpoints_200k`; the parser reads every form. Writers (main_pretrain.py,
 tools/download.py) and readers (tools/plan_timecat.py, tools/summarize.py, tools/demo.py) all call these
 functions. Depends on nothing of ours.
+
+It also owns where the data and the checkpoints live (roots outside the clone, for clusters whose datasets and
+checkpoints do not fit in a home folder): every script, tool and sbatch script takes `--data_path` and
+`--checkpoint_root`, whose defaults are $TIMECAT_DATA and $TIMECAT_CHECKPOINTS when set, else the clone's `data/`
+and `checkpoints/`. The checkpoint root is the folder that holds `supervised_pretrain/`; a tag's relative
+checkpoint path `checkpoints/...` resolves under it (resolve_tag_path).
 """
 import os
 import re
 
 CHECKPOINT_ROOT = os.path.join("checkpoints", "supervised_pretrain")  # relative to the project root
+PRETRAIN_DIR = "supervised_pretrain"  # below the checkpoint root
+DATA_ENV = "TIMECAT_DATA"  # default of every --data_path
+CHECKPOINTS_ENV = "TIMECAT_CHECKPOINTS"  # default of every --checkpoint_root
 FULL = "full"
 # checkpoints_stepfull / checkpoints_step80 / checkpoints_step60steps (ours, README) and checkpoints_full /
 # checkpoints_80k (the release archive)
@@ -68,3 +77,31 @@ def parse_run_file(name):
     """The run index of checkpoint_run{i}.pth(.tar), or None."""
     match = RUN_FILE_RE.match(name)
     return int(match.group(1)) if match else None
+
+
+def data_root(project_root):
+    """The default --data_path: $TIMECAT_DATA, else <project>/data."""
+    return os.environ.get(DATA_ENV) or os.path.join(project_root, "data")
+
+
+def checkpoint_root(project_root):
+    """The default --checkpoint_root (the folder holding supervised_pretrain/): $TIMECAT_CHECKPOINTS, else
+    <project>/checkpoints."""
+    return os.environ.get(CHECKPOINTS_ENV) or os.path.join(project_root, "checkpoints")
+
+
+def pretrain_root(checkpoint_root):
+    """<checkpoint root>/supervised_pretrain: where the recipes' run folders (resnet50_sfadamw/) go."""
+    return os.path.join(checkpoint_root, PRETRAIN_DIR)
+
+
+def resolve_tag_path(path, project_root, checkpoint_root):
+    """A checkpoint path of a tag file: absolute as given; `checkpoints/...` under the checkpoint root (the tag
+    files name the clone's checkpoints/ folder, which --checkpoint_root moves); anything else relative to the
+    project folder."""
+    if os.path.isabs(path):
+        return path
+    parts = os.path.normpath(path).split(os.sep)
+    if parts[0] == "checkpoints" and len(parts) > 1:
+        return os.path.join(checkpoint_root, *parts[1:])
+    return os.path.join(project_root, path)

@@ -23,9 +23,17 @@ SWEEPS = {"cifar": ("cifar10", "cifar100"), "inat18": ("inaturalist18",), "image
 CONFIGS = ("cat2_step200k", "cat4_step100k", "cat5_step80k", "run0", "run1", "run2", "run3", "run4")
 TAG_PREFIX = "supervisedimagenet_resnet50_sfadamw"
 RESULTS = "results/supervised/imagenet/transfer"
-# per_wd: the reference's one task per (dataset, wd, config), its folders (the default, for fidelity);
-# one_pass: one task per (dataset, config) training the whole wd grid on one backbone pass
+# per_wd: the reference's one task per (dataset, wd, config), its folders;
+# one_pass: one task per (dataset, config) training the whole wd grid on one backbone pass, each head bit-identical
+# to the per_wd task of its wd (tests/test_fast_probe.py) for 2.5x fewer forwards (docs/benchmarks.md): the default
 LAYOUTS = ("per_wd", "one_pass")
+DEFAULT_LAYOUT = "one_pass"
+# slurm time limit per task in hours, the original's six sbatch scripts (/work/shared/REFERENCE.md, "The original's
+# cluster habits"): CIFAR 5 h (catN) / 6 h (single runs), ImageNet 12 h, iNat18 5 h (catN) / 12 h (single runs).
+# A task that reaches it is requeued (USR1) and resumes, so a short limit costs a restart, not the run.
+HOURS = {("cifar10", "cat"): 5, ("cifar10", "single"): 6, ("cifar100", "cat"): 5, ("cifar100", "single"): 6,
+         ("imagenet1k", "cat"): 12, ("imagenet1k", "single"): 12,
+         ("inaturalist18", "cat"): 5, ("inaturalist18", "single"): 12}
 
 
 @dataclass(frozen=True)
@@ -38,6 +46,11 @@ class ProbeTask:
     dump_path: str
     batch: int  # global batch; the script divides it by the process count
     extra: tuple
+
+
+def task_hours(task):
+    """The original's time limit (hours) of a task's dataset and kind (catN or a single run)."""
+    return HOURS[(task.data, "single" if task.config.startswith("run") else "cat")]
 
 
 def tag_of(config):
@@ -56,15 +69,25 @@ def result_folder(data, wd, config):
     return f"{RESULTS}/lineareval/{cell}/resnet50_sfadamw_{config}"
 
 
-def sweep_tasks(sweep, layout="per_wd"):
-    """Every array task of a sweep, in array-index order (config fastest, then wd, then dataset)."""
+def grid_of(data, wds=None):
+    """The weight-decay grid of a dataset, narrowed to `wds` (values as numbers: 1e-4 == 0.0001) when given."""
+    if not wds:
+        return WD_GRIDS[data]
+    wanted = {float(w) for w in wds}
+    return tuple(w for w in WD_GRIDS[data] if float(w) in wanted)
+
+
+def sweep_tasks(sweep, layout=DEFAULT_LAYOUT, only_wds=None):
+    """Every array task of a sweep, in array-index order (config fastest, then wd, then dataset). An index always
+    names the same task; `only_wds` narrows the heads of one_pass tasks (a task of a dataset whose grid holds none
+    of them has no wds: nothing to run) and leaves per_wd tasks as they are (select them by their wd)."""
     if sweep not in SWEEPS:
         raise ValueError(f"unknown sweep {sweep!r}; choose from {', '.join(SWEEPS)}")
     if layout not in LAYOUTS:
         raise ValueError(f"unknown layout {layout!r}; choose from {', '.join(LAYOUTS)}")
     tasks = []
     for data in SWEEPS[sweep]:
-        cells = [(wd,) for wd in WD_GRIDS[data]] if layout == "per_wd" else [WD_GRIDS[data]]
+        cells = [(wd,) for wd in WD_GRIDS[data]] if layout == "per_wd" else [grid_of(data, only_wds)]
         for wds in cells:
             for config in CONFIGS:
                 folder = result_folder(data, wds[0] if layout == "per_wd" else None, config)

@@ -37,6 +37,7 @@ PROBE_FLAGS = {
     "--data_name": (["cifar10", "cifar100", "cifar10_10perc", "imagenet1k", "inaturalist18"],
                     ["cifar10_0perc", "cifar10_101perc", "imagefolder", "mnist"]),
     "--data_path": (["{data}"], ["{missing}"]),
+    "--checkpoint_root": (["{missing}", "{data}"], []),  # only read through --tag's checkpoints/... paths
     "--tf_name": (["eval", "224px", "32px"], ["64px"]),
     "--img_size": (["8", "16"], ["7", "0", "-3", "x"]),
     "--data_rate": (["1", "0.5", "0.05"], BAD_NUMBERS + ["0", "2"]),
@@ -63,6 +64,7 @@ PROBE_FLAGS = {
 PRETRAIN_FLAGS = {
     "--arch": (["resnet18"], ["resnet7", "vgg16"]),
     "--data_path": (["{data}"], ["{missing}"]),
+    "--checkpoint_root": (["{missing}"], []),  # the harness's --output_dir wins over it
     "--img_size": (["8", "16"], ["7", "0", "x"]),
     "--workers": (["0", "1"], ["-1", "x"]),
     "--global_batch": (["2", "4", "8"], ["3", "0", "-8", "x", "64"]),
