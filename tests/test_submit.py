@@ -393,6 +393,7 @@ def root_env(roots):
     return {layout.DATA_ENV: str(roots["data"]), layout.CHECKPOINTS_ENV: str(roots["ckpts"])}
 
 
+@pytest.mark.slow  # 2-5 min of slurm queueing and requeue delay; the default suite runs the probe's submitit requeue
 def test_submitit_pretraining_run_requeued_by_its_warning_signal_ends_with_the_uninterrupted_weights(slurm, roots,
                                                                                                   tmp_path):
     pytest.importorskip("submitit")
