@@ -393,6 +393,7 @@ def root_env(roots):
     return {layout.DATA_ENV: str(roots["data"]), layout.CHECKPOINTS_ENV: str(roots["ckpts"])}
 
 
+@pytest.mark.slow  # 2-5 min of slurm queueing and requeue delay; the default suite runs the probe's submitit requeue
 def test_submitit_pretraining_run_requeued_by_its_warning_signal_ends_with_the_uninterrupted_weights(slurm, roots,
                                                                                                   tmp_path):
     pytest.importorskip("submitit")
@@ -429,3 +430,26 @@ def test_submitit_pretraining_run_requeued_by_its_warning_signal_ends_with_the_u
     finally:
         shutil.rmtree(folder, ignore_errors=True)
         remove_submitit_links(folder)
+
+
+def test_setup_without_a_driver_says_which_build_it_installed_and_how_to_choose(tmp_path):
+    from test_setup import FAKE_PYTHON3, FAKE_UV  # setup.sh's fakes: no network, no real install
+    project, fakes = tmp_path / "project", tmp_path / "bin"
+    project.mkdir()
+    fakes.mkdir()
+    shutil.copy(os.path.join(ROOT, "setup.sh"), project / "setup.sh")
+    for name, text in (("python3", FAKE_PYTHON3), ("uv.src", FAKE_UV)):
+        (fakes / name).write_text(text)
+        (fakes / name).chmod(0o755)
+    env = dict(os.environ, PATH=f"{fakes}:/usr/bin:/bin", LOG=str(tmp_path / "calls.log"),
+               FAKE_UV=str(fakes / "uv.src"))
+    env.pop("CUDA", None)
+    if shutil.which("nvidia-smi", path=env["PATH"]):
+        pytest.skip("this machine has an NVIDIA driver")
+    done = subprocess.run(["bash", "setup.sh"], cwd=project, env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "setup: torch build locked (no nvidia-smi" in done.stdout
+    assert "no NVIDIA driver on this machine" in done.stdout and "./setup.sh --cuda cu128" in done.stdout
+    quiet = subprocess.run(["bash", "setup.sh", "--cuda", "locked"], cwd=project, env=env, capture_output=True,
+                           text=True, timeout=60)
+    assert quiet.returncode == 0 and "no NVIDIA driver" not in quiet.stdout  # a named build needs no advice
