@@ -159,6 +159,10 @@ def check_args(args):
     if args.exp_mode == "finetune" and (len(args.lr) > 1 or len(args.wd) > 1 or args.feature_cache):
         raise UserError("--exp_mode finetune trains the backbones: it takes one --lr and one --wd and no "
                         "--feature_cache")
+    if args.data_rate < 1 and args.data_name == "inaturalist18":
+        raise UserError("--data_rate with inaturalist18: the original's iNat18 loader ignores --data_rate, so no "
+                        "reference run used a fraction of iNat18; drop --data_rate (or probe a fraction of CIFAR or "
+                        "ImageNet)")
     if args.tf_name == "32px" and family_of(args.data_name) != "cifar":
         raise UserError(f"--tf_name 32px is the CIFAR native-size preset; use eval (and --img_size) for "
                         f"{args.data_name}")
@@ -304,13 +308,16 @@ def build_heads(dims, num_classes, combos, classifiers, args, world):
 def param_groups(heads, encoder, combos, args):
     """The reference's groups, per head: parameters whose name contains 'bn' get no weight decay under
     --wd_skip_bn (the head BN; the backbones' bn1/bn2/bn3 when fine-tuning, not downsample.1); the head's Linear
-    gets --wd and --lr_last_layer (else --lr); other trainable parameters get --wd and --lr."""
+    gets --wd and --lr_last_layer (else --lr). Fine-tuning, the backbones' other parameters get --wd and, as in
+    the original, --lr_last_layer when it is given (its test for 'a head parameter' is always true, so every
+    parameter without 'bn' in its name joins the head's group), else --lr."""
     groups = []
     for h, (head, spec) in enumerate(zip(heads, combos)):
         groups += named_groups(head.named_parameters(), spec.lr, spec.wd, h, args,
                                linear_lr=args.lr_last_layer or spec.lr)
     if args.exp_mode == "finetune":
-        groups += named_groups(encoder.named_parameters(), combos[0].lr, combos[0].wd, 0, args)
+        groups += named_groups(encoder.named_parameters(), combos[0].lr, combos[0].wd, 0, args,
+                               linear_lr=args.lr_last_layer, all_linear=True)
     return merge_equal_groups(groups) if args.head_impl == "fused" else groups
 
 
@@ -328,11 +335,13 @@ def merge_equal_groups(groups):
     return list(merged.values())
 
 
-def named_groups(named_parameters, lr, wd, head, args, linear_lr=None):
-    """Non-empty groups 'bn' (decay 0 with --wd_skip_bn), 'linear' (a head's Linear) and 'other'."""
+def named_groups(named_parameters, lr, wd, head, args, linear_lr=None, all_linear=False):
+    """Non-empty groups 'bn' (decay 0 with --wd_skip_bn), 'linear' (a head's Linear; with all_linear, every
+    parameter without 'bn' in its name, the original's rule for the backbones) and 'other'."""
     parts = {"linear": [], "other": [], "bn": []}  # a head's first group holds its Linear: its lr is logged
     for name, param in named_parameters:
-        part = "bn" if "bn" in name else "linear" if name.startswith("linear.") and linear_lr else "other"
+        is_linear = (all_linear or name.startswith("linear.")) and linear_lr
+        part = "bn" if "bn" in name else "linear" if is_linear else "other"
         parts[part].append(param)
     settings = {"bn": (lr, 0.0 if args.wd_skip_bn else wd), "linear": (linear_lr, wd), "other": (lr, wd)}
     return [{"params": params, "lr": settings[part][0], "base_lr": settings[part][0],
