@@ -29,6 +29,23 @@ DERIVED_RECIPE_KEYS = ("global_batch", "batch_semantics")  # set by main_linear_
 RECIPE_DEFAULTS = {"subsets": "none", "head_impl": "separate"}
 # what only training depends on: --mode eval_only may evaluate saved heads with another process count
 TRAINING_ONLY_KEYS = ("global_batch", "batch_semantics", "sync_bn")
+# The original's slurm flags (its add_slurm_params; REFERENCE.md, "The original's cluster habits"): name -> (type,
+# default, help). Where the job runs, never what it computes: run-only, out of the recipe and the folder hash.
+SLURM_FLAGS = {
+    "hours": (float, 12, "wall-clock limit of the job in hours"),
+    "tasks_per_node": (int, 8, "tasks (processes) per node"),
+    "cpus_per_task": (int, 8, "CPUs per task"),
+    "gpus_per_node": (int, 1, "GPUs per node"),
+    "nodes": (int, 1, "number of nodes"),
+    "mem": (str, "64G", "memory per node"),
+    "constraint": (str, None, "slurm --constraint"),
+    "gres": (str, None, "slurm --gres"),
+    "exclude": (str, None, "nodes to exclude"),
+    "job_name": (str, "submitit", "slurm job name"),
+    "account": (str, None, "slurm account"),
+    "server": (str, "nyu", "the original's cluster name"),
+}
+SLURM_KEYS = tuple(SLURM_FLAGS)
 # Flags not compared on resume: where the run reads and writes, what it logs, how it is launched, and flags whose
 # effect the recipe records through another key (--tag/--tag_file as arch/pretrained, --batch_size as
 # global_batch); the original's flags with no effect here. Every flag of get_args_parser is in exactly one of
@@ -37,7 +54,7 @@ RUN_ONLY_KEYS = ("tag", "tag_file", "classifier", "knn", "data_path", "download"
                  "dump_path", "mode", "start_over", "debug", "device", "eval_freq", "save_freq", "custom_eval_func",
                  "cuda_deterministic", "dist_timeout", "print_freq", "tensorboard", "skip_bad_images",
                  "config", "dist_url", "gpu", "reweight_path", "headpretrained", "richway", "world_size", "rank",
-                 "local_rank", "skip_pool", "save_init")
+                 "local_rank", "skip_pool", "save_init") + SLURM_KEYS
 
 
 # ---------------------------------------------------------------- arguments
@@ -50,6 +67,8 @@ def get_args_parser():
     add_run_args(p.add_argument_group("run"))
     add_legacy_args(p.add_argument_group("flags of the original repository with no effect here (accepted and "
                                          "logged as ignored, so its command lines run unchanged)"))
+    add_slurm_args(p.add_argument_group("slurm (the original's flags, with its defaults: where a job runs, not what "
+                                        "it computes; a launcher reads them, a direct run ignores them)"))
     add_aliases(p)
     return p
 
@@ -192,6 +211,11 @@ def add_legacy_args(g):
     add_launcher_args(g)
     for name in ("skip_pool", "save_init"):
         g.add_argument(f"--{name}", nargs="?", const=True, default=None, type=bool_flag, help=argparse.SUPPRESS)
+
+
+def add_slurm_args(g):
+    for name, (kind, default, text) in SLURM_FLAGS.items():
+        g.add_argument(f"--{name}", type=kind, default=default, help=f"{text} (the original's default: {default})")
 
 
 def config_name(args):
