@@ -124,3 +124,59 @@ def test_cached_training_features_follow_the_fixed_order(tmp_path):
     args.precision = "fp32"
     assert entry_key(args, "train", -1, 60)["subset"]["order"] == "cifar_subset_order"
     assert os.path.isdir(cache)
+
+
+# ---------------------------------------------------------------- pretraining: TF32 and the SGD recipe
+def test_pretraining_leaves_tf32_matmuls_at_pytorchs_default_unless_asked():
+    """AlgoPerf sets only cudnn.benchmark: fp32 matrix products stay full fp32 unless --tf32."""
+    import main_pretrain as pretrain
+    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.benchmark,
+             torch.backends.cudnn.deterministic, torch.backends.cudnn.allow_tf32)
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = False
+        for argv, tf32 in (([], False), (["--tf32"], True)):
+            args = pretrain.get_args_parser().parse_args(argv)
+            pretrain.configure_cuda_numerics(args)
+            assert torch.backends.cuda.matmul.allow_tf32 is tf32 and torch.backends.cudnn.benchmark is True
+            assert torch.backends.cudnn.allow_tf32 == saved[3]  # cuDNN's TF32 left at PyTorch's default
+    finally:
+        (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.benchmark,
+         torch.backends.cudnn.deterministic, torch.backends.cudnn.allow_tf32) = saved
+
+
+def test_sgd_pretraining_defaults_to_the_predecessors_recipe():
+    """90 epochs at batch 256, lr 0.1, momentum 0.9, wd 1e-4, x0.1 at epochs 30 and 60 (arXiv 2212.07346)."""
+    import engine_pretrain
+    import main_pretrain as pretrain
+    args = pretrain.get_args_parser().parse_args(["--optimizer", "sgd"])
+    pretrain.check_args(args)
+    assert (args.global_batch, args.lr, args.momentum, args.wd, args.decay_epochs, args.gamma) == \
+        (256, 0.1, 0.9, 1e-4, [30, 60], 0.1)
+    assert (args.warmup_steps, args.label_smoothing, args.save_steps, args.steps) == (0, 0.0, [], None)
+    pretrain.resolve_epoch_steps(args, 1281167, logging.getLogger("test_fidelity"))
+    per_epoch = 1281167 // 256
+    assert args.steps == 90 * per_epoch == 450360
+    lrs = [engine_pretrain.lr_at_step(s, args, per_epoch) for s in (0, 30 * per_epoch - 1, 30 * per_epoch,
+                                                                     60 * per_epoch, args.steps - 1)]
+    assert lrs == pytest.approx([0.1, 0.1, 0.01, 0.001, 0.001])
+    assert "2212.07346" in pretrain.get_args_parser().format_help()
+    sf = pretrain.get_args_parser().parse_args([])  # schedule-free AdamW keeps its own reference budget
+    pretrain.check_args(sf)
+    assert (sf.global_batch, sf.steps, sf.save_steps) == (1024, 450000, [80000, 100000, 200000])
+
+
+def test_sgd_pretraining_without_steps_runs_its_epochs(tmp_path, monkeypatch):
+    """The run counts its training set and trains SGD_EPOCHS epochs (2 here, to stay quick)."""
+    import main_pretrain as pretrain
+    from helpers import make_imagenet
+    make_imagenet(str(tmp_path / "data"), num_classes=2, n_train=4, n_val=2)
+    monkeypatch.setattr(pretrain, "SGD_EPOCHS", 2)
+    args = pretrain.get_args_parser().parse_args(
+        ["--optimizer", "sgd", "--arch", "resnet18", "--img_size", "16", "--global_batch", "4", "--workers", "0",
+         "--data_path", str(tmp_path / "data"), "--output_dir", str(tmp_path / "ckpt"), "--dump_path",
+         str(tmp_path / "run"), "--bn_refresh_batches", "1", "--eval_every", "0", "--print_freq", "1"])
+    pretrain.main(args)
+    log = (tmp_path / "run" / "train.log").read_text()
+    n_train = len([f for _, _, files in os.walk(tmp_path / "data" / "imagenet" / "train") for f in files])
+    assert args.steps == 2 * (n_train // 4) and f"Step: [{args.steps}/{args.steps}]" in log
+    assert f"2 epochs of {n_train} images at batch 4 = {args.steps} steps" in log

@@ -93,6 +93,7 @@ PRETRAIN_FLAGS = {
     "--no-start_over": ([None], []), "--no-debug": ([None], []), "--no-skip_bad_images": ([None], []),
     "--no-compile": ([None], []), "--no-tensorboard": ([None], []),
     "--cuda_deterministic": ([None], []), "--no-cuda_deterministic": ([None], []),
+    "--tf32": ([None], []), "--no-tf32": ([None], []),
     # in-process: --device cpu would hide the GPUs from every later test through the environment
     "--device": (["auto"], ["gpu"]), "--local_rank": (["0", "1"], ["x"]),
     "--bogus": ([], [None]),
