@@ -54,7 +54,7 @@ RUN_ONLY_KEYS = ("tag", "tag_file", "classifier", "knn", "data_path", "download"
                  "dump_path", "mode", "start_over", "debug", "device", "eval_freq", "save_freq", "custom_eval_func",
                  "cuda_deterministic", "dist_timeout", "print_freq", "tensorboard", "skip_bad_images",
                  "config", "dist_url", "gpu", "reweight_path", "headpretrained", "richway", "world_size", "rank",
-                 "local_rank", "skip_pool", "save_init") + SLURM_KEYS
+                 "local_rank", "skip_pool", "save_init", "eval_checkpoint", "extra_log_lines") + SLURM_KEYS
 
 
 # ---------------------------------------------------------------- arguments
@@ -177,7 +177,11 @@ def add_run_args(g):
                    "wd{values}-{recipe hash}, so a rerun of the same command resumes and two different probes "
                    "never share a folder")
     g.add_argument("--mode", default="train", choices=["train", "eval_only"],
-                   help="eval_only: evaluate the best saved head(s) of --dump_path")
+                   help="eval_only: evaluate the saved head(s) of --dump_path on the test set (--eval_checkpoint) "
+                   "and log the original's `Test:` line")
+    g.add_argument("--eval_checkpoint", default="last", choices=["last", "best"],
+                   help="--mode eval_only evaluates last: checkpoint.pth.tar, the last epoch's heads (the "
+                   "original's), or best: each head's best.pth.tar (the epoch of its `Top-1 test accuracy`)")
     add_bool(g, "start_over", False, "discard the state in --dump_path and start from epoch 0 (otherwise a "
              "rerun resumes)")
     add_bool(g, "sync_bn", None, "synchronise BatchNorm statistics across processes (head, and backbones when "
@@ -195,6 +199,10 @@ def add_run_args(g):
     g.add_argument("--dist_timeout", type=float, default=30.0, help="minutes a process waits for the others "
                    "(start-up rendezvous and every collective) before it stops with an error")
     g.add_argument("--print_freq", type=int, default=50, help="iterations between log lines (reference: 50)")
+    add_bool(g, "extra_log_lines", False, "also log lines the original does not write: each training epoch's last "
+             "iteration line (its running means are the epoch's) and `Test: Acc@5 ... over N images` after each "
+             "evaluation (written anyway with --skip_bad_images, which it reports); metrics.jsonl holds the same "
+             "numbers (reference: off, train.log line for line as the original's)")
     add_bool(g, "tensorboard", False, "TensorBoard events beside train.log (train/test loss and top-1, test "
              "top-5, lr); needs the optional tensorboard package (`uv sync --extra tensorboard`); metrics.jsonl "
              "stays the record")

@@ -59,6 +59,8 @@ PROBE_FLAGS = {
     "--cuda_deterministic": ([None], []), "--no-cuda_deterministic": ([None], []), "--no-debug": ([None], []),
     "--no-skip_bad_images": ([None], []), "--no-start_over": ([None], []), "--no-sync_bn": ([None], []),
     "--bogus": ([], [None, "1"]),
+    "--eval_checkpoint": (["last", "best"], ["first"]),
+    "--extra_log_lines": ([None], []), "--no-extra_log_lines": ([None], []),
 }
 PRETRAIN_FLAGS = {
     "--arch": (["resnet18"], ["resnet7", "vgg16"]),
