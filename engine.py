@@ -270,7 +270,9 @@ def train_one_epoch(model, batches, num_batches, optimizer, epoch, args, device,
         optimizer.step()
         meters.batch_time.update(time.time() - end)
         meters.update(values, stacked.detach(), labels)
-        if i % args.print_freq == 0 or i == num_batches - 1:  # every rank reaches the same i: the sum is safe
+        # the original's lines: every print_freq iterations; --extra_log_lines adds each epoch's last (its
+        # running averages are the epoch's). Every rank reaches the same i: the sum is safe
+        if i % args.print_freq == 0 or (i == num_batches - 1 and getattr(args, "extra_log_lines", False)):
             log_iteration(loggers, meters, device, epoch, i, num_batches, lrs)
         progress.update()
         end = time.time()
@@ -287,24 +289,32 @@ def log_iteration(loggers, meters, device, epoch, i, num_batches, lrs):
 
 
 @torch.no_grad()
-def evaluate(model, source, device, precision, expected_count, show_bar=False, num_heads=None):
+def evaluate(model, source, device, precision, expected_count, show_bar=False, num_heads=None, loggers=None,
+             print_freq=50):
     """Exact loss / top-1 / top-5 (%) over a whole split, summed across ranks. `source` is a BatchSource of
     (images or features, labels); `model` maps its inputs to logits (returns one dict) or, with num_heads, to a
     list of logits, one per head (returns a list of dicts). The unreadable images the source drops during the pass
-    (--skip_bad_images) are reported as 'skipped' and not scored."""
+    (--skip_bad_images) are reported as 'skipped' and not scored. With loggers (one per head), every print_freq
+    batches each head's log gets the original's validation line (this process's batches, as the original's)."""
     sums = torch.zeros(num_heads or 1, 3, dtype=torch.float64)
     count, skipped = 0, source.skipped
     # images go through the encoder at its precision; cached or computed features meet the heads in fp32
     with_precision = precision if source.holds_images else "fp32"
     progress = Progress("eval", len(source) if hasattr(source, "__len__") else None, bar=show_bar)
-    for inputs, labels in tqdm(source, desc="eval", leave=False, disable=not show_bar):
+    batch_time, end = AverageMeter(), time.time()
+    for i, (inputs, labels) in enumerate(tqdm(source, desc="eval", leave=False, disable=not show_bar)):
         progress.update()
         with autocast(device, with_precision):
             outputs = model(inputs)
-        # summed on the device: one host sync per evaluation, not three per head and batch
-        sums = sums.to(labels.device) + batch_scores(stacked_logits([outputs] if num_heads is None else outputs),
-                                                     labels)
+        # summed on the device: one host sync per evaluation (and per logged line), not three per head and batch
+        scores = batch_scores(stacked_logits([outputs] if num_heads is None else outputs), labels)
+        sums = sums.to(labels.device) + scores
         count += len(labels)
+        batch_time.update(time.time() - end)
+        if loggers and i % print_freq == 0:
+            log_eval_iteration(loggers, i, len(source), batch_time, scores.tolist(), len(labels), sums.tolist(),
+                               count)
+        end = time.time()
     totals = all_reduce_sum(sums.flatten().tolist() + [count, source.skipped - skipped], device)
     count, skipped = int(totals[-2]), int(totals[-1])
     if count + skipped != expected_count:
@@ -315,6 +325,14 @@ def evaluate(model, source, device, precision, expected_count, show_bar=False, n
     stats = [{"loss": totals[3 * h] / count, "top1": 100.0 * totals[3 * h + 1] / count,
               "top5": 100.0 * totals[3 * h + 2] / count, "skipped": skipped} for h in range(len(sums))]
     return stats[0] if num_heads is None else stats
+
+
+def log_eval_iteration(loggers, i, num_batches, batch_time, scores, n, sums, count):
+    """Each head's validation line: its batch's and running mean loss and top-1 (scores, sums: per head the summed
+    loss, top-1 and top-5 hits of the batch and so far)."""
+    for lg, (loss, top1, _), (loss_sum, top1_sum, _) in zip(loggers, scores, sums):
+        lg.info(log_lines.eval_iteration_line(i, num_batches, batch_time.val, batch_time.avg, loss / n,
+                                              loss_sum / count, 100.0 * top1 / n, 100.0 * top1_sum / count))
 
 
 # ---------------------------------------------------------------- --custom_eval_func diagnostics

@@ -45,10 +45,20 @@ def entry_key(args, split, view, length):
             # an entry that skipped unreadable images serves only runs that skip them; absent when off, so the
             # entries written before the flag existed stay valid
             **({"skip_bad_images": True} if args.skip_bad_images else {}),
-            # a training subset (--data_rate < 1 or a _{p}perc name) is the reference's rule of issue 10, and
-            # --data_rate's depends on the seed: runs with other subsets never share features
-            **({"subset": {"rule": "reference", "seed": args.seed if args.data_rate < 1 else None}}
-               if split == "train" and (args.data_rate < 1 or "perc" in args.data_name) else {})}
+            **({"subset": training_subset_key(args)} if split == "train" and training_subset_key(args) else {})}
+
+
+def training_subset_key(args):
+    """Which images the training entry holds, in which order (None: all, in the dataset's order). A training
+    subset (--data_rate < 1 or a _{p}perc name) is the reference's rule of issue 10, and --data_rate's depends on
+    the seed: runs with other subsets never share features. A full CIFAR set is read through the original's fixed
+    order since issue 19 ('order'), so its entries never match those written in the raw order before; the
+    _{p}perc entries, always in that order, keep their key."""
+    cifar_full = args.data_name in ("cifar10", "cifar100")
+    if not (args.data_rate < 1 or "perc" in args.data_name or cifar_full):
+        return None
+    return {"rule": "reference", "seed": args.seed if args.data_rate < 1 else None,
+            **({"order": "cifar_subset_order"} if cifar_full else {})}
 
 
 def _crc32(path, chunk=1 << 24):

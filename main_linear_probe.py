@@ -27,10 +27,12 @@ if __name__ == "__main__":  # before the heavy imports: --help and a mistyped fl
 
 # ruff: noqa: E402  (the imports below come after the parse above on purpose)
 import argparse
+import functools
 import math
 import os
 import shutil
 import time
+import warnings
 from dataclasses import dataclass
 from typing import NamedTuple, Optional
 
@@ -159,6 +161,10 @@ def check_args(args):
     if args.exp_mode == "finetune" and (len(args.lr) > 1 or len(args.wd) > 1 or args.feature_cache):
         raise UserError("--exp_mode finetune trains the backbones: it takes one --lr and one --wd and no "
                         "--feature_cache")
+    if args.data_rate < 1 and args.data_name == "inaturalist18":
+        raise UserError("--data_rate with inaturalist18: the original's iNat18 loader ignores --data_rate, so no "
+                        "reference run used a fraction of iNat18; drop --data_rate (or probe a fraction of CIFAR or "
+                        "ImageNet)")
     if args.tf_name == "32px" and family_of(args.data_name) != "cifar":
         raise UserError(f"--tf_name 32px is the CIFAR native-size preset; use eval (and --img_size) for "
                         f"{args.data_name}")
@@ -304,13 +310,16 @@ def build_heads(dims, num_classes, combos, classifiers, args, world):
 def param_groups(heads, encoder, combos, args):
     """The reference's groups, per head: parameters whose name contains 'bn' get no weight decay under
     --wd_skip_bn (the head BN; the backbones' bn1/bn2/bn3 when fine-tuning, not downsample.1); the head's Linear
-    gets --wd and --lr_last_layer (else --lr); other trainable parameters get --wd and --lr."""
+    gets --wd and --lr_last_layer (else --lr). Fine-tuning, the backbones' other parameters get --wd and, as in
+    the original, --lr_last_layer when it is given (its test for 'a head parameter' is always true, so every
+    parameter without 'bn' in its name joins the head's group), else --lr."""
     groups = []
     for h, (head, spec) in enumerate(zip(heads, combos)):
         groups += named_groups(head.named_parameters(), spec.lr, spec.wd, h, args,
                                linear_lr=args.lr_last_layer or spec.lr)
     if args.exp_mode == "finetune":
-        groups += named_groups(encoder.named_parameters(), combos[0].lr, combos[0].wd, 0, args)
+        groups += named_groups(encoder.named_parameters(), combos[0].lr, combos[0].wd, 0, args,
+                               linear_lr=args.lr_last_layer, all_linear=True)
     return merge_equal_groups(groups) if args.head_impl == "fused" else groups
 
 
@@ -328,11 +337,13 @@ def merge_equal_groups(groups):
     return list(merged.values())
 
 
-def named_groups(named_parameters, lr, wd, head, args, linear_lr=None):
-    """Non-empty groups 'bn' (decay 0 with --wd_skip_bn), 'linear' (a head's Linear) and 'other'."""
+def named_groups(named_parameters, lr, wd, head, args, linear_lr=None, all_linear=False):
+    """Non-empty groups 'bn' (decay 0 with --wd_skip_bn), 'linear' (a head's Linear; with all_linear, every
+    parameter without 'bn' in its name, the original's rule for the backbones) and 'other'."""
     parts = {"linear": [], "other": [], "bn": []}  # a head's first group holds its Linear: its lr is logged
     for name, param in named_parameters:
-        part = "bn" if "bn" in name else "linear" if name.startswith("linear.") and linear_lr else "other"
+        is_linear = (all_linear or name.startswith("linear.")) and linear_lr
+        part = "bn" if "bn" in name else "linear" if is_linear else "other"
         parts[part].append(param)
     settings = {"bn": (lr, 0.0 if args.wd_skip_bn else wd), "linear": (linear_lr, wd), "other": (lr, wd)}
     return [{"params": params, "lr": settings[part][0], "base_lr": settings[part][0],
@@ -352,12 +363,29 @@ def build_optimizer(groups, args):
 
 
 def lr_at_epoch(epoch, base_lr, args):
-    """The schedule is a pure function of the epoch, so a resumed run needs nothing but the epoch."""
-    if args.scheduler_type == "step":
-        return base_lr * args.gamma ** sum(epoch >= e for e in args.decay_epochs)
-    if args.scheduler_type == "cosine":
-        return args.final_lr + (base_lr - args.final_lr) * 0.5 * (1 + math.cos(math.pi * epoch / args.epochs))
-    return base_lr
+    """The schedule is a pure function of the epoch, so a resumed run needs nothing but the epoch. The value is
+    the reference's to the last bit (its MultiStepLR / CosineAnnealingLR, stepped once per epoch, multiply the lr
+    in a chain: 0.01 -> 0.0001 at epoch 16, where 0.01 * 0.1 ** 2 is 0.00010000000000000002), so the logged LR
+    and the update match the original's."""
+    if args.scheduler_type not in ("step", "cosine"):
+        return base_lr
+    return _scheduled_lr(epoch, base_lr, args.scheduler_type, tuple(args.decay_epochs), args.gamma, args.epochs,
+                         args.final_lr)
+
+
+@functools.lru_cache(maxsize=4096)
+def _scheduled_lr(epoch, base_lr, kind, decay_epochs, gamma, epochs, final_lr):
+    """torch's own scheduler on a one-parameter optimizer, stepped `epoch` times."""
+    optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=base_lr)
+    if kind == "step":
+        scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, list(decay_epochs), gamma=gamma)
+    else:
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, epochs, eta_min=final_lr)
+    with warnings.catch_warnings():  # "scheduler.step() before optimizer.step()": no optimizer step is meant
+        warnings.simplefilter("ignore")
+        for _ in range(epoch):
+            scheduler.step()
+    return optimizer.param_groups[0]["lr"]
 
 
 class Classifier(nn.Module):
@@ -676,21 +704,35 @@ def cached_sources(run, data, encoder):
 
 # ---------------------------------------------------------------- evaluate saved heads, resume or start
 def evaluate_saved_heads(run, model, optimizer, sources):
-    """--mode eval_only: the best saved head of each head folder on the test set."""
-    epochs = []
-    for head, path in zip(model.heads, run.best_paths):
-        state = load_file(path, "saved head")
-        check_same_recipe(state["args"], run.args, path, skip=TRAINING_ONLY_KEYS)
-        head.load_state_dict(state["head"])
+    """--mode eval_only: every head on the test set, from the last epoch's checkpoint.pth.tar (the original's) or,
+    with --eval_checkpoint best, from each head's best.pth.tar; the original's lines (`Found checkpoint at`, the
+    validation lines, `Test:`)."""
+    if run.args.eval_checkpoint == "last":
+        state = load_file(run.checkpoint_path, "run checkpoint")
+        check_same_recipe(state["args"], run.args, run.checkpoint_path, skip=TRAINING_ONLY_KEYS)
+        model.heads.load_state_dict(state["heads"])
         if "encoder" in state:
             model.encoder.load_state_dict(state["encoder"])
-        epochs.append(state["epoch"] - 1)
+        found = [(run.checkpoint_path, state["epoch"] - 1)] * len(run.combos)
+    else:
+        found = []
+        for head, path in zip(model.heads, run.best_paths):
+            state = load_file(path, "saved head")
+            check_same_recipe(state["args"], run.args, path, skip=TRAINING_ONLY_KEYS)
+            head.load_state_dict(state["head"])
+            if "encoder" in state:
+                model.encoder.load_state_dict(state["encoder"])
+            found.append((path, state["epoch"] - 1))
+    for lg, (path, _) in zip(run.head_loggers, found):
+        lg.info(f"Found checkpoint at {path}")
     set_eval_mode(model, optimizer, run.args)
     for h, stats in enumerate(evaluate(model.eval_model, sources.test, run.dist.device, run.args.precision,
-                                       sources.test_count, run.show_bar, num_heads=len(run.combos))):
-        run.head_loggers[h].info(f"Test: Loss {stats['loss']:.4f} Acc@1 {stats['top1']:.3f} Acc@5 "
-                                 f"{stats['top5']:.3f} (head of epoch {epochs[h]} from {run.best_paths[h]})"
-                                 + unreadable_note(stats))
+                                       sources.test_count, run.show_bar, num_heads=len(run.combos),
+                                       loggers=run.head_loggers, print_freq=run.args.print_freq)):
+        run.head_loggers[h].info(log_lines.eval_only_line(stats["loss"], stats["top1"]))
+        if run.args.extra_log_lines or run.args.skip_bad_images:
+            run.head_loggers[h].info(f"Test: Acc@5 {stats['top5']:.3f} over {sources.test_count - stats['skipped']} "
+                                     f"images (head of epoch {found[h][1]})" + unreadable_note(stats))
 
 
 class Selection(NamedTuple):
@@ -778,6 +820,8 @@ def train_epochs(run, data, model, optimizer, sources, progress):
     stop_agreed = lambda: any_process(run.stop(), run.dist.device)
     for epoch in range(progress.start_epoch, run.args.epochs):
         start = time.time()
+        for lg in run.all_loggers:
+            lg.info(log_lines.epoch_banner(epoch))
         skipped_before = sources.train.skipped
         trained = train_epoch(run, data, model, optimizer, sources.train, epoch, stop_agreed)
         if trained is None:
@@ -833,7 +877,7 @@ def evaluate_epoch(run, model, optimizer, sources):
     n, device, precision = len(run.combos), run.dist.device, run.args.precision
     set_eval_mode(model, optimizer, run.args)
     test = evaluate(model.eval_model, sources.test, device, precision, sources.test_count, run.show_bar,
-                    num_heads=n)
+                    num_heads=n, loggers=run.head_loggers, print_freq=run.args.print_freq)
     val = [None] * n
     if sources.val_count:
         val = evaluate(model.eval_model, sources.val, device, precision, sources.val_count, num_heads=n)
@@ -860,16 +904,18 @@ def count_skipped_training(run, source, skipped_before, epoch):
 
 
 def log_head_epoch(run, model, sources, progress, h, epoch, test, val):
-    """Head h's lines of the epoch; updates its bests. Returns whether its test top-1 improved."""
+    """Head h's lines of the epoch, in the original's order (--custom_eval_func diagnostics, then the Test line);
+    updates its bests. Returns whether its test top-1 improved."""
     args, lg, count = run.args, run.head_loggers[h], sources.val_count
     improved = test["top1"] > progress.best_test[h]
     progress.best_test[h] = max(progress.best_test[h], test["top1"])
+    log_diagnostics(args, model.heads[h], run.combos[h].subset, model.encoder, sources.test, lg, run.dist.device)
     lg.info(log_lines.test_line(test["loss"], test["top1"], progress.best_test[h]))
     if sources.knn[h] is not None:
         lg.info(knn_line(sources.knn[h]))
-    log_diagnostics(args, model.heads[h], run.combos[h].subset, model.encoder, sources.test, lg, run.dist.device)
-    lg.info(f"Test: Acc@5 {test['top5']:.3f} over {sources.test_count - test['skipped']} images"
-            + unreadable_note(test))
+    if args.extra_log_lines or args.skip_bad_images:  # lines the original does not write: opt-in
+        lg.info(f"Test: Acc@5 {test['top5']:.3f} over {sources.test_count - test['skipped']} images"
+                + unreadable_note(test))
     if val is not None:
         if val["top1"] > progress.best_val[h]:
             progress.best_val[h], progress.selected[h] = val["top1"], Selection(epoch, val["top1"], test["top1"])

@@ -19,6 +19,11 @@ from arguments.pretrain import (
     PROJECT_ROOT,
     RECIPE_KEYS,
     SCHEDULE_FREE,
+    SFADAMW_BATCH,
+    SFADAMW_SAVE_STEPS,
+    SFADAMW_STEPS,
+    SGD_BATCH,
+    SGD_EPOCHS,
     default_seed,
     get_args_parser,
 )
@@ -101,8 +106,9 @@ def check_args(args):
     """Fill the recipe defaults and refuse inconsistent flags, before any process group or data."""
     if args.arch not in RESNET_ARCHS:
         raise UserError(f"unknown --arch '{args.arch}': choose one of {', '.join(RESNET_ARCHS)}")
+    fill_schedule_defaults(args)
     for name in ("steps", "global_batch", "print_freq"):
-        if getattr(args, name) < 1:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             raise UserError(f"--{name} must be at least 1")
     for name in ("eval_every", "workers", "bn_refresh_batches", "bn_refresh_every", "run"):
         if getattr(args, name) < 0:
@@ -114,7 +120,7 @@ def check_args(args):
         raise UserError("--img_size must be at least 8")
     if not 0 < args.dist_timeout < math.inf:
         raise UserError("--dist_timeout must be a positive number of minutes")
-    beyond = [s for s in args.save_steps if not 0 < s <= args.steps]
+    beyond = [s for s in args.save_steps if not 0 < s <= (args.steps or math.inf)]
     if beyond:
         raise UserError(f"--save_steps {beyond[0]} is beyond --steps {args.steps} (milestones must be in 1..steps)")
     args.save_steps = sorted(set(args.save_steps))
@@ -143,6 +149,41 @@ def check_args(args):
     if args.dump_path is None:
         args.dump_path = os.path.join(PROJECT_ROOT, "results", "pretrain", name, f"run{args.run}")
     args.max_seconds = parse_duration(args.max_time) if args.max_time else None
+
+
+def fill_schedule_defaults(args):
+    """The batch, budget and milestones of --optimizer's reference recipe, where not given: sfadamw 1024 images,
+    450000 steps, milestones 80k/100k/200k; sgd (the predecessor's) 256 images and 90 epochs (args.steps stays
+    None until the training set is counted: resolve_epoch_steps), no milestones."""
+    sgd = args.optimizer == "sgd"
+    if args.global_batch is None:
+        args.global_batch = SGD_BATCH if sgd else SFADAMW_BATCH
+    if args.steps is None and not sgd:
+        args.steps = SFADAMW_STEPS
+    if args.save_steps is None:
+        args.save_steps = [] if sgd else list(SFADAMW_SAVE_STEPS)
+
+
+def resolve_epoch_steps(args, num_train, logger):
+    """--optimizer sgd without --steps: SGD_EPOCHS epochs of the training set (the tail of each epoch shorter than
+    a global batch is dropped, as the training sampler does)."""
+    args.steps = SGD_EPOCHS * (num_train // args.global_batch)
+    beyond = [s for s in args.save_steps if s > args.steps]
+    if beyond:
+        raise UserError(f"--save_steps {beyond[0]} is beyond the {args.steps} steps of {SGD_EPOCHS} epochs "
+                        f"(milestones must be in 1..steps)")
+    logger.info(f"--optimizer sgd: {SGD_EPOCHS} epochs of {num_train} images at batch {args.global_batch} = "
+                f"{args.steps} steps (the predecessor's recipe; --steps sets another budget)")
+
+
+def configure_cuda_numerics(args):
+    """As AlgoPerf's workload: cuDNN autotuning (off with --cuda_deterministic), and PyTorch's default TF32 settings
+    (matrix products in full fp32) unless --tf32."""
+    # autotuning picks kernels by timing, and cuDNN's fastest backward kernels sum in a varying order: both make
+    # two identical runs differ in the last bits, which then grow; --cuda_deterministic rules both out
+    torch.backends.cudnn.benchmark = not args.cuda_deterministic
+    torch.backends.cudnn.deterministic = args.cuda_deterministic
+    torch.backends.cuda.matmul.allow_tf32 = bool(args.tf32)  # only matters with --precision fp32
 
 
 def resolve_batch(args, world_size):
@@ -278,6 +319,9 @@ def pretrain(args, dist_info, logger, stop, board):
     started = time.time()
     prepare_run(args, dist_info, logger)
     data = build_pretrain_data(args, logger)
+    if args.steps is None:  # --optimizer sgd without --steps: the predecessor's 90 epochs of this training set
+        resolve_epoch_steps(args, len(data.train_set), logger)
+        check_previous_run(args, resume_path_of(args.dump_path))
     seeded = SeededSamples(data.train_set)
     loaders = build_eval_loaders(args, data, seeded, dist_info, logger)
     model, optimizer, train_model = build_training_model(args, data.num_classes, dist_info, logger)
@@ -293,15 +337,11 @@ def prepare_run(args, dist_info, logger):
     """The batch split over processes, the precision, the recipe check against the run folder, the banner."""
     resolve_batch(args, dist_info.world_size)
     args.precision = resolve_precision(args.precision, dist_info.device)
-    check_previous_run(args, resume_path_of(args.dump_path))
+    if args.steps is not None:  # else checked once the training set is counted (resolve_epoch_steps)
+        check_previous_run(args, resume_path_of(args.dump_path))
     log_startup(logger, args, dist_info, args.global_batch, args.lr)
     if dist_info.device.type == "cuda":
-        # autotuning picks kernels by timing, and cuDNN's fastest backward kernels sum in a varying order: both make
-        # two identical runs differ in the last bits, which then grow; --cuda_deterministic rules both out
-        torch.backends.cudnn.benchmark = not args.cuda_deterministic
-        torch.backends.cudnn.deterministic = args.cuda_deterministic
-        torch.backends.cuda.matmul.allow_tf32 = True  # only matters with --precision fp32
-        torch.backends.cudnn.allow_tf32 = True
+        configure_cuda_numerics(args)
 
 
 def loader_options(args, dist_info):

@@ -29,6 +29,23 @@ DERIVED_RECIPE_KEYS = ("global_batch", "batch_semantics")  # set by main_linear_
 RECIPE_DEFAULTS = {"subsets": "none", "head_impl": "separate"}
 # what only training depends on: --mode eval_only may evaluate saved heads with another process count
 TRAINING_ONLY_KEYS = ("global_batch", "batch_semantics", "sync_bn")
+# The original's slurm flags (its add_slurm_params; REFERENCE.md, "The original's cluster habits"): name -> (type,
+# default, help). Where the job runs, never what it computes: run-only, out of the recipe and the folder hash.
+SLURM_FLAGS = {
+    "hours": (float, 12, "wall-clock limit of the job in hours"),
+    "tasks_per_node": (int, 8, "tasks (processes) per node"),
+    "cpus_per_task": (int, 8, "CPUs per task"),
+    "gpus_per_node": (int, 1, "GPUs per node"),
+    "nodes": (int, 1, "number of nodes"),
+    "mem": (str, "64G", "memory per node"),
+    "constraint": (str, None, "slurm --constraint"),
+    "gres": (str, None, "slurm --gres"),
+    "exclude": (str, None, "nodes to exclude"),
+    "job_name": (str, "submitit", "slurm job name"),
+    "account": (str, None, "slurm account"),
+    "server": (str, "nyu", "the original's cluster name"),
+}
+SLURM_KEYS = tuple(SLURM_FLAGS)
 # Flags not compared on resume: where the run reads and writes, what it logs, how it is launched, and flags whose
 # effect the recipe records through another key (--tag/--tag_file as arch/pretrained, --batch_size as
 # global_batch); the original's flags with no effect here. Every flag of get_args_parser is in exactly one of
@@ -37,8 +54,7 @@ RUN_ONLY_KEYS = ("tag", "tag_file", "classifier", "knn", "data_path", "download"
                  "dump_path", "mode", "start_over", "debug", "device", "eval_freq", "save_freq", "custom_eval_func",
                  "cuda_deterministic", "dist_timeout", "print_freq", "tensorboard", "skip_bad_images",
                  "config", "dist_url", "gpu", "reweight_path", "headpretrained", "richway", "world_size", "rank",
-                 "local_rank", "skip_pool", "save_init",
-                 "checkpoint_root")
+                 "local_rank", "skip_pool", "save_init", "eval_checkpoint", "extra_log_lines", "checkpoint_root") + SLURM_KEYS
 
 
 # ---------------------------------------------------------------- arguments
@@ -51,6 +67,8 @@ def get_args_parser():
     add_run_args(p.add_argument_group("run"))
     add_legacy_args(p.add_argument_group("flags of the original repository with no effect here (accepted and "
                                          "logged as ignored, so its command lines run unchanged)"))
+    add_slurm_args(p.add_argument_group("slurm (the original's flags, with its defaults: where a job runs, not what "
+                                        "it computes; a launcher reads them, a direct run ignores them)"))
     add_aliases(p)
     return p
 
@@ -161,7 +179,11 @@ def add_run_args(g):
                    "wd{values}-{recipe hash}, so a rerun of the same command resumes and two different probes "
                    "never share a folder")
     g.add_argument("--mode", default="train", choices=["train", "eval_only"],
-                   help="eval_only: evaluate the best saved head(s) of --dump_path")
+                   help="eval_only: evaluate the saved head(s) of --dump_path on the test set (--eval_checkpoint) "
+                   "and log the original's `Test:` line")
+    g.add_argument("--eval_checkpoint", default="last", choices=["last", "best"],
+                   help="--mode eval_only evaluates last: checkpoint.pth.tar, the last epoch's heads (the "
+                   "original's), or best: each head's best.pth.tar (the epoch of its `Top-1 test accuracy`)")
     add_bool(g, "start_over", False, "discard the state in --dump_path and start from epoch 0 (otherwise a "
              "rerun resumes)")
     add_bool(g, "sync_bn", None, "synchronise BatchNorm statistics across processes (head, and backbones when "
@@ -179,6 +201,10 @@ def add_run_args(g):
     g.add_argument("--dist_timeout", type=float, default=30.0, help="minutes a process waits for the others "
                    "(start-up rendezvous and every collective) before it stops with an error")
     g.add_argument("--print_freq", type=int, default=50, help="iterations between log lines (reference: 50)")
+    add_bool(g, "extra_log_lines", False, "also log lines the original does not write: each training epoch's last "
+             "iteration line (its running means are the epoch's) and `Test: Acc@5 ... over N images` after each "
+             "evaluation (written anyway with --skip_bad_images, which it reports); metrics.jsonl holds the same "
+             "numbers (reference: off, train.log line for line as the original's)")
     add_bool(g, "tensorboard", False, "TensorBoard events beside train.log (train/test loss and top-1, test "
              "top-5, lr); needs the optional tensorboard package (`uv sync --extra tensorboard`); metrics.jsonl "
              "stays the record")
@@ -195,6 +221,11 @@ def add_legacy_args(g):
     add_launcher_args(g)
     for name in ("skip_pool", "save_init"):
         g.add_argument(f"--{name}", nargs="?", const=True, default=None, type=bool_flag, help=argparse.SUPPRESS)
+
+
+def add_slurm_args(g):
+    for name, (kind, default, text) in SLURM_FLAGS.items():
+        g.add_argument(f"--{name}", type=kind, default=default, help=f"{text} (the original's default: {default})")
 
 
 def config_name(args):

@@ -13,6 +13,10 @@ EXTRA_RUN_SEED = 10000  # run i >= 5 defaults to seed 10000 + i, clear of the re
 BN_BATCH = 128  # images per forward pass and process (AlgoPerf: 1024 over 8 devices); the rest is accumulation
 SCHEDULE_FREE = ("sfadamw", "sfadamw_package")
 PRETRAIN_DATA = ("imagenet1k", "imagefolder")
+# --optimizer sgd: the predecessor paper's recipe (arXiv 2212.07346; REFERENCE.md, "Pretraining recipe"): 90 epochs
+# at batch 256, lr 0.1, momentum 0.9, wd 1e-4, lr x0.1 at epochs 30 and 60 (and 90, the end)
+SGD_EPOCHS, SGD_BATCH = 90, 256
+SFADAMW_BATCH, SFADAMW_STEPS, SFADAMW_SAVE_STEPS = 1024, 450000, [80000, 100000, 200000]
 # A run resumed from its folder must follow the same weight trajectory; these flags define it (compared on resume).
 RECIPE_KEYS = ("arch", "img_size", "global_batch", "optimizer", "lr", "wd", "betas", "eps", "sf_r",
                "weight_lr_power", "warmup_steps", "label_smoothing", "momentum", "schedule", "decay_epochs",
@@ -23,7 +27,7 @@ RECIPE_KEYS = ("arch", "img_size", "global_batch", "optimizer", "lr", "wd", "bet
 RUN_ONLY_KEYS = ("data_name", "data_path", "workers", "accum_steps", "steps", "save_steps", "eval_every",
                  "bn_refresh_batches", "bn_refresh_every", "run", "output_dir", "dump_path", "start_over", "compile",
                  "max_time", "print_freq", "debug", "dist_timeout", "skip_bad_images", "device", "local_rank",
-                 "tensorboard", "cuda_deterministic", "checkpoint_root")
+                 "tensorboard", "cuda_deterministic", "tf32", "checkpoint_root")
 # The value a recipe key had in run folders written before the key existed (before --init, "sfadamw" was the
 # package's optimizer).
 LEGACY_RECIPE = {"init": "torchvision", "sf_moment_dtype": "bfloat16", "init_from": None}
@@ -67,18 +71,20 @@ def add_model_and_data_args(p):
 
 def add_batch_args(p):
     g = p.add_argument_group("batch and budget")
-    g.add_argument("--global_batch", type=int, default=1024, help="images per optimizer step over all processes "
-                   "(reference: 1024); = batch_size x processes x accum_steps")
+    g.add_argument("--global_batch", type=int, default=None, help="images per optimizer step over all processes; "
+                   f"= batch_size x processes x accum_steps; default and reference: {SFADAMW_BATCH} (sfadamw), "
+                   f"{SGD_BATCH} (sgd, the predecessor's)")
     g.add_argument("--batch_size", type=int, default=None, help="images per forward pass and process, the "
                    f"BatchNorm batch (recommended and reference: {BN_BATCH}, AlgoPerf's 1024 over 8 devices); "
                    "default: that, or the per-process batch when smaller")
     g.add_argument("--accum_steps", type=int, default=None, help="gradient-accumulation micro-steps per optimizer "
                    "step; default: derived from --global_batch and --batch_size")
-    g.add_argument("--steps", type=int, default=450000, help="optimizer steps of this run (reference: 450000 for "
-                   "cat1; a catN run needs 400000/N)")
-    g.add_argument("--save_steps", type=int, nargs="*", default=[80000, 100000, 200000],
-                   help="milestones written as checkpoints_step{k}/ (k = steps/1000) besides checkpoints_stepfull/ "
-                   "(reference: 80000 100000 200000, the cat5/cat4/cat2 budgets)")
+    g.add_argument("--steps", type=int, default=None, help="optimizer steps of this run; default and reference: "
+                   f"sfadamw {SFADAMW_STEPS} (cat1; a catN run needs 400000/N); sgd {SGD_EPOCHS} epochs of the "
+                   "training set (the predecessor's; 90 x 5004 = 450360 on ImageNet at batch 256)")
+    g.add_argument("--save_steps", type=int, nargs="*", default=None,
+                   help="milestones written as checkpoints_step{k}/ (k = steps/1000) besides checkpoints_stepfull/; "
+                   "default and reference: sfadamw 80000 100000 200000 (the cat5/cat4/cat2 budgets); sgd none")
     g.add_argument("--eval_every", type=int, default=5000, help="steps between validations (0: only at milestones "
                    "and the end); each also saves the resume state")
 
@@ -88,7 +94,9 @@ def add_optimisation_args(p):
     g.add_argument("--optimizer", default="sfadamw", choices=[*SCHEDULE_FREE, "sgd"],
                    help="sfadamw: schedule-free AdamW as AlgoPerf's submission updates it (the released "
                    "checkpoints; reference); sfadamw_package: the schedulefree package's AdamWScheduleFree (decay "
-                   "at y); sgd: the predecessor paper's 90-epoch recipe")
+                   "at y); sgd: the predecessor paper's recipe (arXiv 2212.07346): 90 epochs at batch 256, lr 0.1, "
+                   "momentum 0.9, wd 1e-4, lr x0.1 at epochs 30 and 60, no warmup, no label smoothing; each value "
+                   "given on the command line replaces its default")
     g.add_argument("--lr", type=float, default=None, help="peak learning rate (reference: sfadamw 0.0025 at any "
                    "batch; sgd 0.1 x global_batch / 256)")
     g.add_argument("--wd", type=float, default=None, help="decoupled weight decay (reference: sfadamw "
@@ -141,9 +149,12 @@ def add_run_args(p):
     add_bool(g, "start_over", False, "discard the resume state of --dump_path and "
                    "start from step 0 (otherwise a rerun resumes)")
     g.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "auto"], help="reference and "
-                   "recommended: fp32 (TF32 matmuls on GPUs, as PyTorch allowed on the reference's GPUs); bf16: "
+                   "recommended: fp32 (PyTorch's default TF32 settings, see --tf32); bf16: "
                    "autocast, faster, not the reference numerics (see docs/benchmarks.md); auto = bf16 on GPUs and "
                    "on CPUs with bf16 instructions, fp32 elsewhere")
+    add_bool(g, "tf32", False, "TF32 matrix products on GPUs (torch.backends.cuda.matmul.allow_tf32): faster fp32 "
+             "linear layers, other rounding (reference: off, PyTorch's default, as AlgoPerf leaves it; AlgoPerf "
+             "sets only cudnn.benchmark, and cuDNN convolutions use TF32 by PyTorch's default either way)")
     add_bool(g, "compile", False, "torch.compile the training forward/backward")
     add_bool(g, "cuda_deterministic", False, "deterministic cuDNN kernels, no autotuning: on a GPU, two runs (and a "
              "run and its resumption) give bit-identical weights, slower (docs/benchmarks.md); CPU runs always do "

@@ -176,6 +176,9 @@ def build_dataset(data_name, data_path, split, download=True):
         folder = os.path.join(imagenet_root(data_path).folder, "train" if train else "val")
         dataset = build_image_folder(folder, "ImageNet1k", IMAGENET_HINT)
         num_classes = len(dataset.classes)
-    if percent is not None and train and percent < 100:
-        dataset = torch.utils.data.Subset(dataset, percent_subset(len(dataset), percent))
+    if base.startswith("cifar") and train:
+        # the original reads EVERY CIFAR training set through its fixed permutation: Subset(train,
+        # order[:int(50000 * p / 100)]) with p = 100 for a name without _{p}perc, so even a full cifar10 run draws
+        # its batches (and --data_rate its fraction) through that order
+        dataset = torch.utils.data.Subset(dataset, percent_subset(len(dataset), 100.0 if percent is None else percent))
     return dataset, num_classes

@@ -53,7 +53,9 @@ def test_two_processes_give_the_one_process_result(world, tmp_path):
         assert torch.allclose(heads[0][key], heads[1][key], rtol=1e-3, atol=1e-5), key
     assert abs(final_top1(tmp_path / "one") - final_top1(tmp_path / "two")) <= 0.5
     # the logged training loss is over both processes' halves of the global batch, not rank 0's
-    last = [re.findall(r"Loss \S+ \((\S+)\)", (tmp_path / run / "train.log").read_text())[-1] for run in ("one", "two")]
+    # (training lines: they have a Data field; the original's validation lines are each process's own batches)
+    last = [re.findall(r"Data \S+ \(\S+\)\tLoss \S+ \((\S+)\)", (tmp_path / run / "train.log").read_text())[-1]
+            for run in ("one", "two")]
     assert float(last[0]) == pytest.approx(float(last[1]), rel=1e-3)
 
 

@@ -1,4 +1,6 @@
 """The original repository's command lines run unchanged and give the recipe of this project's own flags."""
+import os
+
 import pytest
 
 import main_linear_probe as probe
@@ -138,3 +140,70 @@ def test_feature_cache_key_holds_the_training_subset(tmp_path):
         probe.check_args(args)
         keys.append(entry_key(args, "train", -1, 100))
     assert keys[0] != keys[1]
+
+
+# ---------------------------------------------------------------- the six scripts' command lines, verbatim
+ORIGINAL_LINES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "original_command_lines.txt")
+# the reference recipe (REFERENCE.md, "Linear-probe protocol of the original scripts"); per line: the data name,
+# the weight decay and the global batch come from the line itself, the number of backbones from its tag
+REFERENCE_RECIPE = {"exp_mode": "lineareval", "use_bn": True, "headinit": "normal", "optimizer": "sgd",
+                    "lr": ["0.01"], "momentum": 0.9, "nesterov": True, "wd_skip_bn": True, "epochs": 28,
+                    "scheduler_type": "step", "decay_epochs": [8, 16, 24], "gamma": 0.1, "final_lr": 0.0,
+                    "seed": 31, "img_size": None, "data_rate": 1.0, "precision": "fp32", "feature_cache": None,
+                    "cache_views": 0, "val_split": 0.0, "lr_last_layer": None, "sync_bn": False,
+                    "batch_semantics": "per_process", "subsets": "none", "head_impl": "separate"}
+
+
+def original_lines():
+    with open(ORIGINAL_LINES) as f:
+        lines = [line.split() for line in f if line.strip() and not line.startswith("#")]
+    assert len(lines) == 6 and all(line[:2] == ["python", "supervised.py"] for line in lines)
+    return [line[2:] for line in lines]
+
+
+@pytest.mark.parametrize("argv", original_lines(), ids=lambda argv: argv[argv.index("--dump_path") + 1])
+def test_the_six_original_command_lines_run_verbatim_and_give_the_reference_recipe(tmp_path, argv):
+    import yaml
+
+    from arguments.linear_probe import DEFAULT_TAG_FILE
+    from datasets.transforms import build_transform
+    args = probe.get_args_parser().parse_args(argv)  # verbatim: every flag of the original's line is accepted
+    with open(DEFAULT_TAG_FILE) as f:
+        tag = yaml.safe_load(f)[args.tag]  # the original's tag names are this project's
+    placeholders = []
+    for i in range(len(tag["pretrained"])):  # the released checkpoints are not here: same count, placeholders
+        placeholders.append(str(tmp_path / f"ckpt{i}.pth"))
+        (tmp_path / f"ckpt{i}.pth").write_bytes(b"placeholder")
+    (tmp_path / "tags.yaml").write_text(yaml.safe_dump({args.tag: {"arch": tag["arch"],
+                                                                   "pretrained": placeholders}}))
+    args.tag_file = str(tmp_path / "tags.yaml")
+    probe.check_args(args)
+    probe.resolve_batch(args, 1)
+    value = {flag: argv[i + 1] for i, flag in enumerate(argv[:-1]) if flag.startswith("--")}
+    expected = dict(REFERENCE_RECIPE, data_name=value["--data_name"], wd=[value["--wd"]],
+                    global_batch=256 if value["--data_name"].startswith("cifar") else 32)
+    assert {k: getattr(args, k) for k in expected} == expected
+    assert args.arch == ["resnet50"] * len(placeholders) and args.pretrained == placeholders
+    assert args.dump_path == value["--dump_path"] and args.classifier == "linear" and args.debug
+    # --tf_name eval (cat_cifar_sf.sh) and 224px (run_cifar_sf.sh) are the same transforms, the reference's
+    family = "cifar" if args.data_name.startswith("cifar") else "imagenet"
+    for train in (True, False):
+        assert repr(build_transform(family, args.tf_name, train)) == repr(build_transform(family, "eval", train))
+    # the original's slurm flags with its defaults, out of the recipe
+    assert (args.hours, args.tasks_per_node, args.cpus_per_task, args.gpus_per_node, args.nodes, args.mem,
+            args.constraint, args.gres, args.exclude, args.job_name, args.account, args.server) == \
+        (12.0, 8, 8, 1, 1, "64G", None, None, None, "submitit", None, "nyu")
+
+
+def test_the_originals_slurm_flags_are_accepted_and_change_no_recipe(tmp_path):
+    from arguments.linear_probe import RECIPE_KEYS, SLURM_KEYS, default_dump_path
+    ckpt = tmp_path / "x.pth"
+    ckpt.write_bytes(b"placeholder")
+    base = ["--arch", "resnet50", "--pretrained", str(ckpt)]
+    slurm = ["--hours", "5.5", "--tasks_per_node", "1", "--cpus_per_task", "4", "--gpus_per_node", "2", "--nodes",
+             "3", "--mem", "128G", "--constraint", "volta32gb", "--gres", "gpu:1", "--exclude", "node1",
+             "--job_name", "probe", "--account", "acct", "--server", "fair"]
+    plain, with_slurm = (probe.get_args_parser().parse_args(base + extra) for extra in ([], slurm))
+    assert with_slurm.hours == 5.5 and with_slurm.nodes == 3 and with_slurm.mem == "128G"
+    assert not set(SLURM_KEYS) & set(RECIPE_KEYS)
+    assert default_dump_path(plain, RECIPE_KEYS) == default_dump_path(with_slurm, RECIPE_KEYS)

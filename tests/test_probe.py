@@ -190,7 +190,7 @@ def test_rerun_with_another_recipe_is_refused(world, tmp_path, capsys):
 def test_eval_only_reproduces_the_best_accuracy(world, tmp_path):
     run_probe(world, tmp_path, "--epochs", "2")
     best = max(m["test_top1"] for m in read_metrics(tmp_path))
-    run_probe(world, tmp_path, "--epochs", "2", "--mode", "eval_only")
+    run_probe(world, tmp_path, "--epochs", "2", "--mode", "eval_only", "--eval_checkpoint", "best")
     last = open(tmp_path / "train.log").read().strip().splitlines()[-1]
     assert f"Acc@1 {best:.3f}" in last
 
@@ -211,7 +211,7 @@ def test_a_head_that_never_scores_still_writes_best_and_eval_only_reads_it(world
     run_probe(dict(world, data=str(data)), dump, "--epochs", "2")
     assert [m["test_top1"] for m in read_metrics(dump)] == [0.0, 0.0]
     assert os.path.isfile(dump / "best.pth.tar")
-    run_probe(dict(world, data=str(data)), dump, "--epochs", "2", "--mode", "eval_only")
+    run_probe(dict(world, data=str(data)), dump, "--epochs", "2", "--mode", "eval_only", "--eval_checkpoint", "best")
     assert "Acc@1 0.000" in open(dump / "train.log").read().strip().splitlines()[-1]
 
 
@@ -246,7 +246,7 @@ def test_two_process_gloo_run_counts_every_test_image_once(world, tmp_path):
     result = run_script(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                          "main_linear_probe.py", "--arch", "resnet18", "--pretrained", *world["ckpts"],
                          "--data_path", world["data"], "--dump_path", str(dump), *TINY, "--batch_size", "16",
-                         "--epochs", "2", "--device", "cpu"])  # gloo on a GPU machine too
+                         "--epochs", "2", "--device", "cpu", "--extra_log_lines"])  # gloo on a GPU machine too
     assert result.returncode == 0, result.stderr[-3000:]
     log = (dump / "train.log").read_text()
     assert "world size: 2, global batch: 32" in log and "launcher torchrun" in log
@@ -256,10 +256,11 @@ def test_two_process_gloo_run_counts_every_test_image_once(world, tmp_path):
     if torch.cuda.is_available():  # evaluate where the heads were trained; a process: --device cpu hides the GPUs
         again = run_script(["main_linear_probe.py", "--arch", "resnet18", "--pretrained", *world["ckpts"],
                             "--data_path", world["data"], "--dump_path", str(dump), *TINY, "--batch_size", "16",
-                            "--epochs", "2", "--mode", "eval_only", "--device", "cpu"])
+                            "--epochs", "2", "--mode", "eval_only", "--eval_checkpoint", "best", "--device", "cpu"])
         assert again.returncode == 0, again.stderr[-3000:]
     else:
-        run_probe(world, dump, "--batch_size", "16", "--epochs", "2", "--mode", "eval_only", "--debug")
+        run_probe(world, dump, "--batch_size", "16", "--epochs", "2", "--mode", "eval_only", "--eval_checkpoint",
+                  "best", "--debug")
     assert f"Acc@1 {best:.3f}" in (dump / "train.log").read_text().strip().splitlines()[-1]
 
 
@@ -284,21 +285,25 @@ def test_acc1_scripts_report_final_and_running_accuracy(world, tmp_path):
     lines = open(finished / "train.log").read().splitlines()
     (running / "train.log").write_text("\n".join(line for line in lines if "Top-1 test accuracy" not in line) + "\n")
     env = {"CAT_EXP_HOME": str(home)}
-    final = subprocess.run(["bash", os.path.join(ROOT, "top1acc_final.sh"), "cifar10_", "cat2"], env=env,
+    # --table: one line per run (the original's three-line output is tests/test_fidelity.py's)
+    final = subprocess.run(["bash", os.path.join(ROOT, "top1acc_final.sh"), "--table", "cifar10_", "cat2"], env=env,
                            capture_output=True, text=True)
     assert final.returncode == 0, final.stderr
     out = final.stdout.strip().splitlines()
     assert len(out) == 1 and "cifar10_0.0005" in out[0] and "Epoch[1]" in out[0]
     assert out[0].endswith(f"{final_accuracy(finished):.1f}")
-    sofar = subprocess.run(["bash", os.path.join(ROOT, "top1acc_sofar.sh"), "cat2"], env=env,
+    sofar = subprocess.run(["bash", os.path.join(ROOT, "top1acc_sofar.sh"), "cat2"], env=dict(env, ACC1_TABLE="1"),
                            capture_output=True, text=True)
     rows = sofar.stdout.strip().splitlines()
     assert len(rows) == 2 and all("Epoch[1]" in r for r in rows)
     best = max(m["test_top1"] for m in read_metrics(finished))
     assert all(r.endswith(f"{best:.2f}") for r in rows)
-    none = subprocess.run(["bash", os.path.join(ROOT, "top1acc_final.sh"), "inat"], env=env,
+    none = subprocess.run(["bash", os.path.join(ROOT, "top1acc_final.sh"), "--table", "inat"], env=env,
                           capture_output=True, text=True)
-    assert none.returncode != 0 and "no train.log" in none.stderr
+    assert none.returncode == 0 and none.stdout == ""  # as the original: no match, nothing printed
+    empty = subprocess.run(["bash", os.path.join(ROOT, "top1acc_final.sh")], env={"CAT_EXP_HOME": str(tmp_path)},
+                           capture_output=True, text=True)
+    assert empty.returncode != 0 and "no probe results" in empty.stderr
 
 
 # ---------------------------------------------------------------- bad input

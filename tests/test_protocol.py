@@ -104,8 +104,14 @@ def test_optimizer_groups_follow_the_bn_name_rule(tmp_path):
     assert head["bn.weight"] == (0.0, 0.01) and head["linear.weight"] == (1e-3, 0.5) == head["linear.bias"]
     backbone = groups_by_name(encoder, optimizer)
     assert backbone["net.layer1.0.bn1.weight"] == (0.0, 0.01) and backbone["net.bn1.bias"] == (0.0, 0.01)
-    assert backbone["net.layer2.0.downsample.1.weight"] == (1e-3, 0.01)  # a BatchNorm whose name lacks 'bn'
-    assert backbone["net.conv1.weight"] == (1e-3, 0.01)
+    # the original's rule (issue 19): every backbone parameter without 'bn' in its name joins the head's group,
+    # with --lr_last_layer (its head test is always true); downsample.1 is a BatchNorm whose name lacks 'bn'
+    assert backbone["net.layer2.0.downsample.1.weight"] == (1e-3, 0.5)
+    assert backbone["net.conv1.weight"] == (1e-3, 0.5) and backbone["net.fc.weight"] == (1e-3, 0.5)
+    # without --lr_last_layer every group has --lr
+    args = args_for(tmp_path, "--exp_mode", "finetune", "--wd", "1e-3")
+    optimizer = probe.build_optimizer(probe.param_groups(heads, encoder, probe.head_combos(args), args), args)
+    assert groups_by_name(encoder, optimizer)["net.conv1.weight"] == (1e-3, 0.01)
 
 
 def test_optimizer_variants(tmp_path):

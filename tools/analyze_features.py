@@ -31,7 +31,7 @@ from util.cli import ArgumentParser, UserError, run_main
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # what may differ between the training and test entries of one configuration
-SPLIT_KEYS = ("split", "view", "length", "data_rate", "seed")
+SPLIT_KEYS = ("split", "view", "length", "data_rate", "seed", "subset")  # subset: training entries only
 
 
 # ---------------------------------------------------------------- cache entries

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from tools import catn_curve
 from util import layout
 from util.cli import ArgumentParser, UserError, run_main
-from util.log_lines import EPOCH_RE, FINAL_RE, parse_tests  # the owner of the log formats
+from util.log_lines import FINAL_RE, parse_tests, training_epochs  # the owner of the log formats
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # table columns: dataset -> header, in the README's order; other datasets follow under their own name
@@ -144,12 +144,13 @@ def read_log(run_dir, run, have_metrics):
     # the end of the log says whether the run finished; the whole log is read only for its Test: lines
     text = read_text(path, tail=TAIL_BYTES if have_metrics else None)
     finals = list(FINAL_RE.finditer(text))
-    epochs = list(EPOCH_RE.finditer(text))
+    # the last TRAINING epoch: the original's logs end with `Epoch[0]` validation lines, which are not training
+    epochs = training_epochs(text)
     if epochs:
-        run.last_epoch = int(epochs[-1].group(1))
+        run.last_epoch = epochs[-1][0]
     final = None
     # a finished run that was started over appends to the same train.log: training after the final line
-    if finals and not (epochs and epochs[-1].start() > finals[-1].start()):
+    if finals and not (epochs and epochs[-1][1] > finals[-1].start()):
         run.finished = True
         final = float(finals[-1].group(1))
         selected = [m.group(1) for m in SELECTED_RE.finditer(text)]

@@ -8,6 +8,7 @@ fields, the same number formats; REFERENCE.md, "Exact details of the original co
 scripts keep working; the parsers also accept this project's earlier space-separated lines. Depends on nothing of
 ours.
 """
+import datetime
 import re
 import time
 
@@ -19,6 +20,9 @@ ITERATION_RE = re.compile(r"Epoch\[(\d+)\] - Iter: \[(\d+)/(\d+)\]" + _SEP + r"T
                           + r"Data (\S+) \((\S+)\)" + _SEP + r"Loss (\S+) \((\S+)\)" + _SEP + r"Prec (\S+) \((\S+)\)"
                           + _SEP + r"LR (\S+)")
 EPOCH_RE = re.compile(r"Epoch\[(\d+)\]")
+# the original's validation lines: always `Epoch[0]`, Time then Loss (no Data field); not training epochs
+EVAL_ITERATION_RE = re.compile(r"Epoch\[0\] - Iter: \[\d+/\d+\]" + _SEP + r"Time \S+ \(\S+\)" + _SEP + r"Loss ")
+BANNER_RE = re.compile(r"============ Starting epoch (\d+) \.\.\. ============")
 TEST_RE = re.compile(r"Test:" + _SEP + r"Loss (\S+)" + _SEP + r"Acc@1 ([\d.]+)" + _SEP
                      + r"Best Acc@1 so far ([\d.]+)")
 FINAL_RE = re.compile(r"Top-1 test accuracy:\s*([\d.]+)")
@@ -32,6 +36,22 @@ def iteration_line(epoch, i, n, time_val, time_avg, data_val, data_avg, loss_val
     return (f"Epoch[{epoch}] - Iter: [{i}/{n}]\tTime {time_val:.3f} ({time_avg:.3f})\t"
             f"Data {data_val:.3f} ({data_avg:.3f})\tLoss {loss_val:.4f} ({loss_avg:.4f})\t"
             f"Prec {prec_val:.4f} ({prec_avg:.4f})\tLR {lr}")
+
+
+def epoch_banner(epoch):
+    """The original's line at the start of each training epoch."""
+    return f"============ Starting epoch {epoch} ... ============"
+
+
+def eval_iteration_line(i, n, time_val, time_avg, loss_val, loss_avg, prec_val, prec_avg):
+    """The original's line every 50 evaluation batches: always `Epoch[0]`, no Data and no LR field, a trailing tab."""
+    return (f"Epoch[0] - Iter: [{i}/{n}]\tTime {time_val:.3f} ({time_avg:.3f})\tLoss {loss_val:.4f} ({loss_avg:.4f})\t"
+            f"Prec {prec_val:.4f} ({prec_avg:.4f})\t")
+
+
+def eval_only_line(loss, top1):
+    """The original's one line of `--mode eval_only` (a trailing tab, no best)."""
+    return f"Test:\tLoss {loss:.4f}\tAcc@1 {top1:.3f}\t"
 
 
 def test_line(loss, top1, best):
@@ -60,10 +80,19 @@ def diagnostic_line(name, values):
 
 
 def prefix(levelname, created, elapsed_seconds):
-    """The original logger's prefix, `LEVEL - %x %X - h:mm:ss - `."""
+    """The original logger's prefix, `LEVEL - %x %X - h:mm:ss - `: the elapsed time rounded to the second and
+    written as a timedelta ("1 day, 2:03:04" past 24 hours)."""
     stamp = time.strftime("%x %X", time.localtime(created))
-    elapsed = int(elapsed_seconds)
-    return f"{levelname} - {stamp} - {elapsed // 3600}:{elapsed % 3600 // 60:02d}:{elapsed % 60:02d} - "
+    return f"{levelname} - {stamp} - {datetime.timedelta(seconds=round(elapsed_seconds))} - "
+
+
+def format_record(levelname, created, elapsed_seconds, message):
+    """A log record as the original's formatter writes it: the prefix, then the message with every continuation
+    line indented to the message's column; an empty message is an empty line."""
+    if not message:
+        return ""
+    head = prefix(levelname, created, elapsed_seconds)
+    return head + message.replace("\n", "\n" + " " * len(head))
 
 
 def parse_tests(text):
@@ -81,3 +110,11 @@ def parse_last_epoch(text):
     """The last `Epoch[N]` a log mentions, or None."""
     found = EPOCH_RE.findall(text)
     return int(found[-1]) if found else None
+
+
+def training_epochs(text):
+    """The epoch of every training line of a log (each `Epoch[N]` and banner), with its position, in order:
+    [(epoch, offset)]; the original's validation lines (EVAL_ITERATION_RE) are not training lines."""
+    evaluation = {m.start() for m in EVAL_ITERATION_RE.finditer(text)}
+    found = [(int(m.group(1)), m.start()) for m in EPOCH_RE.finditer(text) if m.start() not in evaluation]
+    return sorted(found + [(int(m.group(1)), m.start()) for m in BANNER_RE.finditer(text)], key=lambda e: e[1])

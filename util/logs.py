@@ -22,8 +22,10 @@ class _ElapsedFormatter(logging.Formatter):
         self.start = time.time()
 
     def format(self, record):
-        # the original's prefix (util/log_lines owns it), so old readers of train.log keep working
-        return log_lines.prefix(record.levelname, record.created, record.created - self.start) + record.getMessage()
+        # the original's formatter (util/log_lines owns it): prefix, indented continuation lines, empty line for an
+        # empty message; so old readers of train.log keep working
+        return log_lines.format_record(record.levelname, record.created, record.created - self.start,
+                                       record.getMessage())
 
 
 def create_logger(dump_path, rank, filename="train.log", console=True):

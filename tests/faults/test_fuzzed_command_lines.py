@@ -60,6 +60,8 @@ PROBE_FLAGS = {
     "--cuda_deterministic": ([None], []), "--no-cuda_deterministic": ([None], []), "--no-debug": ([None], []),
     "--no-skip_bad_images": ([None], []), "--no-start_over": ([None], []), "--no-sync_bn": ([None], []),
     "--bogus": ([], [None, "1"]),
+    "--eval_checkpoint": (["last", "best"], ["first"]),
+    "--extra_log_lines": ([None], []), "--no-extra_log_lines": ([None], []),
 }
 PRETRAIN_FLAGS = {
     "--arch": (["resnet18"], ["resnet7", "vgg16"]),
@@ -95,6 +97,7 @@ PRETRAIN_FLAGS = {
     "--no-start_over": ([None], []), "--no-debug": ([None], []), "--no-skip_bad_images": ([None], []),
     "--no-compile": ([None], []), "--no-tensorboard": ([None], []),
     "--cuda_deterministic": ([None], []), "--no-cuda_deterministic": ([None], []),
+    "--tf32": ([None], []), "--no-tf32": ([None], []),
     # in-process: --device cpu would hide the GPUs from every later test through the environment
     "--device": (["auto"], ["gpu"]), "--local_rank": (["0", "1"], ["x"]),
     "--bogus": ([], [None]),
