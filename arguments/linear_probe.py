@@ -54,7 +54,8 @@ RUN_ONLY_KEYS = ("tag", "tag_file", "classifier", "knn", "data_path", "download"
                  "dump_path", "mode", "start_over", "debug", "device", "eval_freq", "save_freq", "custom_eval_func",
                  "cuda_deterministic", "dist_timeout", "print_freq", "tensorboard", "skip_bad_images",
                  "config", "dist_url", "gpu", "reweight_path", "headpretrained", "richway", "world_size", "rank",
-                 "local_rank", "skip_pool", "save_init", "eval_checkpoint", "extra_log_lines", "checkpoint_root") + SLURM_KEYS
+                 "local_rank", "skip_pool", "save_init", "eval_checkpoint", "extra_log_lines",
+                 "checkpoint_root") + SLURM_KEYS
 
 
 # ---------------------------------------------------------------- arguments
