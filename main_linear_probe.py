@@ -36,7 +36,6 @@ from typing import NamedTuple, Optional
 
 import torch
 import torch.nn as nn
-import yaml
 
 from datasets import (
     WithTransform,
@@ -48,7 +47,7 @@ from datasets import (
     stratified_subset,
     subset_fraction,
 )
-from datasets.transforms import build_transform
+from datasets.transforms import build_transform, crop_size
 from engine import (
     BatchSource,
     CachedBatches,
@@ -66,7 +65,9 @@ from engine import (
     train_one_epoch,
 )
 from feature_cache import load_or_build
-from models import RESNET_ARCHS, ConcatEncoder, LinearHead, MultiHead
+from models import ConcatEncoder, LinearHead, MultiHead
+from models.backbones import encoder_recipe
+from models.encoder import pair_backbones, read_tag
 from util import log_lines
 from util.checkpoint import load_file, save_atomic
 from util.cli import UserError, run_main
@@ -96,41 +97,16 @@ def resolve_backbones(args):
     if args.tag:
         if args.arch or args.pretrained:
             raise UserError("give either --tag or --arch/--pretrained, not both")
-        if not os.path.isfile(args.tag_file):
-            raise UserError(f"tag file {args.tag_file} not found")
-        try:
-            with open(args.tag_file) as f:
-                tags = yaml.safe_load(f) or {}
-        except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
-            raise UserError(f"cannot read the tag file {args.tag_file}: {str(exc).splitlines()[0]}") from None
-        if not isinstance(tags, dict) or args.tag not in tags:
-            raise UserError(f"unknown --tag '{args.tag}': {args.tag_file} defines "
-                            f"{', '.join(sorted(map(str, tags))) if isinstance(tags, dict) else 'no tags'}")
-        try:
-            args.arch = [str(a) for a in tags[args.tag]["arch"]]
-            args.pretrained = [p if os.path.isabs(p) else os.path.join(PROJECT_ROOT, p)
-                               for p in map(str, tags[args.tag]["pretrained"])]
-        except (KeyError, TypeError):
-            raise UserError(f"tag '{args.tag}' of {args.tag_file} needs an arch list and a pretrained list") from None
-    if not args.arch or not args.pretrained:
-        raise UserError("name the backbones: --tag NAME, or --arch A [A ...] with --pretrained P [P ...]")
-    if len(args.arch) == 1 and len(args.pretrained) > 1:
-        args.arch = args.arch * len(args.pretrained)
-    if len(args.arch) != len(args.pretrained):
-        raise UserError(f"--arch has {len(args.arch)} entries but --pretrained has {len(args.pretrained)}: "
-                        f"give one arch per checkpoint (or a single arch for all)")
-    unknown = [a for a in args.arch if a not in RESNET_ARCHS]
-    if unknown:
-        raise UserError(f"unknown arch '{unknown[0]}' (--arch): choose one of {', '.join(RESNET_ARCHS)}")
-    empty = [p for p in args.pretrained if os.path.isfile(p) and os.path.getsize(p) == 0]
-    if empty:
-        raise UserError(f"checkpoint {empty[0]} is empty (0 bytes): a download or copy was cut short; fetch it "
-                        f"again")
-    missing = [p for p in args.pretrained if not os.path.isfile(p)]
-    if missing:  # fail before any data is read or downloaded
-        raise UserError(f"checkpoint not found: {missing[0]}" +
-                        (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "") +
-                        ("; `python tools/download.py` fetches the released ones" if args.tag else ""))
+        args.arch, args.pretrained = read_tag(args.tag, args.tag_file)
+    args.arch = pair_backbones(args.arch, args.pretrained, tagged=bool(args.tag))
+    backbones_recipe(args)  # one line if the backbones expect different transforms, before any data is read
+
+
+def backbones_recipe(args):
+    """The backbones' input transform on ImageNet-like data (None: the reference's; CIFAR: always the reference's)."""
+    if family_of(args.data_name) != "imagenet":
+        return None
+    return encoder_recipe(args.arch, args.allow_mixed_transforms)
 
 
 def parse_values(name, texts, allow_zero):
@@ -399,9 +375,10 @@ def build_data(args, dist_info, logger):
     test_base, _ = build_dataset(args.data_name, args.data_path, "test", False)
     kept = subset_fraction(len(train_base), args.data_rate, args.seed)
     train_base = torch.utils.data.Subset(train_base, kept)
-    train_aug = WithTransform(train_base, build_transform(family, args.tf_name, True, args.img_size))
-    train_plain = WithTransform(train_base, build_transform(family, args.tf_name, False, args.img_size))
-    test_set = WithTransform(test_base, build_transform(family, args.tf_name, False, args.img_size))
+    recipe = backbones_recipe(args)
+    train_aug = WithTransform(train_base, build_transform(family, args.tf_name, True, args.img_size, recipe))
+    train_plain = WithTransform(train_base, build_transform(family, args.tf_name, False, args.img_size, recipe))
+    test_set = WithTransform(test_base, build_transform(family, args.tf_name, False, args.img_size, recipe))
     val_positions = []
     if args.val_split:
         val_positions = stratified_subset(dataset_targets(train_base), args.val_split, args.seed)
@@ -575,7 +552,8 @@ class ProbeModel(NamedTuple):
 def build_probe_model(run, num_classes):
     """Stage 2: the encoder and every head; only what trains is wrapped in DDP."""
     args, dist_info, device = run.args, run.dist, run.dist.device
-    encoder = ConcatEncoder(args.arch, args.pretrained).to(device).to(memory_format=torch.channels_last)
+    crop = crop_size(family_of(args.data_name), args.tf_name, args.img_size, backbones_recipe(args))
+    encoder = ConcatEncoder(args.arch, args.pretrained, crop).to(device).to(memory_format=torch.channels_last)
     finetune = args.exp_mode == "finetune"
     if not finetune:
         encoder.freeze()

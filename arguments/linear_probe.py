@@ -6,12 +6,13 @@ import json
 import os
 
 from arguments.common import add_device_arg, add_launcher_args
+from util import layout
 from util.cli import ArgumentParser, add_alias
 from util.flags import add_bool, bool_flag
 from util.subsets import SUBSET_MODES
 
 PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEFAULT_TAG_FILE = os.path.join(PROJECT_ROOT, "configs", "pretrained_checkpoints.yaml")
+DEFAULT_TAG_FILE = os.path.join(PROJECT_ROOT, layout.TAG_FILE)
 HEAD_IMPLS = ("separate", "fused")  # --head_impl: models.heads.MultiHead(fused=...)
 DIAGNOSTICS = ("feature_importance", "cat_validate_network")
 RESULTS_ROOT = os.path.join(PROJECT_ROOT, "results", "probe")  # under the git-ignored results/
@@ -37,7 +38,7 @@ RUN_ONLY_KEYS = ("tag", "tag_file", "classifier", "knn", "data_path", "download"
                  "dump_path", "mode", "start_over", "debug", "device", "eval_freq", "save_freq", "custom_eval_func",
                  "cuda_deterministic", "dist_timeout", "print_freq", "tensorboard", "skip_bad_images",
                  "config", "dist_url", "gpu", "reweight_path", "headpretrained", "richway", "world_size", "rank",
-                 "local_rank", "skip_pool", "save_init")
+                 "local_rank", "skip_pool", "save_init", "allow_mixed_transforms")
 
 
 # ---------------------------------------------------------------- arguments
@@ -66,10 +67,14 @@ def add_backbone_args(g):
                    "--pretrained (e.g. supervisedimagenet_resnet50_sfadamw_5_step80k)")
     g.add_argument("--tag_file", default=DEFAULT_TAG_FILE, help="YAML file of tags: {tag: {arch: [...], "
                    "pretrained: [...]}}; relative checkpoint paths are relative to the project folder")
-    g.add_argument("--arch", nargs="+", default=None, help="one torchvision ResNet name per backbone, or one "
-                   "for all (reference: resnet50)")
+    g.add_argument("--arch", nargs="+", default=None, help="one torchvision classification model name per "
+                   "backbone (resnet50, vit_b_16, convnext_tiny, regnet_y_400mf, efficientnet_b0, swin_t, ...), or "
+                   "one for all (reference: resnet50)")
     g.add_argument("--pretrained", nargs="+", default=None, help="one checkpoint per backbone; features are "
                    "concatenated in this order")
+    add_bool(g, "allow_mixed_transforms", False, "accept backbones that expect different input transforms on "
+             "ImageNet-like data (e.g. resnet50 and swin_t), feeding every backbone the first one's (recommended "
+             "and reference: False, refused with one line)")
     g.add_argument("--exp_mode", default="lineareval", choices=["lineareval", "finetune"],
                    help="lineareval: frozen backbones (reference); finetune: the whole network trains")
 

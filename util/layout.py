@@ -12,6 +12,7 @@ import os
 import re
 
 CHECKPOINT_ROOT = os.path.join("checkpoints", "supervised_pretrain")  # relative to the project root
+TAG_FILE = os.path.join("configs", "pretrained_checkpoints.yaml")  # the tags (--tag, load_encoder), same root
 FULL = "full"
 # checkpoints_stepfull / checkpoints_step80 / checkpoints_step60steps (ours, README) and checkpoints_full /
 # checkpoints_80k (the release archive)
