@@ -86,6 +86,7 @@ from util.misc import requeue_slurm_job, set_seed
 from util.signals import StopSignal
 from util.subsets import subset_folder, subsets_for
 from util.tensorboard import MetricsBoard, require_tensorboard
+from util.wandb_log import WandbRun, require_wandb
 
 # The reference scripts' batch (they ran as one process): the default GLOBAL batch here.
 REFERENCE_BATCH = {"cifar": 256, "imagenet": 32}
@@ -482,6 +483,8 @@ def main(args):
     check_args(args)
     if args.tensorboard:
         require_tensorboard()
+    if args.wandb:
+        require_wandb()
     apply_device_choice(args)  # --device cpu when main() is called directly (as a script: before torch loaded)
     require_cuda_if_requested(device_request(args))  # a GPU job on a CPU-only torch stops here, in one line
     dist_info = init_distributed(debug=args.debug, timeout_minutes=args.dist_timeout)
@@ -498,7 +501,9 @@ def main(args):
         logger.info(CPU_RUNTIME.line)
     head_loggers = [create_logger(d, dist_info.rank, console=False) for d in head_dirs] if sweep else [logger]
     try:
-        with StopSignal() as stop, MetricsBoard(args.tensorboard and dist_info.is_main, "epoch") as board:
+        wandb_run = (WandbRun(args.dump_path, args.wandb, vars(args), "epoch", logger)
+                     if args.wandb and dist_info.is_main else None)
+        with StopSignal() as stop, MetricsBoard(args.tensorboard and dist_info.is_main, "epoch", wandb_run) as board:
             probe(ProbeRun(args, dist_info, combos, head_dirs, logger, head_loggers, stop, board,
                            use_progress_bar(dist_info.is_main)))
     finally:

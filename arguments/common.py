@@ -4,6 +4,7 @@ import argparse
 import os
 
 DEVICES = ("auto", "cuda", "cpu")
+WANDB_MODES = ("auto", "online", "offline")  # util.wandb_log's (spelled here: --help imports no wandb or torch)
 
 
 def add_device_arg(g):
@@ -12,6 +13,15 @@ def add_device_arg(g):
                         "clearly asked for GPUs (slurm GPU variables, CUDA_VISIBLE_DEVICES) stops with an error "
                         "rather than run on the CPU; cuda: stop with an error if torch sees no GPU; cpu: hide the "
                         "GPUs (recommended: auto)")
+
+
+def add_wandb_arg(g):
+    g.add_argument("--wandb", nargs="?", const="auto", default=None, choices=WANDB_MODES,
+                   help="also log the metrics.jsonl records to a Weights & Biases run whose id is kept in the run "
+                   "folder (wandb.json: a requeued or resumed run continues it); auto (the flag alone) = online "
+                   "when api.wandb.ai answers and a key is set, else offline (`wandb sync` later); WANDB_MODE and "
+                   "WANDB_PROJECT (otherwise: timecat) are read; needs the optional wandb package (`uv sync --extra "
+                   "wandb`); off when not given")
 
 
 def add_launcher_args(g):

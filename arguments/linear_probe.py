@@ -5,7 +5,7 @@ import hashlib
 import json
 import os
 
-from arguments.common import add_device_arg, add_launcher_args
+from arguments.common import add_device_arg, add_launcher_args, add_wandb_arg
 from util import layout
 from util.cli import ArgumentParser, add_alias
 from util.flags import add_bool, bool_flag
@@ -36,7 +36,7 @@ TRAINING_ONLY_KEYS = ("global_batch", "batch_semantics", "sync_bn")
 # RECIPE_KEYS and RUN_ONLY_KEYS (tests/faults/test_flag_classes.py).
 RUN_ONLY_KEYS = ("tag", "tag_file", "classifier", "knn", "data_path", "download", "batch_size", "workers",
                  "dump_path", "mode", "start_over", "debug", "device", "eval_freq", "save_freq", "custom_eval_func",
-                 "cuda_deterministic", "dist_timeout", "print_freq", "tensorboard", "skip_bad_images",
+                 "cuda_deterministic", "dist_timeout", "print_freq", "tensorboard", "wandb", "skip_bad_images",
                  "config", "dist_url", "gpu", "reweight_path", "headpretrained", "richway", "world_size", "rank",
                  "local_rank", "skip_pool", "save_init", "allow_mixed_transforms")
 
@@ -184,6 +184,7 @@ def add_run_args(g):
     add_bool(g, "tensorboard", False, "TensorBoard events beside train.log (train/test loss and top-1, test "
              "top-5, lr); needs the optional tensorboard package (`uv sync --extra tensorboard`); metrics.jsonl "
              "stays the record")
+    add_wandb_arg(g)
     add_bool(g, "skip_bad_images", False, "skip unreadable image files (counted and reported in the log) "
              "instead of stopping at the first one")
 
