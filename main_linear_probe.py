@@ -38,7 +38,6 @@ from typing import NamedTuple, Optional
 
 import torch
 import torch.nn as nn
-import yaml
 
 from datasets import (
     WithTransform,
@@ -50,7 +49,7 @@ from datasets import (
     stratified_subset,
     subset_fraction,
 )
-from datasets.transforms import build_transform
+from datasets.transforms import build_transform, crop_size
 from engine import (
     BatchSource,
     CachedBatches,
@@ -68,8 +67,10 @@ from engine import (
     train_one_epoch,
 )
 from feature_cache import ExtractionStopped, load_or_build
-from models import RESNET_ARCHS, ConcatEncoder, LinearHead, MultiHead
-from util import layout, log_lines
+from models import ConcatEncoder, LinearHead, MultiHead
+from models.backbones import encoder_recipe
+from models.encoder import pair_backbones, read_tag
+from util import log_lines
 from util.checkpoint import load_file, save_atomic
 from util.cli import UserError, run_main
 from util.distributed import all_reduce_sum, any_process, barrier, cleanup, init_distributed, require_cuda_if_requested
@@ -87,6 +88,7 @@ from util.misc import requeue_slurm_job, set_seed, stop_outcome
 from util.signals import StopSignal
 from util.subsets import subset_folder, subsets_for
 from util.tensorboard import MetricsBoard, require_tensorboard
+from util.wandb_log import WandbRun, require_wandb
 
 # The reference scripts' batch (they ran as one process): the default GLOBAL batch here.
 REFERENCE_BATCH = {"cifar": 256, "imagenet": 32}
@@ -98,41 +100,16 @@ def resolve_backbones(args):
     if args.tag:
         if args.arch or args.pretrained:
             raise UserError("give either --tag or --arch/--pretrained, not both")
-        if not os.path.isfile(args.tag_file):
-            raise UserError(f"tag file {args.tag_file} not found")
-        try:
-            with open(args.tag_file) as f:
-                tags = yaml.safe_load(f) or {}
-        except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
-            raise UserError(f"cannot read the tag file {args.tag_file}: {str(exc).splitlines()[0]}") from None
-        if not isinstance(tags, dict) or args.tag not in tags:
-            raise UserError(f"unknown --tag '{args.tag}': {args.tag_file} defines "
-                            f"{', '.join(sorted(map(str, tags))) if isinstance(tags, dict) else 'no tags'}")
-        try:
-            args.arch = [str(a) for a in tags[args.tag]["arch"]]
-            args.pretrained = [layout.resolve_tag_path(p, PROJECT_ROOT, args.checkpoint_root)
-                               for p in map(str, tags[args.tag]["pretrained"])]
-        except (KeyError, TypeError):
-            raise UserError(f"tag '{args.tag}' of {args.tag_file} needs an arch list and a pretrained list") from None
-    if not args.arch or not args.pretrained:
-        raise UserError("name the backbones: --tag NAME, or --arch A [A ...] with --pretrained P [P ...]")
-    if len(args.arch) == 1 and len(args.pretrained) > 1:
-        args.arch = args.arch * len(args.pretrained)
-    if len(args.arch) != len(args.pretrained):
-        raise UserError(f"--arch has {len(args.arch)} entries but --pretrained has {len(args.pretrained)}: "
-                        f"give one arch per checkpoint (or a single arch for all)")
-    unknown = [a for a in args.arch if a not in RESNET_ARCHS]
-    if unknown:
-        raise UserError(f"unknown arch '{unknown[0]}' (--arch): choose one of {', '.join(RESNET_ARCHS)}")
-    empty = [p for p in args.pretrained if os.path.isfile(p) and os.path.getsize(p) == 0]
-    if empty:
-        raise UserError(f"checkpoint {empty[0]} is empty (0 bytes): a download or copy was cut short; fetch it "
-                        f"again")
-    missing = [p for p in args.pretrained if not os.path.isfile(p)]
-    if missing:  # fail before any data is read or downloaded
-        raise UserError(f"checkpoint not found: {missing[0]}" +
-                        (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "") +
-                        ("; `python tools/download.py` fetches the released ones" if args.tag else ""))
+        args.arch, args.pretrained = read_tag(args.tag, args.tag_file, args.checkpoint_root)
+    args.arch = pair_backbones(args.arch, args.pretrained, tagged=bool(args.tag))
+    backbones_recipe(args)  # one line if the backbones expect different transforms, before any data is read
+
+
+def backbones_recipe(args):
+    """The backbones' input transform on ImageNet-like data (None: the reference's; CIFAR: always the reference's)."""
+    if family_of(args.data_name) != "imagenet":
+        return None
+    return encoder_recipe(args.arch, args.allow_mixed_transforms)
 
 
 def parse_values(name, texts, allow_zero):
@@ -427,9 +404,10 @@ def build_data(args, dist_info, logger):
     test_base, _ = build_dataset(args.data_name, args.data_path, "test", False)
     kept = subset_fraction(len(train_base), args.data_rate, args.seed)
     train_base = torch.utils.data.Subset(train_base, kept)
-    train_aug = WithTransform(train_base, build_transform(family, args.tf_name, True, args.img_size))
-    train_plain = WithTransform(train_base, build_transform(family, args.tf_name, False, args.img_size))
-    test_set = WithTransform(test_base, build_transform(family, args.tf_name, False, args.img_size))
+    recipe = backbones_recipe(args)
+    train_aug = WithTransform(train_base, build_transform(family, args.tf_name, True, args.img_size, recipe))
+    train_plain = WithTransform(train_base, build_transform(family, args.tf_name, False, args.img_size, recipe))
+    test_set = WithTransform(test_base, build_transform(family, args.tf_name, False, args.img_size, recipe))
     val_positions = []
     if args.val_split:
         val_positions = stratified_subset(dataset_targets(train_base), args.val_split, args.seed)
@@ -533,6 +511,8 @@ def main(args):
     check_args(args)
     if args.tensorboard:
         require_tensorboard()
+    if args.wandb:
+        require_wandb()
     apply_device_choice(args)  # --device cpu when main() is called directly (as a script: before torch loaded)
     require_cuda_if_requested(device_request(args))  # a GPU job on a CPU-only torch stops here, in one line
     dist_info = init_distributed(debug=args.debug, timeout_minutes=args.dist_timeout)
@@ -549,7 +529,9 @@ def main(args):
         logger.info(CPU_RUNTIME.line)
     head_loggers = [create_logger(d, dist_info.rank, console=False) for d in head_dirs] if sweep else [logger]
     try:
-        with StopSignal() as stop, MetricsBoard(args.tensorboard and dist_info.is_main, "epoch") as board:
+        wandb_run = (WandbRun(args.dump_path, args.wandb, vars(args), "epoch", logger)
+                     if args.wandb and dist_info.is_main else None)
+        with StopSignal() as stop, MetricsBoard(args.tensorboard and dist_info.is_main, "epoch", wandb_run) as board:
             probe(ProbeRun(args, dist_info, combos, head_dirs, logger, head_loggers, stop, board,
                            use_progress_bar(dist_info.is_main)))
     finally:
@@ -606,7 +588,8 @@ class ProbeModel(NamedTuple):
 def build_probe_model(run, num_classes):
     """Stage 2: the encoder and every head; only what trains is wrapped in DDP."""
     args, dist_info, device = run.args, run.dist, run.dist.device
-    encoder = ConcatEncoder(args.arch, args.pretrained).to(device).to(memory_format=torch.channels_last)
+    crop = crop_size(family_of(args.data_name), args.tf_name, args.img_size, backbones_recipe(args))
+    encoder = ConcatEncoder(args.arch, args.pretrained, crop).to(device).to(memory_format=torch.channels_last)
     finetune = args.exp_mode == "finetune"
     if not finetune:
         encoder.freeze()

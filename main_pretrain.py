@@ -80,6 +80,7 @@ from util.logs import (
 )
 from util.signals import StopSignal
 from util.tensorboard import MetricsBoard, require_tensorboard
+from util.wandb_log import WandbRun, require_wandb
 
 # The recipe of the released checkpoints (AlgoPerf imagenet_resnet + schedule-free AdamW), and the
 # predecessor paper's SGD recipe; flags left unset take these values.
@@ -293,6 +294,8 @@ def main(args):
     check_args(args)
     if args.tensorboard:
         require_tensorboard()
+    if args.wandb:
+        require_wandb()
     apply_device_choice(args)  # --device cpu when main() is called directly (as a script: before torch loaded)
     require_cuda_if_requested(device_request(args))  # a GPU job on a CPU-only torch stops here, in one line
     dist_info = init_distributed(debug=args.debug, timeout_minutes=args.dist_timeout)
@@ -305,7 +308,9 @@ def main(args):
         logger.info(CPU_RUNTIME.line)
     try:
         # early: a signal during the (long) dataset scan still ends in a clean stop
-        with StopSignal() as stop, MetricsBoard(args.tensorboard and dist_info.is_main, "step") as board:
+        wandb_run = (WandbRun(args.dump_path, args.wandb, vars(args), "step", logger)
+                     if args.wandb and dist_info.is_main else None)
+        with StopSignal() as stop, MetricsBoard(args.tensorboard and dist_info.is_main, "step", wandb_run) as board:
             pretrain(args, dist_info, logger, stop, board)
     finally:
         close_logger(logger)

@@ -16,16 +16,12 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from models.backbones import build_backbone
+from models.backbones import feature_dim
 
 
 def backbone_dims(archs):
-    """Pooled feature width of each architecture (built on the meta device: no memory, no weights)."""
-    dims = []
-    for arch in archs:
-        with torch.device("meta"):
-            dims.append(build_backbone(arch).fc.in_features)
-    return dims
+    """Pooled feature width of each architecture (built on the meta device where it can be: no weights)."""
+    return [feature_dim(arch) for arch in archs]
 
 
 def block_slices(dims):

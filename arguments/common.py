@@ -6,6 +6,7 @@ import os
 from util import layout
 
 DEVICES = ("auto", "cuda", "cpu")
+WANDB_MODES = ("auto", "online", "offline")  # util.wandb_log's (spelled here: --help imports no wandb or torch)
 
 
 def add_device_arg(g):
@@ -27,6 +28,15 @@ def add_checkpoint_root_arg(g, project_root, help):
     g.add_argument("--checkpoint_root", default=layout.checkpoint_root(project_root),
                    help=f"{help}; default: ${layout.CHECKPOINTS_ENV} when set, else checkpoints/ of the project "
                    "folder")
+
+
+def add_wandb_arg(g):
+    g.add_argument("--wandb", nargs="?", const="auto", default=None, choices=WANDB_MODES,
+                   help="also log the metrics.jsonl records to a Weights & Biases run whose id is kept in the run "
+                   "folder (wandb.json: a requeued or resumed run continues it); auto (the flag alone) = online "
+                   "when api.wandb.ai answers and a key is set, else offline (`wandb sync` later); WANDB_MODE and "
+                   "WANDB_PROJECT (otherwise: timecat) are read; needs the optional wandb package (`uv sync --extra "
+                   "wandb`); off when not given")
 
 
 def add_launcher_args(g):

@@ -5,13 +5,20 @@ import hashlib
 import json
 import os
 
-from arguments.common import add_checkpoint_root_arg, add_data_path_arg, add_device_arg, add_launcher_args
+from arguments.common import (
+    add_checkpoint_root_arg,
+    add_data_path_arg,
+    add_device_arg,
+    add_launcher_args,
+    add_wandb_arg,
+)
+from util import layout
 from util.cli import ArgumentParser, add_alias
 from util.flags import add_bool, bool_flag
 from util.subsets import SUBSET_MODES
 
 PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEFAULT_TAG_FILE = os.path.join(PROJECT_ROOT, "configs", "pretrained_checkpoints.yaml")
+DEFAULT_TAG_FILE = os.path.join(PROJECT_ROOT, layout.TAG_FILE)
 HEAD_IMPLS = ("separate", "fused")  # --head_impl: models.heads.MultiHead(fused=...)
 DIAGNOSTICS = ("feature_importance", "cat_validate_network")
 RESULTS_ROOT = os.path.join(PROJECT_ROOT, "results", "probe")  # under the git-ignored results/
@@ -52,10 +59,10 @@ SLURM_KEYS = tuple(SLURM_FLAGS)
 # RECIPE_KEYS and RUN_ONLY_KEYS (tests/faults/test_flag_classes.py).
 RUN_ONLY_KEYS = ("tag", "tag_file", "classifier", "knn", "data_path", "download", "batch_size", "workers",
                  "dump_path", "mode", "start_over", "debug", "device", "eval_freq", "save_freq", "custom_eval_func",
-                 "cuda_deterministic", "dist_timeout", "print_freq", "tensorboard", "skip_bad_images",
+                 "cuda_deterministic", "dist_timeout", "print_freq", "tensorboard", "wandb", "skip_bad_images",
                  "config", "dist_url", "gpu", "reweight_path", "headpretrained", "richway", "world_size", "rank",
                  "local_rank", "skip_pool", "save_init", "eval_checkpoint", "extra_log_lines",
-                 "checkpoint_root") + SLURM_KEYS
+                 "checkpoint_root", "allow_mixed_transforms") + SLURM_KEYS
 
 
 # ---------------------------------------------------------------- arguments
@@ -89,10 +96,14 @@ def add_backbone_args(g):
                    "others to the project folder")
     add_checkpoint_root_arg(g, PROJECT_ROOT, "the folder holding supervised_pretrain/, where the tags' "
                             "checkpoints/... paths point")
-    g.add_argument("--arch", nargs="+", default=None, help="one torchvision ResNet name per backbone, or one "
-                   "for all (reference: resnet50)")
+    g.add_argument("--arch", nargs="+", default=None, help="one torchvision classification model name per "
+                   "backbone (resnet50, vit_b_16, convnext_tiny, regnet_y_400mf, efficientnet_b0, swin_t, ...), or "
+                   "one for all (reference: resnet50)")
     g.add_argument("--pretrained", nargs="+", default=None, help="one checkpoint per backbone; features are "
                    "concatenated in this order")
+    add_bool(g, "allow_mixed_transforms", False, "accept backbones that expect different input transforms on "
+             "ImageNet-like data (e.g. resnet50 and swin_t), feeding every backbone the first one's (recommended "
+             "and reference: False, refused with one line)")
     g.add_argument("--exp_mode", default="lineareval", choices=["lineareval", "finetune"],
                    help="lineareval: frozen backbones (reference); finetune: the whole network trains")
 
@@ -209,6 +220,7 @@ def add_run_args(g):
     add_bool(g, "tensorboard", False, "TensorBoard events beside train.log (train/test loss and top-1, test "
              "top-5, lr); needs the optional tensorboard package (`uv sync --extra tensorboard`); metrics.jsonl "
              "stays the record")
+    add_wandb_arg(g)
     add_bool(g, "skip_bad_images", False, "skip unreadable image files (counted and reported in the log) "
              "instead of stopping at the first one")
 

@@ -3,7 +3,13 @@
 import argparse
 import os
 
-from arguments.common import add_checkpoint_root_arg, add_data_path_arg, add_device_arg, add_launcher_args
+from arguments.common import (
+    add_checkpoint_root_arg,
+    add_data_path_arg,
+    add_device_arg,
+    add_launcher_args,
+    add_wandb_arg,
+)
 from util.cli import ArgumentParser, add_alias
 from util.flags import add_bool
 
@@ -27,7 +33,7 @@ RECIPE_KEYS = ("arch", "img_size", "global_batch", "optimizer", "lr", "wd", "bet
 RUN_ONLY_KEYS = ("data_name", "data_path", "workers", "accum_steps", "steps", "save_steps", "eval_every",
                  "bn_refresh_batches", "bn_refresh_every", "run", "output_dir", "dump_path", "start_over", "compile",
                  "max_time", "print_freq", "debug", "dist_timeout", "skip_bad_images", "device", "local_rank",
-                 "tensorboard", "cuda_deterministic", "tf32", "checkpoint_root")
+                 "tensorboard", "wandb", "cuda_deterministic", "tf32", "checkpoint_root")
 # The value a recipe key had in run folders written before the key existed (before --init, "sfadamw" was the
 # package's optimizer).
 LEGACY_RECIPE = {"init": "torchvision", "sf_moment_dtype": "bfloat16", "init_from": None}
@@ -170,6 +176,7 @@ def add_run_args(p):
     add_bool(g, "tensorboard", False, "TensorBoard events beside train.log (train/test loss and top-1, test "
              "top-5, lr); needs the optional tensorboard package (`uv sync --extra tensorboard`); metrics.jsonl "
              "stays the record")
+    add_wandb_arg(g)
     add_bool(g, "skip_bad_images", False, "skip unreadable image files (counted and "
                    "reported in the log) instead of stopping at the first one")
 

@@ -1,6 +1,8 @@
 """Backbone weights from every checkpoint format users bring: raw torchvision state_dicts, DDP/torch.compile
-prefixes, model lists and SSL heads, and AlgoPerf's downsample.{conv,bn} names (the owner of ResNet key
-normalisation)."""
+prefixes, model lists and SSL heads, and AlgoPerf's downsample.{conv,bn} names (the owner of backbone key
+normalisation, for ResNets and every other torchvision architecture)."""
+import math
+
 import torch
 
 from util.checkpoint import load_file
@@ -24,12 +26,15 @@ def extract_state_dict(obj, path):
                     f"{list(STATE_KEYS)}, found {keys}")
 
 
-def normalize_resnet_keys(state_dict):
+def normalize_keys(state_dict, classifier="fc", ignored=()):
     """Strip wrapper prefixes and map AlgoPerf's downsample.{conv,bn} to torchvision's downsample.{0,1}.
 
-    Returns (backbone weights, classifier weights): the fc layer is split off, a probe never loads it.
+    Returns (backbone weights, classifier weights): the classifier (the module named `classifier`: fc for ResNets,
+    heads.head for ViT, ...) is split off, a probe never loads it; keys under an `ignored` prefix (auxiliary
+    classifiers) are dropped.
     """
-    out, classifier = {}, {}
+    out, classifier_weights = {}, {}
+    head = classifier + "."
     for key, value in state_dict.items():
         stripped = True
         while stripped:
@@ -38,19 +43,20 @@ def normalize_resnet_keys(state_dict):
                 if key.startswith(prefix):
                     key, stripped = key[len(prefix):], True
         key = key.replace(".downsample.conv.", ".downsample.0.").replace(".downsample.bn.", ".downsample.1.")
-        if key.startswith("fc."):
-            classifier[key[3:]] = value
+        if key.startswith(head):
+            classifier_weights[key[len(head):]] = value
             continue
-        out[key] = value
-    return out, classifier
+        if not key.startswith(tuple(ignored)):
+            out[key] = value
+    return out, classifier_weights
 
 
-def load_backbone_weights(model, path, arch):
-    """Load a backbone checkpoint into `model` (a torchvision ResNet without fc), strictly.
+def load_backbone_weights(model, path, arch, classifier="fc", ignored=()):
+    """Load a backbone checkpoint into `model` (a torchvision model whose `classifier` was cut off), strictly.
 
     Returns the checkpoint's own classifier weights ({'weight', 'bias'}, possibly empty).
     """
-    state, classifier = normalize_resnet_keys(extract_state_dict(load_file(path), path))
+    state, classifier_weights = normalize_keys(extract_state_dict(load_file(path), path), classifier, ignored)
     expected = model.state_dict()
     # BatchNorm's num_batches_tracked is a counter that plays no role in eval mode; older exports omit it.
     missing = [k for k in expected if k not in state and not k.endswith("num_batches_tracked")]
@@ -65,10 +71,25 @@ def load_backbone_weights(model, path, arch):
     wrong_shape = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
                    if k in state and state[k].shape != v.shape]
     if wrong_shape:
+        hint = input_size_hint(state, expected) or "Is --arch right for this checkpoint?"
         raise UserError(f"{path} does not match {arch}: shape mismatch at {wrong_shape[0]} "
-                        f"({len(wrong_shape)} tensors). Is --arch right for this checkpoint?")
+                        f"({len(wrong_shape)} tensors). {hint}")
     for key, value in expected.items():
         if key not in state:  # a counter the export left out: a fresh BatchNorm's 0
             state[key] = torch.zeros_like(value, device="cpu")
     model.load_state_dict(state, strict=True)
-    return classifier
+    return classifier_weights
+
+
+def input_size_hint(state, expected):
+    """For a ViT whose positional embedding does not match: the input size the checkpoint was trained at."""
+    key = "encoder.pos_embedding"
+    if key not in state or "conv_proj.weight" not in state or state[key].shape == expected[key].shape:
+        return None
+    patch, tokens = state["conv_proj.weight"].shape[-1], state[key].shape[1] - 1
+    side = math.isqrt(tokens)
+    if side * side != tokens:
+        return None
+    size = side * patch
+    return (f"Its positional embedding is for {size}-px inputs: use {size}-px crops (--img_size {size}, "
+            f"load_encoder(image_size={size}))")

@@ -215,3 +215,40 @@ def test_plot_without_matplotlib_says_so(tmp_path, capsys, monkeypatch):
     out = run(tmp_path, "--plot", str(tmp_path / "p.png"), capsys=capsys)
     assert "--plot needs matplotlib" in out and not (tmp_path / "p.png").exists()
     assert (tmp_path / "summary.csv").exists()
+
+
+# ---- the paper's numbers beside yours (util/paper.py)
+def paper_results(root, cat1_cifar10):
+    """Figure 2's layout: cat1 seeds on CIFAR10, cat2 and cat5 on CIFAR10 and iNat18 (one weight decay)."""
+    for i, top in enumerate(cat1_cifar10):
+        write_run(root / TRANSFER / "lineareval_seer" / "cifar10_1e-4" / "resnet50_sfadamw" / f"run{i}",
+                  "cifar10", 1e-4, 1, [top - 1, top], index=i)
+    for data, n, top in (("cifar10", 2, 91.5), ("cifar10", 5, 93.8), ("inaturalist18", 2, 38.0),
+                         ("inaturalist18", 5, 46.0)):
+        write_run(root / TRANSFER / "lineareval" / f"{data}_1e-4" / f"resnet50_sfadamw_cat{n}_step{STEPS[n]}k",
+                  data, 1e-4, n, [top - 2, top])
+
+
+def test_paper_values_and_differences_beside_figure_2_cells(tmp_path, capsys):
+    paper_results(tmp_path, [90.0, 90.2, 90.4, 90.6, 90.8])  # mean 90.4 (the paper's), std 0.32
+    out = run(tmp_path, "--no-save", capsys=capsys)
+    rows = table_rows(out, "Yours / the paper's")
+    assert list(rows) == ["cat1", "cat2", "cat4", "cat5"]
+    # columns: steps, ImageNet1k, iNat18, CIFAR100, CIFAR10
+    assert rows["cat1"] == ["450k", "– / 78.4", "– / 33.7", "– / 71.0", "90.4 / 90.4 (+0.0)"]
+    assert rows["cat2"][4] == "91.5 / 91.2 (+0.3)"  # within 2 x 0.32 of the paper
+    assert rows["cat5"][4] == "93.8 / 92.8 (+1.0) !"  # beyond it
+    # iNat18 has no cat1 seeds: the assumed default spread (0.5), said so
+    assert rows["cat2"][2] == "38.0 / 40.4 (-2.4) !" and rows["cat5"][2] == "46.0 / 46.2 (-0.2)"
+    assert "CIFAR10 0.32: measured, std of your 5 cat1 seeds" in out
+    assert "iNat18 0.50: assumed default" in out and "the paper gives no error bars" in out
+    assert "2 cell(s) flagged." in out
+
+
+def test_paper_table_only_for_figure_2_unless_asked(tmp_path, capsys):
+    write_run(tmp_path / "demo" / "cat4", "texture", 1e-4, 4, [90.0], steps="32steps")
+    assert "Yours / the paper's" not in run(tmp_path, "--no-save", capsys=capsys)
+    forced = run(tmp_path, "--no-save", "--paper", capsys=capsys)
+    assert table_rows(forced, "Yours / the paper's")["cat5"][1:] == ["– / 77.8", "– / 46.2", "– / 77.1", "– / 92.8"]
+    paper_results(tmp_path / "fig2", [90.0, 90.8])
+    assert "Yours / the paper's" not in run(tmp_path / "fig2", "--no-save", "--no-paper", capsys=capsys)

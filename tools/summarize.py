@@ -10,6 +10,9 @@ weight decay (and lr) are averaged (the single 450k runs run0..4 give the cat1 b
 weight decay with the best mean wins. Runs without the final 'Top-1 test accuracy' line are listed as
 unfinished and left out of the table. Heads of sub-concatenations (<probe>/sub{i}-{j}/..., util/subsets.py) give
 the cat-n curve instead (tools/catn_curve.py): its table, <csv>_catn.csv and <plot>_catn.png.
+
+Where the table holds Figure 2's cells (or with --paper), a second table puts the paper's value (util/paper.py)
+and the difference beside yours, and flags differences larger than the seed-to-seed spread (--no-paper: off).
 """
 import argparse
 import csv
@@ -20,7 +23,7 @@ import statistics
 from dataclasses import dataclass, field
 
 from tools import catn_curve
-from util import layout
+from util import layout, paper
 from util.cli import ArgumentParser, UserError, run_main
 from util.log_lines import FINAL_RE, parse_tests, training_epochs  # the owner of the log formats
 
@@ -342,6 +345,43 @@ def write_plot(path, cells, datasets):
     plt.close(fig)
 
 
+# ---- the paper's numbers beside yours
+def seed_std(cells, data):
+    """(std, where it comes from) of one run's top-1 on `data`: your cat1 seeds where two or more finished, else
+    util/paper.py's assumed default (the paper gives no error bars)."""
+    cell = cells.get(((1, "full"), data))
+    runs = cell["best"]["runs"] if cell else []
+    if len(runs) >= 2:
+        return statistics.stdev(r.top1 for r in runs), f"measured, std of your {len(runs)} cat1 seeds"
+    return paper.DEFAULT_SEED_STD, "assumed default (fewer than 2 cat1 seeds here; the paper gives no error bars)"
+
+
+def print_paper_table(cells):
+    """Figure 2's cells: yours, the paper's and the difference; '!' where it exceeds FLAG_SIGMAS seed stds."""
+    datasets = list(COLUMNS)
+    spreads = {d: seed_std(cells, d) for d in datasets}
+    rows, flagged = [], 0
+    for config in STANDARD_CONFIGS:
+        row = [config_name(config), steps_label(config[1])]
+        for d in datasets:
+            ours, theirs = cells.get((config, d)), paper.paper_value(config, d)
+            if ours is None:
+                row.append(f"– / {theirs:.1f}")
+                continue
+            diff = ours["best"]["mean"] - theirs
+            flag = abs(diff) > paper.FLAG_SIGMAS * spreads[d][0]
+            flagged += flag
+            row.append(f"{ours['best']['mean']:.1f} / {theirs:.1f} ({diff:+.1f}){' !' if flag else ''}")
+        rows.append(row)
+    print(f"\nYours / the paper's ({paper.SOURCE}) and (yours - paper's); '!' = the difference exceeds "
+          f"{paper.FLAG_SIGMAS:g} seed-to-seed standard deviations of one run:\n")
+    print(markdown(["Method", "steps per backbone"] + [COLUMNS[d] for d in datasets], rows))
+    print("\nSeed-to-seed standard deviation of one run, per dataset:")
+    for d, (std, source) in spreads.items():
+        print(f"  {COLUMNS[d]} {std:.2f}: {source}")
+    print(f"{flagged} cell(s) flagged." if flagged else "No cell differs from the paper by more than the spread.")
+
+
 def print_curve(curve):
     header, rows = catn_curve.curve_table(curve, catn_curve.curve_datasets(curve, COLUMNS), steps_label, COLUMNS)
     print("\nCat-n curve from subset heads: top-1 (%) against the number of concatenated backbones, mean ± std "
@@ -366,6 +406,9 @@ def get_args_parser():
     p.add_argument("--plot", default=None, help="PNG of top-1 against the number of concatenated models, per "
                    "dataset; needs matplotlib, the 'plot' extra (default: <root>/summary.png when installed)")
     p.add_argument("--no_save", "--no-save", action="store_true", help="print only, write no CSV or plot")
+    p.add_argument("--paper", action=argparse.BooleanOptionalAction, default=None, help="the paper's Figure 2 "
+                   "value and the difference beside every cell, flagging differences beyond the seed-to-seed "
+                   "spread (default: on when the table holds a Figure 2 cell)")
     return p
 
 
@@ -425,6 +468,9 @@ def main(args):
                   + ("  (best at the edge of the sweep)" if edge else ""))
     else:
         print("\nNo finished run yet: nothing to tabulate.")
+    figure2 = usable and any(paper.paper_value(config, data) is not None for config, data in cells)
+    if args.paper or (args.paper is None and figure2):
+        print_paper_table(cells if usable else {})
 
     if curve:
         print_curve(curve)

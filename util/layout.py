@@ -21,6 +21,7 @@ CHECKPOINT_ROOT = os.path.join("checkpoints", "supervised_pretrain")  # relative
 PRETRAIN_DIR = "supervised_pretrain"  # below the checkpoint root
 DATA_ENV = "TIMECAT_DATA"  # default of every --data_path
 CHECKPOINTS_ENV = "TIMECAT_CHECKPOINTS"  # default of every --checkpoint_root
+TAG_FILE = os.path.join("configs", "pretrained_checkpoints.yaml")  # the tags (--tag, load_encoder), same root
 FULL = "full"
 # checkpoints_stepfull / checkpoints_step80 / checkpoints_step60steps (ours, README) and checkpoints_full /
 # checkpoints_80k (the release archive)

@@ -25,12 +25,15 @@ def scalar_name(key):
 
 class MetricsBoard:
     """TensorBoard writers, one per run folder, opened on the first record; a no-op when disabled (the flag is
-    off, or this is not the main process). Use as a context manager so the events are flushed at the end."""
+    off, or this is not the main process). Use as a context manager so the events are flushed at the end.
+    wandb_run: a util.wandb_log.WandbRun (--wandb, main process) that gets the same records, or None."""
 
-    def __init__(self, enabled, step_key):
-        self.enabled, self.step_key, self.writers = bool(enabled), step_key, {}
+    def __init__(self, enabled, step_key, wandb_run=None):
+        self.enabled, self.step_key, self.writers, self.wandb_run = bool(enabled), step_key, {}, wandb_run
 
     def add(self, record, folder):
+        if self.wandb_run is not None:
+            self.wandb_run.add(record, folder)
         if not self.enabled:
             return
         if folder not in self.writers:
@@ -46,6 +49,8 @@ class MetricsBoard:
         for writer in self.writers.values():
             writer.close()
         self.writers = {}
+        if self.wandb_run is not None:
+            self.wandb_run.close()
 
     def __enter__(self):
         return self

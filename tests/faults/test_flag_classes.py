@@ -8,12 +8,13 @@ from test_fuzzed_command_lines import PRETRAIN_FLAGS, PROBE_FLAGS
 # set by the fuzz harness itself (a fresh folder per example), or too slow to fuzz (torch.compile), or a choice
 # that needs data or weights the fuzz world does not hold
 NOT_FUZZED = {"--output_dir", "--dump_path", "--compile", "--init_from", "--data_name", "--init", "--sf_moment_dtype",
-              "--tensorboard"}  # --tensorboard needs an optional package
+              "--tensorboard", "--wandb"}  # --tensorboard, --wandb need an optional package (and W&B files)
 # the probe's: --dump_path is the harness's fresh folder per example; --download would reach the network (the
 # harness passes --no-download); --tensorboard needs an optional package; --device is run-only and its cuda/cpu
 # choice depends on the machine; the original's legacy flags are accepted and only logged or refused by name
 # (tests/test_original_cli.py runs them)
-PROBE_NOT_FUZZED = {"--dump_path", "--download", "--no-download", "--tensorboard", "--no-tensorboard", "--device",
+PROBE_NOT_FUZZED = {"--dump_path", "--download", "--no-download", "--tensorboard", "--no-tensorboard", "--wandb",
+                    "--device",
                     "--config", "--dist_url", "--gpu", "--reweight_path", "--headpretrained", "--richway",
                     "--world_size", "--rank", "--local_rank", "--skip_pool", "--save_init",
                     *(f"--{name}" for name in linear_probe.SLURM_KEYS)}  # the original's slurm flags: no effect

@@ -56,6 +56,7 @@ PROBE_FLAGS = {
     "--save_freq": (["1", "999"], ["0", "x"]), "--knn": (["0", "2"], ["-1", "x"]),
     "--subsets": (["none", "each", "prefix"], ["some"]),
     "--head_impl": (["separate", "fused"], ["fast"]),
+    "--allow_mixed_transforms": ([None], []), "--no-allow_mixed_transforms": ([None], []),
     "--custom_eval_func": (["feature_importance", "feature_importance cat_validate_network"], ["other"]),
     "--cuda_deterministic": ([None], []), "--no-cuda_deterministic": ([None], []), "--no-debug": ([None], []),
     "--no-skip_bad_images": ([None], []), "--no-start_over": ([None], []), "--no-sync_bn": ([None], []),
