@@ -41,6 +41,7 @@ def entry_key(args, split, view, length):
             # an entry that skipped unreadable images serves only runs that skip them; absent when off, so the
             # entries written before the flag existed stay valid
             **({"skip_bad_images": True} if args.skip_bad_images else {}),
+            **({"fast_transforms": True} if getattr(args, "fast_transforms", False) else {}),  # other pixels
             # a training subset (--data_rate < 1 or a _{p}perc name) is the reference's rule of issue 10, and
             # --data_rate's depends on the seed: runs with other subsets never share features
             **({"subset": {"rule": "reference", "seed": args.seed if args.data_rate < 1 else None}}
@@ -115,7 +116,8 @@ def _extract(encoder, dataset, directory, args, dist_info, view, logger, show_ba
     set_seed(args.seed + 7919 * (view + 1) + rank)  # augmented views are reproducible
     loader = StopSafeDataLoader(SkipUnreadable(dataset) if args.skip_bad_images else dataset,
                                 args.batch_size, sampler=sampler, num_workers=args.workers,
-                                pin_memory=device.type == "cuda", generator=generator, collate_fn=collate_readable)
+                                pin_memory=device.type == "cuda", generator=generator, collate_fn=collate_readable,
+                                prefetch_factor=4 if args.workers else None)
     features = np.load(features_path, mmap_mode="r+")
     labels = np.load(labels_path, mmap_mode="r+")
     order = np.asarray(sampler.indices, dtype=np.int64)

@@ -3,7 +3,10 @@ flags of `python -m torch.distributed.launch`. Imports nothing heavy."""
 import argparse
 import os
 
+from util.flags import add_bool
+
 DEVICES = ("auto", "cuda", "cpu")
+DECODER_NAMES = ("pil", "turbo")  # datasets.images.DECODERS (tests/test_decoders.py checks they are equal)
 
 
 def add_device_arg(g):
@@ -12,6 +15,21 @@ def add_device_arg(g):
                         "clearly asked for GPUs (slurm GPU variables, CUDA_VISIBLE_DEVICES) stops with an error "
                         "rather than run on the CPU; cuda: stop with an error if torch sees no GPU; cpu: hide the "
                         "GPUs (recommended: auto)")
+
+
+def add_data_pipeline_args(g):
+    """--workers, --decoder and --fast_transforms (datasets/images.py, datasets/transforms.py; measured in
+    docs/benchmarks.md "data")."""
+    g.add_argument("--workers", type=int, default=None, help="data-loading processes per process (default: the "
+                   "CPUs slurm gives the task, SLURM_CPUS_PER_TASK, else this process's share of the machine's, "
+                   "minus one)")
+    g.add_argument("--decoder", default="pil", choices=DECODER_NAMES, help="JPEG decoding and tensor conversion: "
+                   "pil = PIL + torchvision's ToTensor/Normalize (reference); turbo = libjpeg-turbo through "
+                   "simplejpeg and a one-pass tensor conversion, the same tensors bit for bit, faster "
+                   "(recommended; needs `uv sync --extra fastjpeg`)")
+    add_bool(g, "fast_transforms", False, "crop, resize and flip on uint8 tensors (torchvision's vectorised "
+             "kernels) instead of PIL's: faster, pixels within one level of the reference's, a recipe change "
+             "(reference: off)")
 
 
 def add_launcher_args(g):

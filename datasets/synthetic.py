@@ -105,7 +105,7 @@ def make_jpeg_folder(root, n_images, num_classes=10, seed=0, quality=90):
     paths = []
     for i in range(n_images):
         label = i % num_classes
-        split = "val" if i % 5 == 4 else "train"
+        split = "val" if (i // num_classes) % 5 == 4 else "train"  # every class in both splits
         path = os.path.join(root, split, f"c{label:03d}", f"img{i:06d}.JPEG")
         os.makedirs(os.path.dirname(path), exist_ok=True)
         natural_image(label, rng, *imagenet_like_size(rng)).save(path, quality=quality)

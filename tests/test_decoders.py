@@ -68,6 +68,12 @@ def test_to_normalized_tensor_equals_totensor_normalize():
         assert torch.equal(ToNormalizedTensor(mean[:1], std[:1])(gray), gray_reference)
 
 
+def test_the_flag_choices_are_the_decoders():
+    from arguments.common import DECODER_NAMES
+    from datasets.images import DECODERS
+    assert DECODER_NAMES == DECODERS
+
+
 def test_non_jpeg_files_and_unknown_decoders(tmp_path):
     png = tmp_path / "x.JPEG"  # a PNG named .JPEG, as one file of ImageNet
     Image.fromarray(np.full((9, 9, 3), 7, np.uint8)).save(png, format="PNG")

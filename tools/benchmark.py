@@ -6,6 +6,9 @@ run; every run appends a dated row to its section of docs/benchmarks.md.
     python tools/benchmark.py train --compile  # also torch.compile the optimised path
     python tools/benchmark.py backbone         # frozen-backbone forward: optimised vs fp32 eager, share of matmul peak
     python tools/benchmark.py probe            # complete probes: per-epoch vs cached; K-value sweep: K runs vs one
+    python tools/benchmark.py data             # JPEG decode + transforms per core for each decoder; workers 1 -> 2
+    python tools/benchmark.py e2e              # JPEG -> pretraining step and JPEG -> extraction vs synthetic batches
+    python tools/benchmark.py cost --train_rate R --forward_rate F   # Figure 2's GPU-hours from measured rates
 
 Sections are subcommands; each writes under its own `## <section>` heading of results/benchmarks.md (ignored by
 git), or of the file given with --record (`--record docs/benchmarks.md` adds the row to the published table).
@@ -409,12 +412,58 @@ def get_args_parser():
     probe.add_argument("--subsets_only", action="store_true", help="only the cost of --subsets all (31 heads) "
                        "against one head, on 5 cached backbones")
     probe.set_defaults(func=bench_probe)
+    add_pipeline_sections(sections, common)
     return p
+
+
+def add_pipeline_sections(sections, common):
+    """data, e2e and cost (tools/bench_pipeline.py)."""
+    from arguments.common import DECODER_NAMES
+    from tools import bench_pipeline
+    data = sections.add_parser("data", parents=[common], help="JPEG decoding + transforms per core for each decoder "
+                               "and transform pipeline, DataLoader workers scaling",
+                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    data.add_argument("--quick", action="store_true", help="60 images, no probe (seconds)")
+    data.add_argument("--images", type=int, default=None, help="generated JPEGs (default 400; quick 60)")
+    data.add_argument("--img_size", type=int, default=None, help="crop (default 224, the reference)")
+    data.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="DataLoader workers to time")
+    data.add_argument("--compare", type=int, default=16, help="images whose transformed tensors are compared with "
+                      "the reference path's")
+    data.add_argument("--probe", action=argparse.BooleanOptionalAction, default=True, help="also a small probe "
+                      "through each pipeline (top-1 effect)")
+    data.set_defaults(func=bench_pipeline.bench_data)
+    e2e = sections.add_parser("e2e", parents=[common], help="JPEG -> pretraining step and JPEG -> feature "
+                              "extraction, next to the same on synthetic batches, in one run",
+                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    e2e.add_argument("--arch", default="resnet50", help="torchvision ResNet")
+    e2e.add_argument("--img_size", type=int, default=None, help="default 224")
+    e2e.add_argument("--batch_size", type=int, default=None, help="default: CPU 8, GPU 256")
+    e2e.add_argument("--steps", type=int, default=None, help="timed steps (default: CPU 2, GPU 20)")
+    e2e.add_argument("--images", type=int, default=None, help="generated JPEGs (default: enough for the steps)")
+    e2e.add_argument("--workers", type=int, default=None, help="DataLoader workers (default: as the scripts)")
+    e2e.add_argument("--decoder", default="pil", choices=DECODER_NAMES, help="as the scripts' --decoder")
+    e2e.add_argument("--fast_transforms", action="store_true", help="as the scripts' --fast_transforms")
+    e2e.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="step and forward precision")
+    e2e.add_argument("--tf32", action="store_true", help="GPU: TF32 matmuls and convolutions at fp32")
+    e2e.add_argument("--compile", action="store_true", help="torch.compile the step and the forward (GPU: CUDA "
+                     "graphs)")
+    e2e.add_argument("--sf_foreach", action="store_true", help="the optimizer update in torch._foreach_* form")
+    e2e.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
+    e2e.set_defaults(func=bench_pipeline.bench_e2e)
+    cost = sections.add_parser("cost", help="Figure 2's cost from scratch (pretraining + probes) in GPU-hours, "
+                               "from measured rates", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    cost.add_argument("--train_rate", type=float, required=True, help="img/s of the pretraining step from JPEGs")
+    cost.add_argument("--forward_rate", type=float, required=True, help="img/s of the frozen forward from JPEGs")
+    cost.add_argument("--extraction_rate", type=float, default=None, help="img/s of the feature-cache extraction")
+    cost.add_argument("--layout", default="per_wd", choices=sorted(bench_pipeline.PROBE_FORWARD_IMAGES),
+                      help="the probes' layout (tools/submit.py lineareval --layout; reference: per_wd)")
+    cost.add_argument("--device_name", default="GPU", help="the GPU the rates were measured on")
+    cost.set_defaults(func=bench_pipeline.bench_cost)
 
 
 def main(args):
     print(CPU_RUNTIME.line)
-    for name in ("img_size", "batch_size", "steps", "epochs", "k"):
+    for name in ("img_size", "batch_size", "steps", "epochs", "k", "images", "compare"):
         value = getattr(args, name, None)
         if value is not None and value < 1:
             raise UserError(f"--{name} must be at least 1")

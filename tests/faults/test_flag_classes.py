@@ -15,7 +15,8 @@ NOT_FUZZED = {"--output_dir", "--dump_path", "--compile", "--init_from", "--data
 # (tests/test_original_cli.py runs them)
 PROBE_NOT_FUZZED = {"--dump_path", "--download", "--no-download", "--tensorboard", "--no-tensorboard", "--device",
                     "--config", "--dist_url", "--gpu", "--reweight_path", "--headpretrained", "--richway",
-                    "--world_size", "--rank", "--local_rank", "--skip_pool", "--save_init"}
+                    "--world_size", "--rank", "--local_rank", "--skip_pool", "--save_init",
+                    "--compile", "--no-compile"}  # torch.compile: too slow to fuzz (tests/test_compile.py runs it)
 PARSERS = {"pretraining": (pretrain, PRETRAIN_FLAGS, NOT_FUZZED, ()),
            "probe": (linear_probe, PROBE_FLAGS, PROBE_NOT_FUZZED, linear_probe.DERIVED_RECIPE_KEYS)}
 

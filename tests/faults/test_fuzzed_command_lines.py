@@ -55,6 +55,8 @@ PROBE_FLAGS = {
     "--save_freq": (["1", "999"], ["0", "x"]), "--knn": (["0", "2"], ["-1", "x"]),
     "--subsets": (["none", "each", "prefix"], ["some"]),
     "--head_impl": (["separate", "fused"], ["fast"]),
+    "--decoder": (["pil", "turbo"], ["nvjpeg"]),
+    "--fast_transforms": ([None], []), "--no-fast_transforms": ([None], []),
     "--custom_eval_func": (["feature_importance", "feature_importance cat_validate_network"], ["other"]),
     "--cuda_deterministic": ([None], []), "--no-cuda_deterministic": ([None], []), "--no-debug": ([None], []),
     "--no-skip_bad_images": ([None], []), "--no-start_over": ([None], []), "--no-sync_bn": ([None], []),
@@ -92,6 +94,9 @@ PRETRAIN_FLAGS = {
     "--start_over": ([None], []), "--debug": ([None], []), "--skip_bad_images": ([None], []),
     "--no-start_over": ([None], []), "--no-debug": ([None], []), "--no-skip_bad_images": ([None], []),
     "--no-compile": ([None], []), "--no-tensorboard": ([None], []),
+    "--decoder": (["pil", "turbo"], ["nvjpeg"]),
+    "--fast_transforms": ([None], []), "--no-fast_transforms": ([None], []),
+    "--sf_foreach": ([None], []), "--no-sf_foreach": ([None], []),
     "--cuda_deterministic": ([None], []), "--no-cuda_deterministic": ([None], []),
     # in-process: --device cpu would hide the GPUs from every later test through the environment
     "--device": (["auto"], ["gpu"]), "--local_rank": (["0", "1"], ["x"]),
