@@ -395,11 +395,13 @@ def build_data(args, dist_info, logger):
     and held-out validation (--data_rate, --val_split)."""
     family = family_of(args.data_name)
     if dist_info.is_main:  # one process downloads, the others wait
-        train_base, num_classes = build_dataset(args.data_name, args.data_path, "train", args.download, args.decoder)
+        train_base, num_classes = build_dataset(args.data_name, args.data_path, "train", args.download,
+                                                args.decoder, args.fast_transforms)
     barrier()
     if not dist_info.is_main:
-        train_base, num_classes = build_dataset(args.data_name, args.data_path, "train", False, args.decoder)
-    test_base, _ = build_dataset(args.data_name, args.data_path, "test", False, args.decoder)
+        train_base, num_classes = build_dataset(args.data_name, args.data_path, "train", False, args.decoder,
+                                                args.fast_transforms)
+    test_base, _ = build_dataset(args.data_name, args.data_path, "test", False, args.decoder, args.fast_transforms)
     kept = subset_fraction(len(train_base), args.data_rate, args.seed)
     train_base = torch.utils.data.Subset(train_base, kept)
     pipeline = pipeline_of(args.decoder, args.fast_transforms)

@@ -183,8 +183,9 @@ def build_pretrain_data(args, logger):
     """The training and validation splits from the probe's dataset registry, with the pretraining transforms."""
     if args.data_name == "imagenet1k":
         logger.info(f"data: --data_path is {imagenet_root(args.data_path).found}")
-    train, num_classes = build_dataset(args.data_name, args.data_path, "train", download=False, decoder=args.decoder)
-    val, _ = build_dataset(args.data_name, args.data_path, "test", download=False, decoder=args.decoder)
+    read = dict(download=False, decoder=args.decoder, arrays=args.fast_transforms)
+    train, num_classes = build_dataset(args.data_name, args.data_path, "train", **read)
+    val, _ = build_dataset(args.data_name, args.data_path, "test", **read)
     if val.classes != train.classes:
         raise UserError(f"{args.data_name}: val has {len(val.classes)} class folders and train {len(train.classes)}"
                         f", or they differ by name; both splits need the same class folders")

@@ -162,11 +162,12 @@ def imagenet_root(data_path):
     return ImageNetRoot(nested, f"the README data root ({data_path} holds imagenet/)")
 
 
-def build_dataset(data_name, data_path, split, download=True, decoder="pil"):
+def build_dataset(data_name, data_path, split, download=True, decoder="pil", arrays=False):
     """(dataset of (PIL image, label), num_classes) for split 'train' or 'test'; image files are read with
-    --decoder's loader (datasets/images.py; CIFAR is in memory, nothing to decode)."""
+    --decoder's loader (datasets/images.py; CIFAR is in memory, nothing to decode); arrays (--fast_transforms):
+    --decoder turbo gives uint8 arrays instead of PIL images."""
     base, percent = parse_data_name(data_name)
-    loader = image_loader_for(decoder)
+    loader = image_loader_for(decoder, arrays)
     train = split == "train"
     if base.startswith("cifar"):
         dataset = build_cifar(base, data_path, train, None, download)

@@ -10,6 +10,7 @@ decode and move pixels by 2 levels on average (up to 92 on textured chroma).
 Files libjpeg-turbo cannot decode to RGB (PNGs named .JPEG, CMYK JPEGs: a few dozen in ImageNet) are read by PIL
 whatever the decoder, which is what the reference does with every file.
 """
+import functools
 import json
 import os
 
@@ -20,6 +21,7 @@ from PIL import Image
 from util.cli import UserError
 
 DECODERS = ("pil", "turbo")
+TURBO_COLORSPACES = ("YCbCr", "Gray")  # JPEG colour spaces whose RGB is PIL's, bit for bit (tests/test_decoders.py)
 
 
 class UnreadableImage(UserError):
@@ -45,31 +47,36 @@ def require_simplejpeg(what):
     return simplejpeg
 
 
-def load_rgb_turbo(path):
-    """load_rgb through simplejpeg: the same pixels as PIL's decoder, as a PIL image sharing the decoded array."""
+def load_rgb_turbo(path, array=False):
+    """load_rgb through simplejpeg: the same pixels as PIL's decoder, as a PIL image sharing the decoded array,
+    or (array=True, for the uint8-tensor transforms) the H x W x 3 uint8 array itself."""
     import simplejpeg
     try:
         with open(path, "rb") as f:
             data = f.read()
     except OSError as exc:
         raise UnreadableImage(f"cannot read image {path}: {exc} (--skip_bad_images skips such files)") from None
-    if not simplejpeg.is_jpeg(data):
-        return load_rgb(path)
-    try:
-        pixels = simplejpeg.decode_jpeg(data, colorspace="RGB")
-    except ValueError:  # CMYK or otherwise not decodable to RGB by libjpeg-turbo: PIL, as the reference
-        return load_rgb(path)
-    return Image.fromarray(np.asarray(pixels))
+    pixels = None
+    try:  # YCbCr and greyscale JPEGs; CMYK ones (converted otherwise than PIL does) and other files go to PIL
+        if simplejpeg.is_jpeg(data) and simplejpeg.decode_jpeg_header(data)[2] in TURBO_COLORSPACES:
+            pixels = simplejpeg.decode_jpeg(data, colorspace="RGB")
+    except ValueError:
+        pass
+    if pixels is None:  # PIL, as the reference reads every file
+        image = load_rgb(path)
+        return np.asarray(image) if array else image
+    return pixels if array else Image.fromarray(pixels)
 
 
-def image_loader_for(decoder="pil"):
-    """The file loader of --decoder (a module-level function: DataLoader workers pickle it)."""
+def image_loader_for(decoder="pil", arrays=False):
+    """The file loader of --decoder (picklable, for DataLoader workers). arrays: turbo hands the uint8-tensor
+    transforms (--fast_transforms) its decoded array directly, without a PIL image around it."""
     if decoder not in DECODERS:
         raise UserError(f"unknown --decoder {decoder}: choose one of {', '.join(DECODERS)}")
     if decoder == "pil":
         return load_rgb
     require_simplejpeg("--decoder turbo")
-    return load_rgb_turbo
+    return functools.partial(load_rgb_turbo, array=True) if arrays else load_rgb_turbo
 
 
 def build_image_folder(split_dir, dataset_label, hint, transform=None, loader=load_rgb):

@@ -69,7 +69,7 @@ def natural_image(label, rng, width, height):
     luminance-heavy noise at 1-32 px scales whose strength varies over the image (smooth and textured areas), so
     a JPEG of it costs what a photo of the same size costs to decode (ImageNet-like bytes per pixel at quality 90)."""
     tint = np.array([(label * 67) % 256, (label * 131) % 256, (label * 29) % 256], np.float32)
-    base = rng.uniform(0, 255, (4, 4, 3)).astype(np.float32) * 0.7 + 0.3 * tint
+    base = rng.uniform(0, 255, (4, 4, 3)).astype(np.float32) * 0.5 + 0.5 * tint
     pic = Image.fromarray(_upsample(base, width, height, Image.BICUBIC).clip(0, 255).astype(np.uint8))
     draw = ImageDraw.Draw(pic)
     for _ in range(rng.integers(2, 7)):

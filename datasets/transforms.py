@@ -45,7 +45,7 @@ class ToNormalizedTensor:
     def __call__(self, pic):
         if isinstance(pic, torch.Tensor):
             pixels = pic
-        elif getattr(pic, "mode", None) == "RGB":
+        elif isinstance(pic, np.ndarray) or getattr(pic, "mode", None) == "RGB":
             pixels = uint8_chw(pic)
         else:  # another PIL mode: torchvision's own conversion
             return self.reference(pic)

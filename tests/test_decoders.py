@@ -20,7 +20,7 @@ def jpegs(tmp_path_factory):
 
 def transformed(paths, decoder, fast, family, train, seed=0, img_size=None):
     """The tensors a pipeline makes of the files, each image drawn from its own seed (as SeededSamples does)."""
-    load = image_loader_for(decoder)
+    load = image_loader_for(decoder, arrays=fast)
     transform = build_transform(family, "eval", train, img_size, pipeline=pipeline_of(decoder, fast))
     out = []
     for i, path in enumerate(paths):
@@ -77,7 +77,14 @@ def test_the_flag_choices_are_the_decoders():
 def test_non_jpeg_files_and_unknown_decoders(tmp_path):
     png = tmp_path / "x.JPEG"  # a PNG named .JPEG, as one file of ImageNet
     Image.fromarray(np.full((9, 9, 3), 7, np.uint8)).save(png, format="PNG")
-    assert np.array_equal(np.asarray(image_loader_for("turbo")(str(png))), np.full((9, 9, 3), 7, np.uint8))
+    for arrays in (False, True):
+        assert np.array_equal(np.asarray(image_loader_for("turbo", arrays)(str(png))), np.full((9, 9, 3), 7, np.uint8))
+    cmyk = tmp_path / "cmyk.JPEG"  # CMYK JPEGs (a few in ImageNet): PIL converts them, as the reference does
+    Image.new("CMYK", (8, 8), (10, 20, 30, 40)).save(cmyk, quality=95)
+    assert np.array_equal(np.asarray(image_loader_for("turbo")(str(cmyk))), np.asarray(load_rgb(str(cmyk))))
+    gray = tmp_path / "gray.JPEG"  # greyscale JPEGs: decoded by libjpeg-turbo, the same RGB as PIL's convert
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (20, 30), dtype=np.uint8)).save(gray, quality=90)
+    assert np.array_equal(np.asarray(image_loader_for("turbo")(str(gray))), np.asarray(load_rgb(str(gray))))
     with pytest.raises(UserError, match="--decoder"):
         image_loader_for("nvjpeg")
     assert set(PIPELINES) == {"reference", "turbo", "fast"}

@@ -8,6 +8,7 @@ The JPEGs are generated (datasets.synthetic.make_jpeg_folder: photo-like content
 quality 90) in a temporary folder that is removed at the end; their size distribution is printed with the rates.
 """
 import datetime
+import functools
 import os
 import shutil
 import tempfile
@@ -119,7 +120,8 @@ def decode_paths(crop):
         "turbo (--decoder turbo)": (load_rgb_turbo, "turbo", True),
         "torchvision.io.decode_jpeg cpu + PIL transforms": (torchvision_pil, "turbo", True),
         "pil draft (reduce on decode)": (pil_draft(crop), "reference", False),
-        "turbo + uint8 transforms (--fast_transforms)": (load_rgb_turbo, "fast", False),
+        "turbo + uint8 transforms (--fast_transforms)": (functools.partial(load_rgb_turbo, array=True), "fast",
+                                                         False),
         "torchvision.io.decode_jpeg cpu + uint8 transforms": (torchvision_tensor, "fast", False),
     }
 
@@ -152,7 +154,7 @@ def loader_rate(root, pipeline, decoder, workers, batch_size, crop):
     """Images/s of a DataLoader over the train split with the train transform, after its first batch."""
     from datasets import WithTransform, build_dataset, image_loader
     from datasets.transforms import build_transform
-    dataset, _ = build_dataset("imagefolder", root, "train", decoder=decoder)
+    dataset, _ = build_dataset("imagefolder", root, "train", decoder=decoder, arrays=pipeline == "fast")
     data = WithTransform(dataset, build_transform("imagenet", "eval", True, crop, pipeline))
     loader = image_loader(data, batch_size=batch_size, shuffle=False, num_workers=workers, prefetch_factor=4)
     batches = iter(loader)
@@ -341,7 +343,8 @@ def bench_e2e(args):
 
         step_synthetic = timed(step_with(Synthetic()), warmup, steps, batch, device)
         print(f"pretraining step, synthetic batches: {step_synthetic:.1f} img/s")
-        train, _ = build_dataset("imagefolder", work, "train", download=False, decoder=args.decoder)
+        train, _ = build_dataset("imagefolder", work, "train", download=False, decoder=args.decoder,
+                                 arrays=args.fast_transforms)
         seeded = engine_pretrain.SeededSamples(WithTransform(train, build_transform("imagenet", "eval", True, size,
                                                                                     pipeline)))
         sampler = engine_pretrain.TrainBatches(len(seeded), 0, batch, batch, 1, 0, 0)
