@@ -8,6 +8,7 @@ run; every run appends a dated row to its section of docs/benchmarks.md.
     python tools/benchmark.py probe            # complete probes: per-epoch vs cached; K-value sweep: K runs vs one
     python tools/benchmark.py data             # JPEG decode + transforms per core for each decoder; workers 1 -> 2
     python tools/benchmark.py e2e              # JPEG -> pretraining step and JPEG -> extraction vs synthetic batches
+    python tools/benchmark.py gpu_decode       # torchvision.io.decode_jpeg on the GPU in batches (nvJPEG)
     python tools/benchmark.py cost --train_rate R --forward_rate F   # Figure 2's GPU-hours from measured rates
 
 Sections are subcommands; each writes under its own `## <section>` heading of results/benchmarks.md (ignored by
@@ -449,7 +450,18 @@ def add_pipeline_sections(sections, common):
                      "graphs)")
     e2e.add_argument("--sf_foreach", action="store_true", help="the optimizer update in torch._foreach_* form")
     e2e.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
+    e2e.add_argument("--jpeg_dir", default=None, help="generate the JPEGs here once and keep them for later calls "
+                     "(default: a temporary folder, removed)")
     e2e.set_defaults(func=bench_pipeline.bench_e2e)
+    gpu = sections.add_parser("gpu_decode", parents=[common], help="torchvision.io.decode_jpeg in batches on the "
+                              "GPU (nvJPEG), alone and with the train transform on the device",
+                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    gpu.add_argument("--quick", action="store_true", help="64 images")
+    gpu.add_argument("--images", type=int, default=None, help="generated JPEGs (default 2048; quick 64)")
+    gpu.add_argument("--batch_size", type=int, default=64, help="files per decode_jpeg call")
+    gpu.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"], help="cpu: the same code on the "
+                     "CPU (a check that it runs)")
+    gpu.set_defaults(func=bench_pipeline.bench_gpu_decode)
     cost = sections.add_parser("cost", help="Figure 2's cost from scratch (pretraining + probes) in GPU-hours, "
                                "from measured rates", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     cost.add_argument("--train_rate", type=float, required=True, help="img/s of the pretraining step from JPEGs")
