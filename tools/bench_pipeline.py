@@ -16,6 +16,8 @@ import time
 
 import numpy as np
 
+from util.cli import UserError
+
 # ---------------------------------------------------------------- Figure 2's cost from measured rates
 # Pretraining: 5 runs of 450k steps at global batch 1024; the cat2/cat4/cat5 budgets (200k/100k/80k) are milestones
 # of the same runs (tools/plan_timecat.py), so the runs are all the training. Each run also validates every 5,000
@@ -127,17 +129,18 @@ def decode_paths(crop):
 
 
 def per_core_rates(paths, fns, rounds=3):
-    """Images/s of each fn over the files in this process (one thread): the best of `rounds` passes, the
-    functions taking turns in each round, so that a load varying over the run weighs on all of them alike."""
+    """Images per CPU-second of each fn over the files, in this process with one thread: images / the process's
+    CPU time (time.process_time), so that other jobs sharing the cores do not count as this path's time (the
+    rate of one core given to it alone); the best of `rounds` passes, the functions taking turns in each."""
     best = dict.fromkeys(fns, 0.0)
     for name, fn in fns.items():
         fn(paths[0])
     for _ in range(rounds):
         for name, fn in fns.items():
-            start = time.perf_counter()
+            start = time.process_time()
             for p in paths:
                 fn(p)
-            best[name] = max(best[name], len(paths) / (time.perf_counter() - start))
+            best[name] = max(best[name], len(paths) / (time.process_time() - start))
     return best
 
 
@@ -166,7 +169,8 @@ def loader_rate(root, pipeline, decoder, workers, batch_size, crop):
 
 
 DATA_INTRO = [
-    "Images per second per CPU core (one process, one thread) of JPEG decoding alone and of decoding + the",
+    "Images per CPU-second (one process, one thread: images / its CPU time, so other jobs on a shared machine do",
+    "not count) of JPEG decoding alone and of decoding + the",
     "reference transforms (train: RandomResizedCrop 224 + flip + ToTensor + Normalize; test: Resize 256 + CenterCrop",
     "224), for each decoder, on generated ImageNet-like JPEGs (sizes and file sizes in the reading below); *max diff*",
     "is the largest absolute difference of the transformed tensor from the reference path's (same seeds);",
@@ -253,6 +257,8 @@ def probe_effect(root, crop, args):
     for name, extra in (("pil (reference)", []), ("turbo (--decoder turbo)", ["--decoder", "turbo"]),
                         ("turbo + uint8 transforms (--fast_transforms)", ["--decoder", "turbo", "--fast_transforms"])):
         seconds, top1 = timed_probe(common + extra + ["--dump_path", os.path.join(root, "probe", str(len(out)))])
+        if top1 is None:
+            raise UserError(f"the probe through {name} did not finish (stopped by a signal?)")
         out[name] = top1
         print(f"probe ({size} px, resnet18, random weights) through {name}: top-1 {top1:.1f} ({seconds:.1f} s)")
     return out
