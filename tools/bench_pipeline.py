@@ -14,8 +14,6 @@ import shutil
 import tempfile
 import time
 
-import numpy as np
-
 from util.cli import UserError
 
 # ---------------------------------------------------------------- Figure 2's cost from measured rates
@@ -84,6 +82,7 @@ def generate_jpegs(root, n_images, processes=1):
 
 
 def describe_jpegs(paths):
+    import numpy as np
     from PIL import Image
     sizes = np.array([Image.open(p).size for p in paths])
     kb = np.array([os.path.getsize(p) for p in paths]) / 1e3
@@ -184,7 +183,7 @@ def bench_data(args):
     import torch
 
     from datasets.transforms import build_transform
-    from tools.benchmark import machine_description, record
+    from tools.bench_common import machine_description, record
 
     work = tempfile.mkdtemp(prefix="timecat-data-")
     try:
@@ -246,7 +245,7 @@ def probe_effect(root, crop, args):
     """Final top-1 of the same small per-epoch probe (a random ResNet18, the generated imagefolder data) read
     through each pipeline: reference, --decoder turbo, --fast_transforms."""
     from datasets.synthetic import make_checkpoint
-    from tools.benchmark import timed_probe
+    from tools.bench_common import timed_probe
     ckpt = os.path.join(root, "backbone.pth")
     make_checkpoint(ckpt, "resnet18", "raw", seed=0)
     size = 64 if args.quick else 96
@@ -277,7 +276,7 @@ E2E_HEADER = ("| date | machine | torch | model | batch | setting | workers | st
 
 
 def timed(step, warmup, steps, batch, device):
-    from tools.benchmark import synchronize
+    from tools.bench_common import synchronize
     for _ in range(warmup):
         step()
     synchronize(device)
@@ -300,7 +299,7 @@ def bench_e2e(args):
     from datasets.transforms import build_transform, pipeline_of
     from engine import autocast, compile_module
     from models import build_backbone
-    from tools.benchmark import machine_description, record
+    from tools.bench_common import machine_description, record
     from util.cpu_runtime import default_workers
 
     device = torch.device(args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
@@ -408,7 +407,7 @@ def extraction_rate(loader, forward, device, warmup, steps, batch):
     """Images/s of reading batches from the loader, moving them to the device and forwarding them (features
     back on the host, as feature_cache.py stores them), passes over the loader repeated until `steps` batches."""
     from engine import to_device
-    from tools.benchmark import synchronize
+    from tools.bench_common import synchronize
 
     def endless():
         while True:
@@ -448,7 +447,7 @@ def bench_gpu_decode(args):
 
     from datasets.images import load_rgb
     from datasets.transforms import IMAGENET_MEAN, IMAGENET_STD, build_transform
-    from tools.benchmark import machine_description, record, synchronize
+    from tools.bench_common import machine_description, record, synchronize
 
     device = torch.device(args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
     work = tempfile.mkdtemp(prefix="timecat-gpudecode-")
