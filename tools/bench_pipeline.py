@@ -40,7 +40,7 @@ def figure2_cost(train_rate, forward_rate, layout="per_wd", extraction_rate=None
 
 def cost_lines(rates, device_name):
     """The printed table: the default (fp32 step, reference probe layout) and each measured option."""
-    lines = [f"Figure 2 from scratch on one {device_name} (GPU-hours; pretraining = {PRETRAIN_RUNS} x "
+    lines = [f"Figure 2 from scratch on one {device_name} (hours; pretraining = {PRETRAIN_RUNS} x "
              f"{PRETRAIN_STEPS:,} steps x {GLOBAL_BATCH} images + validations; probes = forward-images of the grid):",
              "  formula: h = (runs*steps*batch / train_rate + eval_images / forward_rate + probe_forward_images / "
              "forward_or_extraction_rate) / 3600"]
