@@ -56,3 +56,22 @@ def test_compiled_frozen_forward_gives_the_eager_features():
         eager = encoder(images)
         compiled = compile_module(encoder, torch.device("cpu"))(images)
     assert torch.allclose(eager, compiled, rtol=1e-4, atol=1e-4)
+
+
+def test_probe_with_compile_and_turbo_gives_the_plain_probes_accuracy(tmp_path):
+    """main_linear_probe.py --compile --decoder turbo on a generated imagefolder, against the same probe without
+    them: the same top-1 (features equal to rounding; the decoder is bit-identical)."""
+    from datasets.synthetic import make_checkpoint, make_jpeg_folder
+    from tools.bench_common import timed_probe
+    make_jpeg_folder(str(tmp_path / "data"), 60, num_classes=3)
+    ckpt = str(tmp_path / "backbone.pth")
+    make_checkpoint(ckpt, "resnet18", "raw", seed=0)
+    common = ["--arch", "resnet18", "--pretrained", ckpt, "--data_name", "imagefolder", "--data_path",
+              str(tmp_path / "data"), "--img_size", "32", "--batch_size", "16", "--workers", "0", "--epochs", "2",
+              "--device", "cpu"]
+    plain = timed_probe(common + ["--feature_cache", str(tmp_path / "cache_plain"), "--dump_path",
+                                  str(tmp_path / "plain")])[1]
+    # a cache of its own: the key leaves out run-only flags, so a shared one would hand back the plain features
+    fast = timed_probe(common + ["--compile", "--decoder", "turbo", "--feature_cache", str(tmp_path / "cache_fast"),
+                                 "--dump_path", str(tmp_path / "fast")])[1]
+    assert plain is not None and fast == pytest.approx(plain, abs=100 / 12 + 1e-6)  # at most one of 12 flips
