@@ -52,6 +52,13 @@ def autocast(device, precision):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
+def compile_module(module, device, static_shapes=True):
+    """torch.compile (--compile). On a GPU with static shapes also CUDA graphs (mode "reduce-overhead": a whole
+    forward replays as one graph launch); CPUs and DDP-wrapped steps get the default mode."""
+    mode = "reduce-overhead" if device.type == "cuda" and static_shapes else None
+    return torch.compile(module, mode=mode)
+
+
 def to_device(images, labels, device):
     non_blocking = device.type == "cuda"
     images = images.to(device, non_blocking=non_blocking).contiguous(memory_format=torch.channels_last)

@@ -122,7 +122,8 @@ def build_optimizer(model, args):
     if args.optimizer == "sfadamw":  # AlgoPerf's update: decay at x, bf16 second moment (util/sfadamw.py)
         return AlgoPerfAdamWScheduleFree(model.parameters(), lr=args.lr, betas=tuple(args.betas), eps=args.eps,
                                          weight_decay=args.wd, warmup_steps=args.warmup_steps, r=args.sf_r,
-                                         weight_lr_power=args.weight_lr_power, moment_dtype=args.sf_moment_dtype)
+                                         weight_lr_power=args.weight_lr_power, moment_dtype=args.sf_moment_dtype,
+                                         foreach=getattr(args, "sf_foreach", False))
     import schedulefree
     return schedulefree.AdamWScheduleFree(model.parameters(), lr=args.lr, betas=tuple(args.betas), eps=args.eps,
                                           weight_decay=args.wd, warmup_steps=args.warmup_steps, r=args.sf_r,

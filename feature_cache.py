@@ -45,6 +45,7 @@ def entry_key(args, split, view, length):
             # an entry that skipped unreadable images serves only runs that skip them; absent when off, so the
             # entries written before the flag existed stay valid
             **({"skip_bad_images": True} if args.skip_bad_images else {}),
+            **({"fast_transforms": True} if getattr(args, "fast_transforms", False) else {}),  # other pixels
             **({"subset": training_subset_key(args)} if split == "train" and training_subset_key(args) else {})}
 
 
@@ -180,7 +181,7 @@ def _extract(encoder, dataset, directory, key, args, dist_info, view, logger, sh
         loader = StopSafeDataLoader(SkipUnreadable(dataset) if args.skip_bad_images else dataset,
                                     args.batch_size, sampler=chunks[c].tolist(), num_workers=args.workers,
                                     pin_memory=device.type == "cuda", generator=torch.Generator().manual_seed(seed),
-                                    collate_fn=collate_readable)
+                                    collate_fn=collate_readable, prefetch_factor=4 if args.workers else None)
         start = 0
         for images, targets, kept in loader:
             if should_stop is not None and should_stop():

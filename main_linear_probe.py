@@ -17,7 +17,7 @@ from arguments.linear_probe import (  # noqa: F401  (DEFAULT_TAG_FILE, DIAGNOSTI
     default_dump_path,
     get_args_parser,
 )
-from util.cpu_runtime import configure_cpu_runtime
+from util.cpu_runtime import configure_cpu_runtime, default_workers
 
 CPU_RUNTIME = None  # util.cpu_runtime's choice of OpenMP settings, logged by main(); set when run as a script
 if __name__ == "__main__":  # before the heavy imports: --help and a mistyped flag answer without loading torch,
@@ -49,7 +49,7 @@ from datasets import (
     stratified_subset,
     subset_fraction,
 )
-from datasets.transforms import build_transform, crop_size
+from datasets.transforms import build_transform, crop_size, pipeline_of
 from engine import (
     BatchSource,
     CachedBatches,
@@ -60,6 +60,7 @@ from engine import (
     autocast,
     block_spans,
     cat_validate,
+    compile_module,
     evaluate,
     feature_batches,
     feature_importance,
@@ -172,6 +173,8 @@ def check_numbers(args):
             raise UserError(f"--{name} must be at least 1")
     if args.batch_size is not None and args.batch_size < 1:
         raise UserError("--batch_size must be at least 1")
+    if args.workers is None:
+        args.workers = default_workers()
     if args.workers < 0 or args.cache_views < 0:
         raise UserError("--workers and --cache_views must be 0 or more")
     if args.img_size is not None and args.img_size < 8:
@@ -397,17 +400,23 @@ def build_data(args, dist_info, logger):
     and held-out validation (--data_rate, --val_split)."""
     family = family_of(args.data_name)
     if dist_info.is_main:  # one process downloads, the others wait
-        train_base, num_classes = build_dataset(args.data_name, args.data_path, "train", args.download)
+        train_base, num_classes = build_dataset(args.data_name, args.data_path, "train", args.download,
+                                                args.decoder, args.fast_transforms)
     barrier()
     if not dist_info.is_main:
-        train_base, num_classes = build_dataset(args.data_name, args.data_path, "train", False)
-    test_base, _ = build_dataset(args.data_name, args.data_path, "test", False)
+        train_base, num_classes = build_dataset(args.data_name, args.data_path, "train", False, args.decoder,
+                                                args.fast_transforms)
+    test_base, _ = build_dataset(args.data_name, args.data_path, "test", False, args.decoder, args.fast_transforms)
     kept = subset_fraction(len(train_base), args.data_rate, args.seed)
     train_base = torch.utils.data.Subset(train_base, kept)
     recipe = backbones_recipe(args)
-    train_aug = WithTransform(train_base, build_transform(family, args.tf_name, True, args.img_size, recipe))
-    train_plain = WithTransform(train_base, build_transform(family, args.tf_name, False, args.img_size, recipe))
-    test_set = WithTransform(test_base, build_transform(family, args.tf_name, False, args.img_size, recipe))
+    pipeline = pipeline_of(args.decoder, args.fast_transforms)
+    train_aug = WithTransform(train_base, build_transform(family, args.tf_name, True, args.img_size, pipeline,
+                                                          recipe))
+    train_plain = WithTransform(train_base, build_transform(family, args.tf_name, False, args.img_size, pipeline,
+                                                            recipe))
+    test_set = WithTransform(test_base, build_transform(family, args.tf_name, False, args.img_size, pipeline,
+                                                        recipe))
     val_positions = []
     if args.val_split:
         val_positions = stratified_subset(dataset_targets(train_base), args.val_split, args.seed)
@@ -593,6 +602,8 @@ def build_probe_model(run, num_classes):
     finetune = args.exp_mode == "finetune"
     if not finetune:
         encoder.freeze()
+        if args.compile:  # the frozen forward only: a fine-tuned encoder's checkpoint keeps its plain keys
+            encoder = compile_module(encoder, device)
     heads = build_heads([net.out_dim for net in encoder.backbones], num_classes, run.combos, encoder.classifiers,
                         args, dist_info.world_size)
     if args.sync_bn and dist_info.distributed and finetune:  # the backbones' BNs too, as the reference's --sync_bn
@@ -647,7 +658,8 @@ def loader_sources(run, data, model):
 
     def loader(dataset, sampler, **kw):
         return image_loader(dataset, args.skip_bad_images, batch_size=args.batch_size, sampler=sampler,
-                            num_workers=args.workers, pin_memory=device.type == "cuda", **kw)
+                            num_workers=args.workers, pin_memory=device.type == "cuda",
+                            persistent_workers=args.workers > 0, **kw)  # no worker start-up every epoch
 
     loaders = (loader(splits.train_aug, data.train_sampler, drop_last=data.drop_last, generator=data.generator),
                loader(splits.test_set, data.test_sampler),

@@ -47,8 +47,8 @@ import torch
 import torch.nn as nn
 
 from datasets import WithTransform, build_dataset, image_loader, imagenet_root
-from datasets.transforms import build_transform
-from engine import ShardSampler, resolve_precision
+from datasets.transforms import build_transform, pipeline_of
+from engine import ShardSampler, compile_module, resolve_precision
 from engine_pretrain import (
     STEP_STREAM,
     Loaders,
@@ -68,6 +68,7 @@ from models.init import algoperf_init
 from util import layout
 from util.checkpoint import load_file
 from util.cli import UserError, run_main
+from util.cpu_runtime import default_workers
 from util.distributed import barrier, cleanup, init_distributed, require_cuda_if_requested
 from util.logs import (
     claim_run_folder,
@@ -111,6 +112,8 @@ def check_args(args):
     for name in ("steps", "global_batch", "print_freq"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise UserError(f"--{name} must be at least 1")
+    if args.workers is None:
+        args.workers = default_workers()
     for name in ("eval_every", "workers", "bn_refresh_batches", "bn_refresh_every", "run"):
         if getattr(args, name) < 0:
             raise UserError(f"--{name} must be 0 or more")
@@ -222,16 +225,19 @@ def build_pretrain_data(args, logger):
     """The training and validation splits from the probe's dataset registry, with the pretraining transforms."""
     if args.data_name == "imagenet1k":
         logger.info(f"data: --data_path is {imagenet_root(args.data_path).found}")
-    train, num_classes = build_dataset(args.data_name, args.data_path, "train", download=False)
-    val, _ = build_dataset(args.data_name, args.data_path, "test", download=False)
+    read = dict(download=False, decoder=args.decoder, arrays=args.fast_transforms)
+    train, num_classes = build_dataset(args.data_name, args.data_path, "train", **read)
+    val, _ = build_dataset(args.data_name, args.data_path, "test", **read)
     if val.classes != train.classes:
         raise UserError(f"{args.data_name}: val has {len(val.classes)} class folders and train {len(train.classes)}"
                         f", or they differ by name; both splits need the same class folders")
     if len(train) < args.global_batch:
         raise UserError(f"{args.data_name}: {len(train)} training images, fewer than one global batch "
                         f"({args.global_batch}); lower --global_batch")
-    return PretrainData(WithTransform(train, build_transform("imagenet", "eval", True, args.img_size)),
-                        WithTransform(val, build_transform("imagenet", "eval", False, args.img_size)), num_classes)
+    pipeline = pipeline_of(args.decoder, args.fast_transforms)
+    return PretrainData(WithTransform(train, build_transform("imagenet", "eval", True, args.img_size, pipeline)),
+                        WithTransform(val, build_transform("imagenet", "eval", False, args.img_size, pipeline)),
+                        num_classes)
 
 
 # ---------------------------------------------------------------- state on disk
@@ -383,7 +389,7 @@ def build_training_model(args, num_classes, dist_info, logger):
     torch.manual_seed(derive_seed(args.seed, STEP_STREAM, 0))  # the initialisation is a function of the seed
     model = build_model(args, num_classes, logger).to(device).to(memory_format=torch.channels_last)
     optimizer = build_optimizer(model, args)
-    train_model = torch.compile(model) if args.compile else model
+    train_model = compile_module(model, device, static_shapes=not dist_info.distributed) if args.compile else model
     if dist_info.distributed:  # each process keeps its own BatchNorm statistics; refresh_bn averages them
         ddp = nn.parallel.DistributedDataParallel
         no_buffer_sync = {"forward_sync_buffers": False} if "forward_sync_buffers" in \

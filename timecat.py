@@ -48,7 +48,7 @@ def load_encoder(tag_or_checkpoints, arch="resnet50", tag_file=DEFAULT_TAG_FILE,
         archs = [arch] if isinstance(arch, str) else list(arch)
     archs = pair_backbones(archs, paths, tagged)
     recipe = encoder_recipe(archs, allow_mixed_transforms)
-    transform = build_transform("imagenet", "eval", False, image_size, recipe)
+    transform = build_transform("imagenet", "eval", False, image_size, recipe=recipe)
     crop = image_size or (recipe.crop if recipe else 224)
     encoder = ConcatEncoder(archs, paths, image_size=crop).freeze()
     return encoder.to(torch.device(device)), transform

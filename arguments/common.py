@@ -4,9 +4,11 @@ import argparse
 import os
 
 from util import layout
+from util.flags import add_bool
 
 DEVICES = ("auto", "cuda", "cpu")
 WANDB_MODES = ("auto", "online", "offline")  # util.wandb_log's (spelled here: --help imports no wandb or torch)
+DECODER_NAMES = ("pil", "turbo")  # datasets.images.DECODERS (tests/test_decoders.py checks they are equal)
 
 
 def add_device_arg(g):
@@ -37,6 +39,21 @@ def add_wandb_arg(g):
                    "when api.wandb.ai answers and a key is set, else offline (`wandb sync` later); WANDB_MODE and "
                    "WANDB_PROJECT (otherwise: timecat) are read; needs the optional wandb package (`uv sync --extra "
                    "wandb`); off when not given")
+
+
+def add_data_pipeline_args(g):
+    """--workers, --decoder and --fast_transforms (datasets/images.py, datasets/transforms.py; measured in
+    docs/benchmarks.md "data")."""
+    g.add_argument("--workers", type=int, default=None, help="data-loading processes per process (default: the "
+                   "CPUs slurm gives the task, SLURM_CPUS_PER_TASK, else this process's share of the machine's, "
+                   "minus one)")
+    g.add_argument("--decoder", default="pil", choices=DECODER_NAMES, help="JPEG decoding and tensor conversion: "
+                   "pil = PIL + torchvision's ToTensor/Normalize (reference); turbo = libjpeg-turbo through "
+                   "simplejpeg and a one-pass tensor conversion, the same tensors bit for bit, faster "
+                   "(recommended; needs `uv sync --extra fastjpeg`)")
+    add_bool(g, "fast_transforms", False, "crop, resize and flip on uint8 tensors (torchvision's vectorised "
+             "kernels) instead of PIL's: faster, pixels within one level of the reference's, a recipe change "
+             "(reference: off)")
 
 
 def add_launcher_args(g):

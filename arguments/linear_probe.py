@@ -8,6 +8,7 @@ import os
 from arguments.common import (
     add_checkpoint_root_arg,
     add_data_path_arg,
+    add_data_pipeline_args,
     add_device_arg,
     add_launcher_args,
     add_wandb_arg,
@@ -29,11 +30,11 @@ RECIPE_KEYS = ("arch", "pretrained", "data_name", "exp_mode", "use_bn", "headini
                "momentum", "nesterov", "wd_skip_bn", "epochs", "scheduler_type", "decay_epochs", "gamma",
                "final_lr", "seed", "tf_name", "img_size", "data_rate", "precision", "feature_cache", "cache_views",
                "val_split", "lr_last_layer", "beta2", "global_batch", "batch_semantics", "sync_bn", "subsets",
-               "head_impl")
+               "head_impl", "fast_transforms")
 DERIVED_RECIPE_KEYS = ("global_batch", "batch_semantics")  # set by main_linear_probe.resolve_batch, not flags
 # the value a recipe key had in runs written before the key existed; at that value a key stays out of the default
 # --dump_path's hash, so adding a recipe key moves no existing run's folder
-RECIPE_DEFAULTS = {"subsets": "none", "head_impl": "separate"}
+RECIPE_DEFAULTS = {"subsets": "none", "head_impl": "separate", "fast_transforms": False}
 # what only training depends on: --mode eval_only may evaluate saved heads with another process count
 TRAINING_ONLY_KEYS = ("global_batch", "batch_semantics", "sync_bn")
 # The original's slurm flags (its add_slurm_params; REFERENCE.md, "The original's cluster habits"): name -> (type,
@@ -62,7 +63,7 @@ RUN_ONLY_KEYS = ("tag", "tag_file", "classifier", "knn", "data_path", "download"
                  "cuda_deterministic", "dist_timeout", "print_freq", "tensorboard", "wandb", "skip_bad_images",
                  "config", "dist_url", "gpu", "reweight_path", "headpretrained", "richway", "world_size", "rank",
                  "local_rank", "skip_pool", "save_init", "eval_checkpoint", "extra_log_lines",
-                 "checkpoint_root", "allow_mixed_transforms") + SLURM_KEYS
+                 "checkpoint_root", "allow_mixed_transforms", "decoder", "compile") + SLURM_KEYS
 
 
 # ---------------------------------------------------------------- arguments
@@ -169,7 +170,7 @@ def add_data_args(g):
                    "set to select the epoch and head honestly (recommended: 0.1; reference: 0, best on test)")
     g.add_argument("--batch_size", type=int, default=None, help="batch PER PROCESS. Not given: the reference's "
                    "batch (256 CIFAR, 32 ImageNet/iNat18) is the GLOBAL batch, split across the processes")
-    g.add_argument("--workers", type=int, default=8, help="data-loading processes per process")
+    add_data_pipeline_args(g)
 
 
 def add_speed_args(g):
@@ -182,6 +183,8 @@ def add_speed_args(g):
                    help="backbone forward precision (recommended and reference: fp32, PyTorch's default TF32 "
                    "settings); bf16 is faster and moves top-1 slightly; auto = bf16 where the hardware has it. "
                    "The heads always train and evaluate in fp32")
+    add_bool(g, "compile", False, "torch.compile the frozen backbones' forward (on a GPU also CUDA graphs: mode "
+             "reduce-overhead); features equal up to float rounding (reference: off)")
 
 
 def add_run_args(g):

@@ -6,6 +6,7 @@ import os
 from arguments.common import (
     add_checkpoint_root_arg,
     add_data_path_arg,
+    add_data_pipeline_args,
     add_device_arg,
     add_launcher_args,
     add_wandb_arg,
@@ -26,17 +27,19 @@ SFADAMW_BATCH, SFADAMW_STEPS, SFADAMW_SAVE_STEPS = 1024, 450000, [80000, 100000,
 # A run resumed from its folder must follow the same weight trajectory; these flags define it (compared on resume).
 RECIPE_KEYS = ("arch", "img_size", "global_batch", "optimizer", "lr", "wd", "betas", "eps", "sf_r",
                "weight_lr_power", "warmup_steps", "label_smoothing", "momentum", "schedule", "decay_epochs",
-               "gamma", "seed", "batch_size", "precision", "init", "sf_moment_dtype", "init_from")
+               "gamma", "seed", "batch_size", "precision", "init", "sf_moment_dtype", "init_from",
+               "fast_transforms")
 # Flags that do not change the weight trajectory (where the run reads and writes, how often it logs, evaluates and
 # saves, how it is launched); every flag of get_args_parser is in exactly one of the two lists
 # (tests/faults/test_flag_classes.py).
 RUN_ONLY_KEYS = ("data_name", "data_path", "workers", "accum_steps", "steps", "save_steps", "eval_every",
                  "bn_refresh_batches", "bn_refresh_every", "run", "output_dir", "dump_path", "start_over", "compile",
                  "max_time", "print_freq", "debug", "dist_timeout", "skip_bad_images", "device", "local_rank",
-                 "tensorboard", "wandb", "cuda_deterministic", "tf32", "checkpoint_root")
+                 "tensorboard", "wandb", "cuda_deterministic", "tf32", "checkpoint_root", "decoder", "sf_foreach")
 # The value a recipe key had in run folders written before the key existed (before --init, "sfadamw" was the
 # package's optimizer).
-LEGACY_RECIPE = {"init": "torchvision", "sf_moment_dtype": "bfloat16", "init_from": None}
+LEGACY_RECIPE = {"init": "torchvision", "sf_moment_dtype": "bfloat16", "init_from": None,
+                 "fast_transforms": False}
 # Choices shown by --help, spelled here so that --help needs no torch; tests/test_cli.py checks that they equal
 # their owners' (models.backbones.RESNET_ARCHS, models.init.INITS, util.sfadamw.MOMENT_DTYPES).
 ARCH_NAMES = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnext50_32x4d", "resnext101_32x8d",
@@ -71,8 +74,7 @@ def add_model_and_data_args(p):
                    "truncated-normal convs, N(0, 0.01^2) classifier, zero last BatchNorm per residual branch)")
     g.add_argument("--img_size", type=int, default=224, help="training crop; validation resizes to 8/7 of it "
                    "and center-crops (reference: 224; 32 or less for CPU-scale runs)")
-    g.add_argument("--workers", type=int, default=8, help="data-loading processes per process "
-                   "(recommended: CPU cores per GPU minus one)")
+    add_data_pipeline_args(g)
 
 
 def add_batch_args(p):
@@ -161,7 +163,10 @@ def add_run_args(p):
     add_bool(g, "tf32", False, "TF32 matrix products on GPUs (torch.backends.cuda.matmul.allow_tf32): faster fp32 "
              "linear layers, other rounding (reference: off, PyTorch's default, as AlgoPerf leaves it; AlgoPerf "
              "sets only cudnn.benchmark, and cuDNN convolutions use TF32 by PyTorch's default either way)")
-    add_bool(g, "compile", False, "torch.compile the training forward/backward")
+    add_bool(g, "compile", False, "torch.compile the training forward/backward (on a GPU without DDP also CUDA "
+             "graphs: mode reduce-overhead); docs/benchmarks.md")
+    add_bool(g, "sf_foreach", False, "sfadamw: the update as torch._foreach_* calls over all parameters (fewer "
+             "kernels; bit-identical on CPU, tests/test_sfadamw.py) (reference: off)")
     add_bool(g, "cuda_deterministic", False, "deterministic cuDNN kernels, no autotuning: on a GPU, two runs (and a "
              "run and its resumption) give bit-identical weights, slower (docs/benchmarks.md); CPU runs always do "
              "(recommended: off for speed; on to compare runs bit for bit)")

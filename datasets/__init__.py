@@ -7,7 +7,14 @@ import numpy as np
 import torch
 
 from datasets.cifar import build_cifar, percent_subset
-from datasets.images import IMAGENET_HINT, INAT_HINT, INaturalist18, UnreadableImage, build_image_folder
+from datasets.images import (
+    IMAGENET_HINT,
+    INAT_HINT,
+    INaturalist18,
+    UnreadableImage,
+    build_image_folder,
+    image_loader_for,
+)
 from util.cli import UserError
 from util.signals import StopSafeDataLoader
 
@@ -155,9 +162,12 @@ def imagenet_root(data_path):
     return ImageNetRoot(nested, f"the README data root ({data_path} holds imagenet/)")
 
 
-def build_dataset(data_name, data_path, split, download=True):
-    """(dataset of (PIL image, label), num_classes) for split 'train' or 'test'."""
+def build_dataset(data_name, data_path, split, download=True, decoder="pil", arrays=False):
+    """(dataset of (PIL image, label), num_classes) for split 'train' or 'test'; image files are read with
+    --decoder's loader (datasets/images.py; CIFAR is in memory, nothing to decode); arrays (--fast_transforms):
+    --decoder turbo gives uint8 arrays instead of PIL images."""
     base, percent = parse_data_name(data_name)
+    loader = image_loader_for(decoder, arrays)
     train = split == "train"
     if base.startswith("cifar"):
         dataset = build_cifar(base, data_path, train, None, download)
@@ -166,15 +176,16 @@ def build_dataset(data_name, data_path, split, download=True):
         root = os.path.join(data_path, "inaturalist18")
         if not os.path.isdir(root):
             raise UserError(f"iNaturalist18: folder {root} not found. {INAT_HINT}")
-        dataset = INaturalist18(root, split)
+        dataset = INaturalist18(root, split, loader=loader)
         num_classes = len(dataset.class_to_idx)
     elif base == "imagefolder":
         folder = os.path.join(data_path, "train" if train else "val")
-        dataset = build_image_folder(folder, "imagefolder", "Expected layout: <data_path>/{train,val}/<class>/*")
+        dataset = build_image_folder(folder, "imagefolder", "Expected layout: <data_path>/{train,val}/<class>/*",
+                                     loader=loader)
         num_classes = len(dataset.classes)
     else:
         folder = os.path.join(imagenet_root(data_path).folder, "train" if train else "val")
-        dataset = build_image_folder(folder, "ImageNet1k", IMAGENET_HINT)
+        dataset = build_image_folder(folder, "ImageNet1k", IMAGENET_HINT, loader=loader)
         num_classes = len(dataset.classes)
     if base.startswith("cifar") and train:
         # the original reads EVERY CIFAR training set through its fixed permutation: Subset(train,

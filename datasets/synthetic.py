@@ -7,7 +7,7 @@ import pickle
 import numpy as np
 import torch
 import torchvision
-from PIL import Image
+from PIL import Image, ImageDraw
 
 PALETTE = np.array([[220, 40, 40], [40, 200, 40], [40, 40, 220], [220, 220, 40], [220, 40, 220],
                     [40, 220, 220], [250, 140, 20], [120, 60, 200], [30, 30, 30], [240, 240, 240]])
@@ -56,6 +56,61 @@ def make_cifar(data_path, name="cifar10", n_train=200, n_test=60, seed=0, noise=
 def write_jpeg(path, label, rng, size):
     os.makedirs(os.path.dirname(path), exist_ok=True)
     Image.fromarray(class_image(label, rng, size)).save(path, quality=90)
+
+
+def _upsample(array, width, height, resample):
+    """An H x W x C float32 array resized channel by channel (PIL's float mode)."""
+    return np.stack([np.asarray(Image.fromarray(array[..., c], mode="F").resize((width, height), resample))
+                     for c in range(array.shape[-1])], -1)
+
+
+def natural_image(label, rng, width, height):
+    """A photo-like RGB image: smooth colour gradients tinted by the class, a few sharp-edged shapes, and
+    luminance-heavy noise at 1-32 px scales whose strength varies over the image (smooth and textured areas), so
+    a JPEG of it costs what a photo of the same size costs to decode (ImageNet-like bytes per pixel at quality 90)."""
+    tint = np.array([(label * 67) % 256, (label * 131) % 256, (label * 29) % 256], np.float32)
+    base = rng.uniform(0, 255, (4, 4, 3)).astype(np.float32) * 0.5 + 0.5 * tint
+    pic = Image.fromarray(_upsample(base, width, height, Image.BICUBIC).clip(0, 255).astype(np.uint8))
+    draw = ImageDraw.Draw(pic)
+    for _ in range(rng.integers(2, 7)):
+        x0, y0 = rng.integers(0, width), rng.integers(0, height)
+        x1, y1 = x0 + rng.integers(10, width // 2 + 11), y0 + rng.integers(10, height // 2 + 11)
+        fill = tuple(int(v) for v in rng.integers(0, 256, 3))
+        (draw.ellipse if rng.random() < 0.5 else draw.rectangle)((x0, y0, x1, y1), fill=fill)
+    img = np.asarray(pic, dtype=np.float32).copy()
+    strength = _upsample(rng.uniform(0, 1, (3, 3, 1)).astype(np.float32), width, height, Image.BICUBIC) ** 2 * 2.2
+    for scale, amplitude in ((1, 80), (2, 38), (4, 14), (8, 10), (32, 14)):
+        h, w = -(-height // scale), -(-width // scale)
+        noise = rng.normal(0, 1, (h, w, 3)).astype(np.float32)
+        noise = 1.45 * noise.mean(-1, keepdims=True) + 0.15 * noise  # mostly luminance, as in photos
+        if scale > 1:
+            noise = _upsample(noise, w * scale, h * scale, Image.BILINEAR)
+        img += amplitude * noise[:height, :width] * (strength if scale < 8 else 1)
+    return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
+
+
+# ImageNet-like image sizes: widths around 400 px (log-normal), the common aspect ratios, landscape and portrait
+ASPECTS, ASPECT_SHARES = (4 / 3, 3 / 2, 1.0, 5 / 4, 3 / 4, 2 / 3), (0.4, 0.15, 0.15, 0.1, 0.12, 0.08)
+
+
+def imagenet_like_size(rng):
+    width = int(np.clip(rng.lognormal(np.log(400), 0.25), 100, 1600))
+    return width, int(np.clip(width / rng.choice(ASPECTS, p=ASPECT_SHARES), 80, 1600))
+
+
+def make_jpeg_folder(root, n_images, num_classes=10, seed=0, quality=90):
+    """root/{train,val}/c{k}/*.JPEG: n_images ImageNet-like JPEGs (natural_image, imagenet_like_size, quality 90,
+    PIL's default 4:2:0 chroma subsampling), 4/5 in train and 1/5 in val; returns the list of file paths."""
+    rng = np.random.default_rng(seed)
+    paths = []
+    for i in range(n_images):
+        label = i % num_classes
+        split = "val" if (i // num_classes) % 5 == 4 else "train"  # every class in both splits
+        path = os.path.join(root, split, f"c{label:03d}", f"img{i:06d}.JPEG")
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        natural_image(label, rng, *imagenet_like_size(rng)).save(path, quality=quality)
+        paths.append(path)
+    return paths
 
 
 def make_imagenet(data_path, num_classes=4, n_train=8, n_val=3, size=40, seed=0):

@@ -1,10 +1,25 @@
 """Transforms of the reference probe: per-dataset presets (eval, 224px, 32px), any crop size via --img_size, and
-the input recipe of backbones that expect another one than the reference's (models.backbones.input_recipe)."""
+the input recipe of backbones that expect another one than the reference's (models.backbones.input_recipe).
+
+Three pipelines compute them (--decoder, --fast_transforms; docs/benchmarks.md "data"):
+- reference (default): torchvision's PIL transforms, ToTensor, Normalize.
+- turbo (--decoder turbo): the same PIL transforms, then ToTensor + Normalize as one pass over the pixels
+  (ToNormalizedTensor): the same operations in the same order, so the same tensor bit for bit.
+- fast (--fast_transforms, an opt-in recipe key): crop, resize and flip on uint8 tensors (torchvision's
+  vectorised uint8 resampling), then ToNormalizedTensor; the same random draws (crop boxes, flips) as the
+  reference; pixels within one level of PIL's resampling (tests/test_decoders.py).
+"""
+import warnings
+
+import numpy as np
+import torch
 from torchvision import transforms as T
+from torchvision.transforms.v2 import functional as F2
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)
 TF_NAMES = ("eval", "224px", "32px")
+PIPELINES = ("reference", "turbo", "fast")
 
 
 def crop_size(family, tf_name, img_size=None, recipe=None):
@@ -17,9 +32,74 @@ def crop_size(family, tf_name, img_size=None, recipe=None):
     return recipe.crop if recipe is not None and family != "cifar" else 224
 
 
-def build_transform(family, tf_name, train, img_size=None, recipe=None):
+def pipeline_of(decoder="pil", fast_transforms=False):
+    """The transform pipeline of --decoder / --fast_transforms."""
+    return "fast" if fast_transforms else "turbo" if decoder == "turbo" else "reference"
+
+
+def uint8_chw(pic):
+    """A PIL RGB image (or an H x W x 3 uint8 array) as a 3 x H x W uint8 tensor viewing the same memory."""
+    with warnings.catch_warnings():  # read-only pixels are only ever read here
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(np.asarray(pic)).permute(2, 0, 1)
+
+
+class ToNormalizedTensor:
+    """ToTensor() then Normalize(mean, std) in one pass: uint8 -> float32, / 255, - mean, / std, in place on one
+    new tensor (torchvision's pair makes four); bit-identical to the pair (tests/test_decoders.py)."""
+
+    def __init__(self, mean, std):
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
+        self.reference = T.Compose([T.ToTensor(), T.Normalize(mean, std)])
+
+    def __call__(self, pic):
+        if isinstance(pic, torch.Tensor):
+            pixels = pic
+        elif isinstance(pic, np.ndarray) or getattr(pic, "mode", None) == "RGB":
+            pixels = uint8_chw(pic)
+        else:  # another PIL mode: torchvision's own conversion
+            return self.reference(pic)
+        out = torch.empty(pixels.shape, dtype=torch.float32)
+        out.copy_(pixels)
+        return out.div_(255).sub_(self.mean).div_(self.std)
+
+    def __repr__(self):
+        return f"{type(self).__name__}(mean={self.mean.flatten().tolist()}, std={self.std.flatten().tolist()})"
+
+
+class Uint8RandomResizedCrop:
+    """RandomResizedCrop + RandomHorizontalFlip(0.5) on a uint8 tensor, with the reference's random draws (the
+    same crop boxes and flips for the same seed)."""
+
+    def __init__(self, size, scale, ratio, interpolation):
+        self.size, self.scale, self.ratio, self.interpolation = size, scale, ratio, interpolation
+
+    def __call__(self, pic):
+        pixels = pic if isinstance(pic, torch.Tensor) else uint8_chw(pic)
+        top, left, height, width = T.RandomResizedCrop.get_params(pixels, self.scale, self.ratio)
+        pixels = F2.resized_crop(pixels, top, left, height, width, [self.size, self.size], self.interpolation,
+                                 antialias=True)
+        if torch.rand(1) < 0.5:
+            pixels = pixels.flip(-1)
+        return pixels
+
+
+class Uint8ResizeCenterCrop:
+    """Resize(short side) + CenterCrop on a uint8 tensor."""
+
+    def __init__(self, resize, crop, interpolation):
+        self.resize, self.crop, self.interpolation = resize, crop, interpolation
+
+    def __call__(self, pic):
+        pixels = pic if isinstance(pic, torch.Tensor) else uint8_chw(pic)
+        pixels = F2.resize(pixels, [self.resize], self.interpolation, antialias=True)
+        return F2.center_crop(pixels, [self.crop, self.crop])
+
+
+def build_transform(family, tf_name, train, img_size=None, pipeline="reference", recipe=None):
     """family: 'cifar' or 'imagenet' (ImageNet and iNat18). img_size overrides the preset's crop;
-    the test resize is int(8/7 of the crop), the reference's (256 for 224, 36 for 32).
+    the test resize is int(8/7 of the crop), the reference's (256 for 224, 36 for 32). pipeline: PIPELINES.
 
     recipe: None (the reference's transform), or the backbones' own (crop, resize, interpolation, mean, std; see
     models.backbones.InputRecipe), applied to ImageNet-like data at the crop size (resize scaled with it); CIFAR
@@ -28,22 +108,29 @@ def build_transform(family, tf_name, train, img_size=None, recipe=None):
         raise ValueError(f"unknown tf_name {tf_name}")
     if tf_name == "32px" and family != "cifar":
         raise ValueError("the 32px preset is for CIFAR only")
+    if pipeline not in PIPELINES:
+        raise ValueError(f"unknown pipeline {pipeline}")
     crop = crop_size(family, tf_name, img_size, recipe)
-    if family != "cifar" and recipe is not None:
-        mode = T.InterpolationMode(recipe.interpolation)
-        train_crop = T.RandomResizedCrop(crop, interpolation=mode)
-        test_resize = T.Resize(crop * recipe.resize // recipe.crop, interpolation=mode)
-        steps = [train_crop, T.RandomHorizontalFlip()] if train else [test_resize, T.CenterCrop(crop)]
-        return T.Compose(steps + [T.ToTensor(), T.Normalize(recipe.mean, recipe.std)])
     resize = int(crop * 8 / 7)  # the reference truncates: 224 -> 256, 32 -> 36
     if family == "cifar":
         mean, std = CIFAR_MEAN, CIFAR_STD
-        bicubic = T.InterpolationMode.BICUBIC
-        train_crop = T.RandomResizedCrop(crop, scale=(0.8, 1.0), ratio=(3 / 4, 4 / 3), interpolation=bicubic)
-        test_resize = T.Resize(resize, interpolation=bicubic)
+        interpolation, scale = T.InterpolationMode.BICUBIC, (0.8, 1.0)
+    elif recipe is not None:  # another architecture's own evaluation transform, scaled to the crop
+        mean, std = recipe.mean, recipe.std
+        interpolation, scale = T.InterpolationMode(recipe.interpolation), (0.08, 1.0)
+        resize = crop * recipe.resize // recipe.crop
     else:
         mean, std = IMAGENET_MEAN, IMAGENET_STD
-        train_crop = T.RandomResizedCrop(crop)
-        test_resize = T.Resize(resize)
-    steps = [train_crop, T.RandomHorizontalFlip()] if train else [test_resize, T.CenterCrop(crop)]
-    return T.Compose(steps + [T.ToTensor(), T.Normalize(mean, std)])
+        interpolation, scale = T.InterpolationMode.BILINEAR, (0.08, 1.0)  # RandomResizedCrop's defaults
+    ratio = (3 / 4, 4 / 3)
+    if pipeline == "fast":
+        geometry = Uint8RandomResizedCrop(crop, scale, ratio, interpolation) if train else \
+            Uint8ResizeCenterCrop(resize, crop, interpolation)
+        return T.Compose([geometry, ToNormalizedTensor(mean, std)])
+    if train:
+        steps = [T.RandomResizedCrop(crop, scale=scale, ratio=ratio, interpolation=interpolation),
+                 T.RandomHorizontalFlip()]
+    else:
+        steps = [T.Resize(resize, interpolation=interpolation), T.CenterCrop(crop)]
+    tensor = [ToNormalizedTensor(mean, std)] if pipeline == "turbo" else [T.ToTensor(), T.Normalize(mean, std)]
+    return T.Compose(steps + tensor)

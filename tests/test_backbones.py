@@ -94,7 +94,7 @@ def test_transforms_per_family_and_mixed_ones_refused():
     assert (swin.resize, swin.crop, swin.interpolation) == (232, 224, "bicubic")
     assert "Resize(size=232, interpolation=bicubic" in repr(build_transform("imagenet", "eval", False, recipe=swin))
     # at another crop the resize keeps the family's ratio
-    assert "Resize(size=33, interpolation=bicubic" in repr(build_transform("imagenet", "eval", False, 32, swin))
+    assert "Resize(size=33, interpolation=bicubic" in repr(build_transform("imagenet", "eval", False, 32, recipe=swin))
     with pytest.raises(UserError, match=r"resnet50 \(resize 256, crop 224, bilinear\) and convnext_tiny "
                                         r"\(resize 236, crop 224, bilinear\).*--allow_mixed_transforms"):
         encoder_recipe(["resnet50", "convnext_tiny"])

@@ -6,6 +6,10 @@ run; every run appends a dated row to its section of docs/benchmarks.md.
     python tools/benchmark.py train --compile  # also torch.compile the optimised path
     python tools/benchmark.py backbone         # frozen-backbone forward: optimised vs fp32 eager, share of matmul peak
     python tools/benchmark.py probe            # complete probes: per-epoch vs cached; K-value sweep: K runs vs one
+    python tools/benchmark.py data             # JPEG decode + transforms per core for each decoder; workers 1 -> 2
+    python tools/benchmark.py e2e              # JPEG -> pretraining step and JPEG -> extraction vs synthetic batches
+    python tools/benchmark.py gpu_decode       # torchvision.io.decode_jpeg on the GPU in batches (nvJPEG)
+    python tools/benchmark.py cost --train_rate R --forward_rate F   # Figure 2's GPU-hours from measured rates
 
 Sections are subcommands; each writes under its own `## <section>` heading of results/benchmarks.md (ignored by
 git), or of the file given with --record (`--record docs/benchmarks.md` adds the row to the published table).
@@ -15,7 +19,6 @@ row records them.
 import argparse
 import datetime
 import os
-import platform
 import time
 
 from util.cpu_runtime import configure_cpu_runtime
@@ -25,51 +28,11 @@ CPU_RUNTIME = configure_cpu_runtime()  # before torch: OpenMP reads its settings
 # torch and engine are imported inside the functions that use them,
 # so that --help answers without loading them
 from arguments import pretrain as pretrain_args  # noqa: E402  (after configure_cpu_runtime, on purpose)
-from util import log_lines  # noqa: E402
+from tools.bench_common import machine_description, record, synchronize, timed_probe  # noqa: E402, F401
 from util.cli import ArgumentParser, UserError, run_main  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(REPO, "results", "benchmarks.md")  # a tool never modifies tracked files by default
-
-
-# ---------------------------------------------------------------- machine and results file
-def machine_description():
-    import torch
-    if torch.cuda.is_available():
-        count = torch.cuda.device_count()
-        return f"{count}x {torch.cuda.get_device_name(0)}"
-    model = platform.processor() or "CPU"
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return (f"{model}, {cores} cores, {torch.get_num_threads()} torch threads, "
-            f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}")
-
-
-def record(path, section, intro, header, row):
-    """Append a table row under `## section` (created with its intro and table header when missing)."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    text = open(path).read() if os.path.exists(path) else "# Benchmarks\n\nWritten by `python tools/benchmark.py`.\n"
-    lines = text.rstrip("\n").split("\n")
-    title = f"## {section}"
-    if title not in lines:
-        lines += ["", title, "", *intro, "", header, "|" + "---|" * (header.count("|") - 1)]
-        end = len(lines)
-    else:
-        start = lines.index(title)
-        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
-        table = [i for i in range(start + 1, end) if lines[i].startswith("|")]
-        if table:  # under the section's table, above any reading of it that follows
-            end = table[-1] + 1
-        while end > start and not lines[end - 1].strip():
-            end -= 1
-    lines.insert(end, row)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w") as f:
-        f.write("\n".join(lines) + "\n")
 
 
 # ---------------------------------------------------------------- train
@@ -82,12 +45,6 @@ TRAIN_INTRO = [
     "Published anchor: NVIDIA's ResNet50 AMP training, 2,470 img/s on one A100 (16,621 on eight).",
 ]
 TRAIN_HEADER = "| date | machine | torch | model | batch | fp32 img/s (default) | bf16 img/s | bf16 setting | ratio |"
-
-
-def synchronize(device):
-    import torch
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def rates(step_fns, batch_size, warmup, steps, device):
@@ -274,21 +231,6 @@ def bench_backbone(args):
         print(f"recorded in {args.results}")
 
 
-def timed_probe(argv, log_name="train.log"):
-    """Wall seconds and final top-1 of one main_linear_probe.py run (in this process)."""
-    import contextlib
-    import io
-
-    import main_linear_probe
-    start = time.perf_counter()
-    parsed = main_linear_probe.get_args_parser().parse_args(argv)
-    with contextlib.redirect_stdout(io.StringIO()):  # the runs' logs stay in their folders
-        main_linear_probe.main(parsed)
-    seconds = time.perf_counter() - start
-    with open(os.path.join(parsed.dump_path, log_name)) as f:
-        return seconds, log_lines.parse_final(f.read())
-
-
 def bench_probe(args):
     import shutil
     import tempfile
@@ -409,12 +351,69 @@ def get_args_parser():
     probe.add_argument("--subsets_only", action="store_true", help="only the cost of --subsets all (31 heads) "
                        "against one head, on 5 cached backbones")
     probe.set_defaults(func=bench_probe)
+    add_pipeline_sections(sections, common)
     return p
+
+
+def add_pipeline_sections(sections, common):
+    """data, e2e and cost (tools/bench_pipeline.py)."""
+    from arguments.common import DECODER_NAMES
+    from tools import bench_pipeline
+    data = sections.add_parser("data", parents=[common], help="JPEG decoding + transforms per core for each decoder "
+                               "and transform pipeline, DataLoader workers scaling",
+                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    data.add_argument("--quick", action="store_true", help="60 images, no probe (seconds)")
+    data.add_argument("--images", type=int, default=None, help="generated JPEGs (default 400; quick 60)")
+    data.add_argument("--img_size", type=int, default=None, help="crop (default 224, the reference)")
+    data.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="DataLoader workers to time")
+    data.add_argument("--compare", type=int, default=16, help="images whose transformed tensors are compared with "
+                      "the reference path's")
+    data.add_argument("--probe", action=argparse.BooleanOptionalAction, default=True, help="also a small probe "
+                      "through each pipeline (top-1 effect)")
+    data.set_defaults(func=bench_pipeline.bench_data)
+    e2e = sections.add_parser("e2e", parents=[common], help="JPEG -> pretraining step and JPEG -> feature "
+                              "extraction, next to the same on synthetic batches, in one run",
+                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    e2e.add_argument("--arch", default="resnet50", help="torchvision ResNet")
+    e2e.add_argument("--img_size", type=int, default=None, help="default 224")
+    e2e.add_argument("--batch_size", type=int, default=None, help="default: CPU 8, GPU 256")
+    e2e.add_argument("--steps", type=int, default=None, help="timed steps (default: CPU 2, GPU 20)")
+    e2e.add_argument("--images", type=int, default=None, help="generated JPEGs (default: enough for the steps)")
+    e2e.add_argument("--workers", type=int, default=None, help="DataLoader workers (default: as the scripts)")
+    e2e.add_argument("--decoder", default="pil", choices=DECODER_NAMES, help="as the scripts' --decoder")
+    e2e.add_argument("--fast_transforms", action="store_true", help="as the scripts' --fast_transforms")
+    e2e.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="step and forward precision")
+    e2e.add_argument("--tf32", action="store_true", help="GPU: TF32 matmuls and convolutions at fp32")
+    e2e.add_argument("--compile", action="store_true", help="torch.compile the step and the forward (GPU: CUDA "
+                     "graphs)")
+    e2e.add_argument("--sf_foreach", action="store_true", help="the optimizer update in torch._foreach_* form")
+    e2e.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
+    e2e.add_argument("--jpeg_dir", default=None, help="generate the JPEGs here once and keep them for later calls "
+                     "(default: a temporary folder, removed)")
+    e2e.set_defaults(func=bench_pipeline.bench_e2e)
+    gpu = sections.add_parser("gpu_decode", parents=[common], help="torchvision.io.decode_jpeg in batches on the "
+                              "GPU (nvJPEG), alone and with the train transform on the device",
+                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    gpu.add_argument("--quick", action="store_true", help="64 images")
+    gpu.add_argument("--images", type=int, default=None, help="generated JPEGs (default 2048; quick 64)")
+    gpu.add_argument("--batch_size", type=int, default=64, help="files per decode_jpeg call")
+    gpu.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"], help="cpu: the same code on the "
+                     "CPU (a check that it runs)")
+    gpu.set_defaults(func=bench_pipeline.bench_gpu_decode)
+    cost = sections.add_parser("cost", help="Figure 2's cost from scratch (pretraining + probes) in GPU-hours, "
+                               "from measured rates", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    cost.add_argument("--train_rate", type=float, required=True, help="img/s of the pretraining step from JPEGs")
+    cost.add_argument("--forward_rate", type=float, required=True, help="img/s of the frozen forward from JPEGs")
+    cost.add_argument("--extraction_rate", type=float, default=None, help="img/s of the feature-cache extraction")
+    cost.add_argument("--layout", default="per_wd", choices=sorted(bench_pipeline.PROBE_FORWARD_IMAGES),
+                      help="the probes' layout (tools/submit.py lineareval --layout; reference: per_wd)")
+    cost.add_argument("--device_name", default="GPU", help="the GPU the rates were measured on")
+    cost.set_defaults(func=bench_pipeline.bench_cost)
 
 
 def main(args):
     print(CPU_RUNTIME.line)
-    for name in ("img_size", "batch_size", "steps", "epochs", "k"):
+    for name in ("img_size", "batch_size", "steps", "epochs", "k", "images", "compare"):
         value = getattr(args, name, None)
         if value is not None and value < 1:
             raise UserError(f"--{name} must be at least 1")

@@ -46,6 +46,18 @@ def local_processes(env):
     return 1
 
 
+def default_workers(env=None, cores=None):
+    """DataLoader workers per process when --workers is not given: the CPUs slurm gave each task
+    (SLURM_CPUS_PER_TASK), else this process's share of its affinity mask, less one for the process itself."""
+    env = os.environ if env is None else env
+    slurm = env.get("SLURM_CPUS_PER_TASK", "")
+    if slurm.isdigit() and int(slurm) > 0:
+        cpus = int(slurm)
+    else:
+        cpus = (available_cores() if cores is None else cores) // local_processes(env)
+    return max(1, cpus - 1)
+
+
 def configure_cpu_runtime(env=None, cores=None):
     """Set OMP_WAIT_POLICY and OMP_NUM_THREADS in `env` (default os.environ) where the user has not; return
     a CpuRuntime whose .line says what was chosen and why."""

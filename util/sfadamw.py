@@ -25,13 +25,16 @@ MOMENT_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
 class AlgoPerfAdamWScheduleFree(torch.optim.Optimizer):
     def __init__(self, params, lr=0.0025, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, warmup_steps=0,
-                 r=0.75, weight_lr_power=2.0, moment_dtype="bfloat16"):
+                 r=0.75, weight_lr_power=2.0, moment_dtype="bfloat16", foreach=False):
         if moment_dtype not in MOMENT_DTYPES:
             raise ValueError(f"moment_dtype must be one of {sorted(MOMENT_DTYPES)}")
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, warmup_steps=warmup_steps,
                         r=r, weight_lr_power=weight_lr_power, moment_dtype=moment_dtype, k=0, lr_max=0.0,
                         weight_sum=0.0, train_mode=False)
         super().__init__(params, defaults)
+        # foreach: the same update as torch._foreach_* calls over all parameters of a group (a few kernels instead
+        # of seven per parameter); bit-identical on CPU (tests/test_sfadamw.py), not part of the state_dict
+        self.foreach = foreach
 
     def _state(self, p, group):
         """x, z and v of a parameter, created from the parameter (x = z = the initial weights) on first use."""
@@ -93,6 +96,9 @@ class AlgoPerfAdamWScheduleFree(torch.optim.Optimizer):
         for group in self.param_groups:
             step, c = self._coefficients(group)
             beta1, beta2 = group["betas"]
+            if self.foreach:
+                self._foreach_update(group, step, c)
+                continue
             for p in group["params"]:
                 if p.grad is None:
                     continue
@@ -104,3 +110,22 @@ class AlgoPerfAdamWScheduleFree(torch.optim.Optimizer):
                 x.lerp_(z, c)
                 p.copy_(torch.lerp(x, z, 1 - beta1))
         return loss
+
+    def _foreach_update(self, group, step, c):
+        """step()'s per-parameter update, each line as one torch._foreach_* call over the group's parameters (same
+        operations in the same order: on CPU these run the per-tensor kernels, so the result is bit-identical)."""
+        params = [p for p in group["params"] if p.grad is not None]
+        if not params:
+            return
+        states = [self._state(p, group) for p in params]
+        grads = [p.grad for p in params]
+        x, z, v = ([s[k] for s in states] for k in ("x", "z", "exp_avg_sq"))
+        beta1, beta2 = group["betas"]
+        torch._foreach_mul_(v, beta2)
+        torch._foreach_addcmul_(v, grads, grads, value=1 - beta2)
+        denominators = torch._foreach_sqrt(v)
+        torch._foreach_add_(denominators, group["eps"])
+        torch._foreach_addcdiv_(z, grads, denominators, value=-step)
+        torch._foreach_sub_(z, x, alpha=step * group["weight_decay"])
+        torch._foreach_lerp_(x, z, c)
+        torch._foreach_copy_(params, torch._foreach_lerp(x, z, 1 - beta1))

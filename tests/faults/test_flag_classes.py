@@ -17,6 +17,7 @@ PROBE_NOT_FUZZED = {"--dump_path", "--download", "--no-download", "--tensorboard
                     "--device",
                     "--config", "--dist_url", "--gpu", "--reweight_path", "--headpretrained", "--richway",
                     "--world_size", "--rank", "--local_rank", "--skip_pool", "--save_init",
+                    "--compile", "--no-compile",  # torch.compile: too slow to fuzz (tests/test_compile.py runs it)
                     *(f"--{name}" for name in linear_probe.SLURM_KEYS)}  # the original's slurm flags: no effect
 PARSERS = {"pretraining": (pretrain, PRETRAIN_FLAGS, NOT_FUZZED, ()),
            "probe": (linear_probe, PROBE_FLAGS, PROBE_NOT_FUZZED, linear_probe.DERIVED_RECIPE_KEYS)}

@@ -57,6 +57,8 @@ PROBE_FLAGS = {
     "--subsets": (["none", "each", "prefix"], ["some"]),
     "--head_impl": (["separate", "fused"], ["fast"]),
     "--allow_mixed_transforms": ([None], []), "--no-allow_mixed_transforms": ([None], []),
+    "--decoder": (["pil", "turbo"], ["nvjpeg"]),
+    "--fast_transforms": ([None], []), "--no-fast_transforms": ([None], []),
     "--custom_eval_func": (["feature_importance", "feature_importance cat_validate_network"], ["other"]),
     "--cuda_deterministic": ([None], []), "--no-cuda_deterministic": ([None], []), "--no-debug": ([None], []),
     "--no-skip_bad_images": ([None], []), "--no-start_over": ([None], []), "--no-sync_bn": ([None], []),
@@ -97,6 +99,9 @@ PRETRAIN_FLAGS = {
     "--start_over": ([None], []), "--debug": ([None], []), "--skip_bad_images": ([None], []),
     "--no-start_over": ([None], []), "--no-debug": ([None], []), "--no-skip_bad_images": ([None], []),
     "--no-compile": ([None], []), "--no-tensorboard": ([None], []),
+    "--decoder": (["pil", "turbo"], ["nvjpeg"]),
+    "--fast_transforms": ([None], []), "--no-fast_transforms": ([None], []),
+    "--sf_foreach": ([None], []), "--no-sf_foreach": ([None], []),
     "--cuda_deterministic": ([None], []), "--no-cuda_deterministic": ([None], []),
     "--tf32": ([None], []), "--no-tf32": ([None], []),
     # in-process: --device cpu would hide the GPUs from every later test through the environment

@@ -1,0 +1,90 @@
+"""JPEG decoders and transform pipelines (--decoder, --fast_transforms) against the reference path's pixels: PIL +
+torchvision's transforms. turbo must give the same tensors bit for bit; fast differs by a bounded amount."""
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from datasets.images import image_loader_for, load_rgb
+from datasets.synthetic import make_jpeg_folder
+from datasets.transforms import PIPELINES, ToNormalizedTensor, build_transform, pipeline_of
+from util.cli import UserError
+
+pytest.importorskip("simplejpeg")
+
+
+@pytest.fixture(scope="module")
+def jpegs(tmp_path_factory):
+    return make_jpeg_folder(str(tmp_path_factory.mktemp("jpegs")), 10, num_classes=2)
+
+
+def transformed(paths, decoder, fast, family, train, seed=0, img_size=None):
+    """The tensors a pipeline makes of the files, each image drawn from its own seed (as SeededSamples does)."""
+    load = image_loader_for(decoder, arrays=fast)
+    transform = build_transform(family, "eval", train, img_size, pipeline=pipeline_of(decoder, fast))
+    out = []
+    for i, path in enumerate(paths):
+        torch.manual_seed(seed + i)
+        out.append(transform(load(path)))
+    return torch.stack(out)
+
+
+def test_turbo_decodes_the_same_pixels_as_pil(jpegs):
+    turbo = image_loader_for("turbo")
+    for path in jpegs:
+        assert np.array_equal(np.asarray(load_rgb(path)), np.asarray(turbo(path)))
+
+
+@pytest.mark.parametrize("family", ["imagenet", "cifar"])
+@pytest.mark.parametrize("train", [True, False])
+def test_turbo_pipeline_is_bit_identical_to_the_reference(jpegs, family, train):
+    reference = transformed(jpegs, "pil", False, family, train)
+    turbo = transformed(jpegs, "turbo", False, family, train)
+    assert reference.shape == (len(jpegs), 3, 224, 224)
+    assert torch.equal(reference, turbo)
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_fast_pipeline_stays_close_to_the_reference(jpegs, train):
+    """The same crop boxes and flips (same draws) and the same decoded pixels; only the resampling differs (uint8
+    kernels against PIL's): at most one level of 255 per pixel, a small fraction of pixels off at all."""
+    reference = transformed(jpegs, "pil", False, "imagenet", train)
+    fast = transformed(jpegs, "turbo", True, "imagenet", train)
+    levels = (reference - fast).abs() * torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1) * 255
+    assert levels.max() < 1.01
+    assert (levels > 0.5).float().mean() < 0.1
+
+
+def test_to_normalized_tensor_equals_totensor_normalize():
+    from torchvision import transforms as T
+    rng = np.random.default_rng(0)
+    for mean, std in (((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)), ((0.4914, 0.4822, 0.4465),
+                                                                        (0.2023, 0.1994, 0.2010))):
+        pic = Image.fromarray(rng.integers(0, 256, (37, 53, 3), dtype=np.uint8))
+        reference = T.Normalize(mean, std)(T.ToTensor()(pic))
+        assert torch.equal(ToNormalizedTensor(mean, std)(pic), reference)
+        gray = pic.convert("L")  # another mode goes through torchvision's own conversion
+        gray_reference = T.Normalize(mean[:1], std[:1])(T.ToTensor()(gray))
+        assert torch.equal(ToNormalizedTensor(mean[:1], std[:1])(gray), gray_reference)
+
+
+def test_the_flag_choices_are_the_decoders():
+    from arguments.common import DECODER_NAMES
+    from datasets.images import DECODERS
+    assert DECODER_NAMES == DECODERS
+
+
+def test_non_jpeg_files_and_unknown_decoders(tmp_path):
+    png = tmp_path / "x.JPEG"  # a PNG named .JPEG, as one file of ImageNet
+    Image.fromarray(np.full((9, 9, 3), 7, np.uint8)).save(png, format="PNG")
+    for arrays in (False, True):
+        assert np.array_equal(np.asarray(image_loader_for("turbo", arrays)(str(png))), np.full((9, 9, 3), 7, np.uint8))
+    cmyk = tmp_path / "cmyk.JPEG"  # CMYK JPEGs (a few in ImageNet): PIL converts them, as the reference does
+    Image.new("CMYK", (8, 8), (10, 20, 30, 40)).save(cmyk, quality=95)
+    assert np.array_equal(np.asarray(image_loader_for("turbo")(str(cmyk))), np.asarray(load_rgb(str(cmyk))))
+    gray = tmp_path / "gray.JPEG"  # greyscale JPEGs: decoded by libjpeg-turbo, the same RGB as PIL's convert
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (20, 30), dtype=np.uint8)).save(gray, quality=90)
+    assert np.array_equal(np.asarray(image_loader_for("turbo")(str(gray))), np.asarray(load_rgb(str(gray))))
+    with pytest.raises(UserError, match="--decoder"):
+        image_loader_for("nvjpeg")
+    assert set(PIPELINES) == {"reference", "turbo", "fast"}
