@@ -73,7 +73,8 @@ write_config() {
     # the machine as slurmd sees it; RealMemory a little under the total, or slurmd's own count drains the node
     node=$(slurmd -C | head -n1)
     mem=$(sed -n 's/.*RealMemory=\([0-9]*\).*/\1/p' <<< "$node")
-    node=$(sed "s/RealMemory=[0-9]*/RealMemory=$((mem * 95 / 100))/; s/^NodeName=[^ ]*/NodeName=$host/" <<< "$node")
+    node=$(sed "s/RealMemory=[0-9]*/RealMemory=$((mem * 95 / 100))/; s/^NodeName=[^ ]*/NodeName=$host NodeAddr=127.0.0.1/" \
+        <<< "$node")
     user=$(id -un)
     cat > "$CONF.tmp" <<EOF
 # written by scripts/local_slurm.sh: a one-node slurm on this machine, short timings for tests

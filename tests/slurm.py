@@ -63,8 +63,18 @@ def wait_job(env, job, states, timeout=600):
         info = job_info(env, job)
         if info.get("JobState") in states:
             return info
+        assert info["JobState"] != "PURGED", f"job {job} ended and slurm forgot it (MinJobAge) before {states}"
         assert time.time() < deadline, f"job {job} still {info.get('JobState')} after {timeout} s: {info}"
         time.sleep(0.5)
+
+
+def wait_completed(env, job, output):
+    """Wait for the job's end; true when it COMPLETED (for a job slurm already forgot, its output file says)."""
+    state = wait_job(env, job, ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "PURGED"))["JobState"]
+    if state == "PURGED":
+        with open(output, errors="replace") as f:
+            return "Top-1 test accuracy" in f.read()
+    return state == "COMPLETED"
 
 
 def wait_text(path, text, env, job, timeout=600):

@@ -73,8 +73,12 @@ def requeue_slurm_job(logger):
         or os.environ.get("SLURM_JOB_ID")
     if not job:
         return
-    result = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
-    logger.info(f"scontrol requeue {job}: {'ok' if result.returncode == 0 else result.stderr.strip()}")
+    try:  # bounded: a stopped run must exit before slurm's KillWait, answered or not
+        result = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True, timeout=20)
+        outcome = "ok" if result.returncode == 0 else result.stderr.strip()
+    except subprocess.TimeoutExpired:
+        outcome = "no answer from slurm within 20 s; requeue the job by hand (scontrol requeue)"
+    logger.info(f"scontrol requeue {job}: {outcome}")
 
 
 def stop_outcome(requeue):

@@ -84,15 +84,18 @@ def timed(run):
     return result, time.time() - started
 
 
-def check_probe(world, tmp_path, seed, signals, *extra, env=ENV):
-    reference, duration = timed(lambda: probe_reference_run(world, tmp_path / "reference", *extra))
+def check_probe(world, tmp_path, seed, signals, *extra, env=ENV, cached=False):
+    """cached: with --feature_cache, the reference's own and the stressed run's own (built under the signals)."""
+    cache = lambda name: ("--feature_cache", str(tmp_path / name)) if cached else ()
+    reference, duration = timed(lambda: probe_reference_run(world, tmp_path / "reference", *extra,
+                                                            *cache("reference_cache")))
     dump = tmp_path / "run"
-    argv = ["main_linear_probe.py", *probe_argv(world, dump, *extra)]
+    argv = ["main_linear_probe.py", *probe_argv(world, dump, *extra, *cache("cache"))]
     finished = lambda: (dump / "train.log").exists() and "Top-1 test accuracy" in read(dump / "train.log")
     # a subprocess starts slower than the in-process reference: the moments cover its start-up too
     sent = stress(argv, dump / "train.log", finished, random.Random(seed), signals, duration + 8, env)
     assert_probe_matches(dump, reference)
-    print(f"\nprobe {' '.join(extra)}: signals at {sent}; totals {TALLY}")
+    print(f"\nprobe {' '.join(extra)}{' (feature cache)' if cached else ''}: signals at {sent}; totals {TALLY}")
     return sent
 
 
@@ -116,8 +119,7 @@ def test_probe_with_workers_under_signals_to_the_group(world, tmp_path):
 def test_cached_probe_extraction_under_signals_to_the_group(world, tmp_path):
     # one batch per extraction chunk: a stop during the extraction resumes at the next chunk
     env = dict(ENV, TIMECAT_CACHE_CHUNK="1")
-    assert check_probe(world, tmp_path, 2, 3, "--workers", "2", "--feature_cache", str(tmp_path / "cache"),
-                       env=env)
+    assert check_probe(world, tmp_path, 2, 3, "--workers", "2", env=env, cached=True)
 
 
 def test_pretraining_with_workers_under_signals_to_the_group(world, tmp_path):
@@ -129,8 +131,7 @@ def test_pretraining_with_workers_under_signals_to_the_group(world, tmp_path):
 def test_many_signals_to_the_group(world, tmp_path, seed):
     env = dict(ENV, TIMECAT_CACHE_CHUNK="1")
     check_probe(world, tmp_path / "probe", 10 + seed, 15, "--workers", "2")
-    check_probe(world, tmp_path / "cached", 20 + seed, 15, "--workers", "2", "--feature_cache",
-                str(tmp_path / "cache"), env=env)
+    check_probe(world, tmp_path / "cached", 20 + seed, 15, "--workers", "2", env=env, cached=True)
     check_pretrain(world, tmp_path / "pretrain", 30 + seed, 15, "--workers", "2")
 
 
