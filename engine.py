@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from models.heads import block_spans
 from util import log_lines
 from util.cli import UserError
 from util.distributed import all_reduce_sum
@@ -129,10 +130,6 @@ class EncodedBatches(BatchSource):
             self.last_seconds = time.time() - start
             self.seconds += self.last_seconds
             yield features, labels
-
-
-def encoded_batches(loader, encoder, device, precision):
-    return EncodedBatches(loader, encoder, device, precision)
 
 
 class CachedBatches(BatchSource):
@@ -343,12 +340,6 @@ def log_eval_iteration(loggers, i, num_batches, batch_time, scores, n, sums, cou
 
 
 # ---------------------------------------------------------------- --custom_eval_func diagnostics
-def block_spans(dims):
-    """[(start, end)] of each backbone's block of the concatenated features."""
-    ends = [sum(dims[:k + 1]) for k in range(len(dims))]
-    return [(end - dim, end) for end, dim in zip(ends, dims)]
-
-
 @torch.no_grad()
 def feature_importance(head, spans):
     """Mean |weight| of the trained Linear over each backbone's block of inputs (one value per backbone)."""
@@ -370,3 +361,32 @@ def cat_validate(head, batches, spans, device):
     totals = all_reduce_sum(sums.flatten().tolist() + [count], device)
     count = max(totals[-1], 1)
     return [totals[i] / count * (1 if i % 3 == 0 else 100.0) for i in range(3 * len(spans))]
+
+
+def log_diagnostics(custom_eval_func, head, subset, encoder, test_source, logger, precision):
+    """--custom_eval_func, after each evaluation, with the original's names and line format; a subset head's are
+    over its own backbones."""
+    dims = [net.out_dim for net in encoder.backbones]
+    spans = block_spans([dims[i] for i in subset] if subset is not None else dims)
+    head.eval()
+    if "feature_importance" in custom_eval_func:
+        logger.info(log_lines.diagnostic_line("feature_importance", feature_importance(head, spans)))
+    if "cat_validate_network" in custom_eval_func:
+        batches = ((head.select(x), y) for x, y in feature_batches(test_source, encoder, precision))
+        device = next(head.parameters()).device
+        logger.info(log_lines.diagnostic_line("cat_validate_network", cat_validate(head, batches, spans, device)))
+
+
+class Classifier(torch.nn.Module):
+    """Encoder followed by the heads: images to one logits per head. The encoder runs at --precision, the heads
+    always in fp32 (a bf16 head flips a few percent of the predictions)."""
+
+    def __init__(self, encoder, heads, precision):
+        super().__init__()
+        self.encoder, self.heads, self.precision = encoder, heads, precision
+
+    def forward(self, images):
+        with autocast(images.device, self.precision):
+            features = self.encoder(images)
+        with torch.autocast(images.device.type, enabled=False):
+            return self.heads(features.float())

@@ -7,17 +7,15 @@ A sweep in one pass: --wd 1e-4 5e-4 1e-3 trains one head per value on the same b
 """
 
 from arguments.common import apply_device_choice, device_request
-from arguments.linear_probe import (  # noqa: F401  (DEFAULT_TAG_FILE, DIAGNOSTICS: read by the tests)
-    DEFAULT_TAG_FILE,
-    DIAGNOSTICS,
-    PROJECT_ROOT,
-    RECIPE_DEFAULTS,
-    RECIPE_KEYS,
+from arguments.linear_probe import (
+    SCHEDULE_FREE,
     TRAINING_ONLY_KEYS,
-    default_dump_path,
+    check_args,
+    check_same_recipe,
     get_args_parser,
+    resolve_batch,
 )
-from util.cpu_runtime import configure_cpu_runtime, default_workers
+from util.cpu_runtime import configure_cpu_runtime
 
 CPU_RUNTIME = None  # util.cpu_runtime's choice of OpenMP settings, logged by main(); set when run as a script
 if __name__ == "__main__":  # before the heavy imports: --help and a mistyped flag answer without loading torch,
@@ -27,18 +25,17 @@ if __name__ == "__main__":  # before the heavy imports: --help and a mistyped fl
 
 # ruff: noqa: E402  (the imports below come after the parse above on purpose)
 import argparse
-import functools
 import math
 import os
 import shutil
 import time
-import warnings
 from dataclasses import dataclass
 from typing import NamedTuple, Optional
 
 import torch
 import torch.nn as nn
 
+from analysis.knn import knn_log_line, knn_per_head
 from datasets import (
     WithTransform,
     build_dataset,
@@ -53,24 +50,21 @@ from datasets.transforms import build_transform, crop_size, pipeline_of
 from engine import (
     BatchSource,
     CachedBatches,
+    Classifier,
     EncodedBatches,
     ImageBatches,
     NonFiniteLoss,
     ShardSampler,
-    autocast,
-    block_spans,
-    cat_validate,
     compile_module,
     evaluate,
-    feature_batches,
-    feature_importance,
+    log_diagnostics,
     resolve_precision,
     train_one_epoch,
 )
 from feature_cache import ExtractionStopped, load_or_build
-from models import ConcatEncoder, LinearHead, MultiHead
-from models.backbones import encoder_recipe
-from models.encoder import pair_backbones, read_tag
+from models import ConcatEncoder, MultiHead
+from models.heads import build_heads, build_optimizer, head_specs, lr_at_epoch, param_groups
+from timecat import backbones_recipe, resolve_backbones
 from util import log_lines
 from util.checkpoint import load_file, save_atomic
 from util.cli import UserError, run_main
@@ -87,300 +81,10 @@ from util.logs import (
 )
 from util.misc import requeue_slurm_job, set_seed, stop_outcome
 from util.signals import StopSignal
-from util.subsets import subset_folder, subsets_for
 from util.tensorboard import MetricsBoard, require_tensorboard
 from util.wandb_log import WandbRun, require_wandb
 
-# The reference scripts' batch (they ran as one process): the default GLOBAL batch here.
-REFERENCE_BATCH = {"cifar": 256, "imagenet": 32}
-SCHEDULE_FREE = "schedulefree_adamw"
-
-
-def resolve_backbones(args):
-    """Fill args.arch / args.pretrained from --tag, and check they pair up and exist."""
-    if args.tag:
-        if args.arch or args.pretrained:
-            raise UserError("give either --tag or --arch/--pretrained, not both")
-        args.arch, args.pretrained = read_tag(args.tag, args.tag_file, args.checkpoint_root)
-    args.arch = pair_backbones(args.arch, args.pretrained, tagged=bool(args.tag))
-    backbones_recipe(args)  # one line if the backbones expect different transforms, before any data is read
-
-
-def backbones_recipe(args):
-    """The backbones' input transform on ImageNet-like data (None: the reference's; CIFAR: always the reference's)."""
-    if family_of(args.data_name) != "imagenet":
-        return None
-    return encoder_recipe(args.arch, args.allow_mixed_transforms)
-
-
-def parse_values(name, texts, allow_zero):
-    """Floats of a list flag, keeping the text as given (it names the head's folder)."""
-    values = []
-    for text in texts:
-        try:
-            value = float(text)
-        except ValueError:
-            raise UserError(f"--{name}: '{text}' is not a number") from None
-        if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
-            raise UserError(f"--{name}: {text} must be {'non-negative' if allow_zero else 'positive'}")
-        values.append(value)
-    if len(set(values)) != len(values):
-        raise UserError(f"--{name}: a value is given twice")
-    return values
-
-
-def check_args(args):
-    """Every flag checked before any data is scanned or downloaded; one `error:` line for each problem."""
-    resolve_backbones(args)
-    check_numbers(args)
-    check_optimizer(args)
-    args.lr_values = parse_values("lr", args.lr, allow_zero=False)
-    args.wd_values = parse_values("wd", args.wd, allow_zero=True)
-    if args.exp_mode == "finetune" and (len(args.lr) > 1 or len(args.wd) > 1 or args.feature_cache):
-        raise UserError("--exp_mode finetune trains the backbones: it takes one --lr and one --wd and no "
-                        "--feature_cache")
-    if args.data_rate < 1 and args.data_name == "inaturalist18":
-        raise UserError("--data_rate with inaturalist18: the original's iNat18 loader ignores --data_rate, so no "
-                        "reference run used a fraction of iNat18; drop --data_rate (or probe a fraction of CIFAR or "
-                        "ImageNet)")
-    if args.tf_name == "32px" and family_of(args.data_name) != "cifar":
-        raise UserError(f"--tf_name 32px is the CIFAR native-size preset; use eval (and --img_size) for "
-                        f"{args.data_name}")
-    if args.cache_views and not args.feature_cache:
-        raise UserError("--cache_views needs --feature_cache DIR")
-    check_subsets_and_knn(args)
-    if args.eval_freq != 1:
-        raise UserError("--eval_freq: only 1 (evaluate after every epoch, the reference's) is supported")
-    if args.dump_path is None:  # the run's own folder under results/probe/ (README "Where results go")
-        args.dump_path = default_dump_path(args, RECIPE_KEYS)
-    check_dump_path(args.dump_path)
-    args.ignored = check_legacy(args)
-
-
-def check_subsets_and_knn(args):
-    subsets_for(args.subsets, len(args.pretrained))  # the one-line error of a mode too large for the backbones
-    if args.subsets != "none" and args.exp_mode == "finetune":
-        raise UserError("--subsets trains heads on frozen features: it is for --exp_mode lineareval")
-    if args.knn < 0:
-        raise UserError("--knn must be 0 (off) or a number of neighbours, e.g. 20")
-    if args.knn and not args.feature_cache:
-        raise UserError("--knn reads the cached features: add --feature_cache DIR (or drop --knn)")
-
-
-def check_numbers(args):
-    for name in ("epochs", "print_freq", "save_freq"):
-        if getattr(args, name) < 1:
-            raise UserError(f"--{name} must be at least 1")
-    if args.batch_size is not None and args.batch_size < 1:
-        raise UserError("--batch_size must be at least 1")
-    if args.workers is None:
-        args.workers = default_workers()
-    if args.workers < 0 or args.cache_views < 0:
-        raise UserError("--workers and --cache_views must be 0 or more")
-    if args.img_size is not None and args.img_size < 8:
-        raise UserError("--img_size must be at least 8")
-    if not 0 <= args.val_split < 1:
-        raise UserError("--val_split must be in [0, 1)")
-    if not 0 < args.data_rate <= 1:
-        raise UserError(f"--data_rate must be in (0, 1], got {args.data_rate}")
-    if not 0 <= args.seed < 2**32 - 12345:
-        raise UserError("--seed must be 0 or more (and below 2**32 - 12345, numpy's seed range)")
-    for name in ("momentum", "gamma", "final_lr", "beta2"):
-        if not 0 <= getattr(args, name) < math.inf:
-            raise UserError(f"--{name} must be a finite number, 0 or more")
-    if args.lr_last_layer is not None and not 0 < args.lr_last_layer < math.inf:
-        raise UserError("--lr_last_layer must be a positive number")
-    if not 0 < args.dist_timeout < math.inf:
-        raise UserError("--dist_timeout must be a positive number of minutes")
-
-
-def check_optimizer(args):
-    """The reference's rules: Nesterov with SGD only (on by default), Adam's beta2 below 1."""
-    if args.optimizer == "sfadamw":  # the alias: one name in args.json, the recipe check and the loop's tests
-        args.optimizer = SCHEDULE_FREE
-    if args.nesterov is None:
-        args.nesterov = args.optimizer == "sgd"
-    if args.nesterov and args.optimizer != "sgd":
-        raise UserError(f"--nesterov is for --optimizer sgd only, not {args.optimizer}: drop it or pass "
-                        f"--nesterov False")
-    if args.optimizer == "sgd" and args.nesterov and not args.momentum:
-        raise UserError("Nesterov momentum needs --momentum above 0 (or --nesterov False)")
-    if args.optimizer != "sgd" and not (args.momentum < 1 and args.beta2 < 1):
-        raise UserError("--momentum and --beta2 are Adam's betas here: both must be below 1")
-
-
-def check_dump_path(path):
-    if not path or not path.strip():
-        raise UserError("--dump_path is empty: give the folder of the run's logs and checkpoints")
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise UserError(f"--dump_path {path} is a file, not a folder: give a folder for the run")
-
-
-def check_legacy(args):
-    """Names of the original's flags given with no effect here; values that would change the result are
-    refused rather than silently ignored."""
-    for name in ("reweight_path", "headpretrained", "richway", "skip_pool", "save_init"):
-        if getattr(args, name) not in (None, False, "", "none", "None"):
-            raise UserError(f"--{name} {getattr(args, name)}: the original's option is not supported here; "
-                            f"drop it (the reference's linear-probe runs did not use it)")
-    return [name for name in ("config", "dist_url", "gpu", "world_size", "rank") if getattr(args, name) is not None]
-
-
-def resolve_batch(args, world):
-    """--batch_size is per process; without it the reference's batch is the global batch, split across the
-    processes, so N processes see the batches of the reference's single process."""
-    if args.batch_size is None:
-        reference = REFERENCE_BATCH[family_of(args.data_name)]
-        if reference % world:
-            raise UserError(f"the reference batch {reference} does not split over {world} processes: use a "
-                            f"process count that divides it, or give --batch_size (per process)")
-        args.batch_size, args.batch_semantics = reference // world, "global"
-    else:
-        args.batch_semantics = "per_process"
-    args.global_batch = args.batch_size * world
-    # on by default with several processes; with one, synchronising is a no-op (as the reference's --debug runs
-    # with --sync_bn True), recorded as off so such a run's recipe equals the plain one
-    args.sync_bn = world > 1 and args.sync_bn is not False
-
-
 # ---------------------------------------------------------------- heads and optimisation
-class HeadSpec(NamedTuple):
-    """One head of the run: its optimisation values, its folder below --dump_path when the run has several heads,
-    and the backbones whose features it reads (None: the full concatenation)."""
-    lr: float
-    wd: float
-    name: str  # wd{wd}_lr{lr}, or sub{i}-{j}/wd{wd}_lr{lr} for a sub-concatenation's head (util/subsets.py)
-    subset: Optional[tuple] = None
-
-
-def head_combos(args):
-    """Every head: the full concatenation's per lr/wd value, then each --subsets subset's (the full set itself,
-    which 'prefix' and 'all' list last, is the full heads). A single head writes to --dump_path itself, several
-    to <dump_path>/<name>/."""
-    values = [(lr, wd, f"wd{wd_text}_lr{lr_text}") for lr, lr_text in zip(args.lr_values, args.lr)
-              for wd, wd_text in zip(args.wd_values, args.wd)]
-    n = len(args.pretrained)
-    subsets = [s for s in subsets_for(args.subsets, n) if len(s) < n]
-    return ([HeadSpec(lr, wd, name) for lr, wd, name in values]
-            + [HeadSpec(lr, wd, f"{subset_folder(s)}/{name}", s) for s in subsets for lr, wd, name in values])
-
-
-def subset_columns(dims, subset):
-    """Column positions of the backbones `subset` in the concatenation of features of widths `dims`."""
-    spans = block_spans(dims)
-    return [c for i in subset for c in range(*spans[i])]
-
-
-def build_heads(dims, num_classes, combos, classifiers, args, world):
-    """Every head starts from the seeded initialisation it would get alone, on its backbones' features (so a
-    subset head draws exactly what a separate probe of those backbones draws); its BatchNorm is global over the
-    processes with --sync_bn (the default for more than one)."""
-    heads = []
-    for spec in combos:
-        subset = spec.subset or tuple(range(len(dims)))
-        torch.manual_seed(args.seed)
-        head = LinearHead(sum(dims[i] for i in subset), num_classes, args.use_bn,
-                          global_bn=args.sync_bn and world > 1,
-                          columns=None if spec.subset is None else subset_columns(dims, subset))
-        head.init_weights(args.headinit, classifiers and [classifiers[i] for i in subset])
-        heads.append(head)
-    return MultiHead(heads, fused=args.head_impl == "fused")
-
-
-def param_groups(heads, encoder, combos, args):
-    """The reference's groups, per head: parameters whose name contains 'bn' get no weight decay under
-    --wd_skip_bn (the head BN; the backbones' bn1/bn2/bn3 when fine-tuning, not downsample.1); the head's Linear
-    gets --wd and --lr_last_layer (else --lr). Fine-tuning, the backbones' other parameters get --wd and, as in
-    the original, --lr_last_layer when it is given (its test for 'a head parameter' is always true, so every
-    parameter without 'bn' in its name joins the head's group), else --lr."""
-    groups = []
-    for h, (head, spec) in enumerate(zip(heads, combos)):
-        groups += named_groups(head.named_parameters(), spec.lr, spec.wd, h, args,
-                               linear_lr=args.lr_last_layer or spec.lr)
-    if args.exp_mode == "finetune":
-        groups += named_groups(encoder.named_parameters(), combos[0].lr, combos[0].wd, 0, args,
-                               linear_lr=args.lr_last_layer, all_linear=True)
-    return merge_equal_groups(groups) if args.head_impl == "fused" else groups
-
-
-def merge_equal_groups(groups):
-    """--head_impl fused: the heads' groups with equal settings as one group ('heads' lists them; 'head' is the
-    first), so an optimizer step is a fixed number of operations too. Each parameter gets the same update."""
-    merged = {}
-    for group in groups:
-        key = (group["lr"], group["weight_decay"], group["part"])
-        if key in merged:
-            merged[key]["params"] += group["params"]
-            merged[key]["heads"].append(group["head"])
-        else:
-            merged[key] = dict(group, params=list(group["params"]), heads=[group["head"]])
-    return list(merged.values())
-
-
-def named_groups(named_parameters, lr, wd, head, args, linear_lr=None, all_linear=False):
-    """Non-empty groups 'bn' (decay 0 with --wd_skip_bn), 'linear' (a head's Linear; with all_linear, every
-    parameter without 'bn' in its name, the original's rule for the backbones) and 'other'."""
-    parts = {"linear": [], "other": [], "bn": []}  # a head's first group holds its Linear: its lr is logged
-    for name, param in named_parameters:
-        is_linear = (all_linear or name.startswith("linear.")) and linear_lr
-        part = "bn" if "bn" in name else "linear" if is_linear else "other"
-        parts[part].append(param)
-    settings = {"bn": (lr, 0.0 if args.wd_skip_bn else wd), "linear": (linear_lr, wd), "other": (lr, wd)}
-    return [{"params": params, "lr": settings[part][0], "base_lr": settings[part][0],
-             "weight_decay": settings[part][1], "head": head, "part": part} for part, params in parts.items() if params]
-
-
-def build_optimizer(groups, args):
-    """SGD (global weight_decay 0: the groups carry it), Adam with betas (momentum, beta2), schedule-free AdamW
-    with betas (momentum, 0.999), as the reference."""
-    if args.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=args.lr_values[0], momentum=args.momentum, nesterov=args.nesterov,
-                               weight_decay=0.0)
-    if args.optimizer == "adam":
-        return torch.optim.Adam(groups, lr=args.lr_values[0], betas=(args.momentum, args.beta2))
-    import schedulefree
-    return schedulefree.AdamWScheduleFree(groups, lr=args.lr_values[0], betas=(args.momentum, 0.999))
-
-
-def lr_at_epoch(epoch, base_lr, args):
-    """The schedule is a pure function of the epoch, so a resumed run needs nothing but the epoch. The value is
-    the reference's to the last bit (its MultiStepLR / CosineAnnealingLR, stepped once per epoch, multiply the lr
-    in a chain: 0.01 -> 0.0001 at epoch 16, where 0.01 * 0.1 ** 2 is 0.00010000000000000002), so the logged LR
-    and the update match the original's."""
-    if args.scheduler_type not in ("step", "cosine"):
-        return base_lr
-    return _scheduled_lr(epoch, base_lr, args.scheduler_type, tuple(args.decay_epochs), args.gamma, args.epochs,
-                         args.final_lr)
-
-
-@functools.lru_cache(maxsize=4096)
-def _scheduled_lr(epoch, base_lr, kind, decay_epochs, gamma, epochs, final_lr):
-    """torch's own scheduler on a one-parameter optimizer, stepped `epoch` times."""
-    optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=base_lr)
-    if kind == "step":
-        scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, list(decay_epochs), gamma=gamma)
-    else:
-        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, epochs, eta_min=final_lr)
-    with warnings.catch_warnings():  # "scheduler.step() before optimizer.step()": no optimizer step is meant
-        warnings.simplefilter("ignore")
-        for _ in range(epoch):
-            scheduler.step()
-    return optimizer.param_groups[0]["lr"]
-
-
-class Classifier(nn.Module):
-    """Encoder followed by the heads: images to one logits per head. The encoder runs at --precision, the heads
-    always in fp32 (a bf16 head flips a few percent of the predictions)."""
-
-    def __init__(self, encoder, heads, precision):
-        super().__init__()
-        self.encoder, self.heads, self.precision = encoder, heads, precision
-
-    def forward(self, images):
-        with autocast(images.device, self.precision):
-            features = self.encoder(images)
-        with torch.autocast(images.device.type, enabled=False):
-            return self.heads(features.float())
 
 
 # ---------------------------------------------------------------- data
@@ -409,7 +113,7 @@ def build_data(args, dist_info, logger):
     test_base, _ = build_dataset(args.data_name, args.data_path, "test", False, args.decoder, args.fast_transforms)
     kept = subset_fraction(len(train_base), args.data_rate, args.seed)
     train_base = torch.utils.data.Subset(train_base, kept)
-    recipe = backbones_recipe(args)
+    recipe = backbones_recipe(args.data_name, args.arch, args.allow_mixed_transforms)
     pipeline = pipeline_of(args.decoder, args.fast_transforms)
     train_aug = WithTransform(train_base, build_transform(family, args.tf_name, True, args.img_size, pipeline,
                                                           recipe))
@@ -517,6 +221,7 @@ class ProbeRun:
 
 
 def main(args):
+    resolve_backbones(args)  # --tag or --arch/--pretrained (and --data_name) first, then every other flag
     check_args(args)
     if args.tensorboard:
         require_tensorboard()
@@ -527,7 +232,7 @@ def main(args):
     dist_info = init_distributed(debug=args.debug, timeout_minutes=args.dist_timeout)
     resolve_batch(args, dist_info.world_size)
     args.precision = resolve_precision(args.precision, dist_info.device)
-    combos = head_combos(args)
+    combos = head_specs(args)
     sweep = len(combos) > 1
     head_dirs = [os.path.join(args.dump_path, spec.name) if sweep else args.dump_path for spec in combos]
     for directory in head_dirs:
@@ -597,7 +302,8 @@ class ProbeModel(NamedTuple):
 def build_probe_model(run, num_classes):
     """Stage 2: the encoder and every head; only what trains is wrapped in DDP."""
     args, dist_info, device = run.args, run.dist, run.dist.device
-    crop = crop_size(family_of(args.data_name), args.tf_name, args.img_size, backbones_recipe(args))
+    crop = crop_size(family_of(args.data_name), args.tf_name, args.img_size,
+                     backbones_recipe(args.data_name, args.arch, args.allow_mixed_transforms))
     encoder = ConcatEncoder(args.arch, args.pretrained, crop).to(device).to(memory_format=torch.channels_last)
     finetune = args.exp_mode == "finetune"
     if not finetune:
@@ -691,7 +397,7 @@ def cached_sources(run, data, encoder):
                         device)
     knn = [None] * len(run.combos)
     if args.knn and dist_info.is_main:  # only rank 0 logs; the features are fixed, so once per run
-        knn = knn_per_head(args, run.combos, [net.out_dim for net in encoder.backbones],
+        knn = knn_per_head(args.knn, run.combos, [net.out_dim for net in encoder.backbones],
                            (plain_features, plain_labels, splits.train_positions), (test_features, test_labels),
                            device, run.logger)
     return train, test, val, knn
@@ -904,10 +610,11 @@ def log_head_epoch(run, model, sources, progress, h, epoch, test, val):
     args, lg, count = run.args, run.head_loggers[h], sources.val_count
     improved = test["top1"] > progress.best_test[h]
     progress.best_test[h] = max(progress.best_test[h], test["top1"])
-    log_diagnostics(args, model.heads[h], run.combos[h].subset, model.encoder, sources.test, lg, run.dist.device)
+    log_diagnostics(args.custom_eval_func, model.heads[h], run.combos[h].subset, model.encoder, sources.test, lg,
+                    args.precision)
     lg.info(log_lines.test_line(test["loss"], test["top1"], progress.best_test[h]))
     if sources.knn[h] is not None:
-        lg.info(knn_line(sources.knn[h]))
+        lg.info(knn_log_line(sources.knn[h]))
     if args.extra_log_lines or args.skip_bad_images:  # lines the original does not write: opt-in
         lg.info(f"Test: Acc@5 {test['top5']:.3f} over {sources.test_count - test['skipped']} images"
                 + unreadable_note(test))
@@ -983,44 +690,6 @@ def report(run, progress, has_val):
                         f"{t:.2f}")
 
 
-class SelectedRows:
-    """Rows `rows` and columns `columns` of a feature matrix, read lazily by kNN's chunks (a slice or an index
-    array of positions); nothing of the memory-mapped cache is copied beyond one chunk."""
-
-    def __init__(self, features, rows, columns):
-        self.features, self.rows, self.columns = features, rows, columns
-
-    def __len__(self):
-        return len(self.rows)
-
-    def __getitem__(self, key):
-        rows = self.rows[key] if isinstance(key, slice) else self.rows[torch.as_tensor(key, dtype=torch.long)]
-        block = self.features[rows]
-        return block if self.columns is None else block[:, self.columns]
-
-
-def knn_per_head(args, combos, dims, train, test, device, logger):
-    """--knn: the k-NN accuracy (analysis/knn.py) of the features each head reads, training rows (not the held-out
-    ones) against the test set; computed once per distinct subset."""
-    from analysis.knn import knn_accuracy
-    (train_features, train_labels, positions), (test_features, test_labels) = train, test
-    rows = torch.as_tensor(positions, dtype=torch.long)
-    start, results = time.time(), {}
-    for subset in dict.fromkeys(spec.subset for spec in combos):
-        columns = None if subset is None else torch.as_tensor(subset_columns(dims, subset))
-        results[subset] = knn_accuracy(SelectedRows(train_features, rows, columns), train_labels[rows],
-                                       SelectedRows(test_features, torch.arange(len(test_labels)), columns),
-                                       test_labels, k=args.knn, device=device)
-    logger.info(f"kNN (k={args.knn}) on the features of {len(results)} head input(s): "
-                f"{time.time() - start:.1f} s")
-    return [results[spec.subset] for spec in combos]
-
-
-def knn_line(result):
-    from analysis.knn import knn_log_line  # the line's one owner
-    return knn_log_line(result)
-
-
 def head_args(args, spec):
     """args.json of one head: the run's arguments with the head's lr and wd; a subset head's lists only its
     backbones (the arguments of the separate probe it equals), so tools/summarize.py counts them."""
@@ -1029,19 +698,6 @@ def head_args(args, spec):
         out.update(arch=[args.arch[i] for i in spec.subset], pretrained=[args.pretrained[i] for i in spec.subset],
                    subset=list(spec.subset), tag=None)
     return out
-
-
-def log_diagnostics(args, head, subset, encoder, test_source, logger, device):
-    """--custom_eval_func, after each evaluation, with the original's names and line format; a subset head's are
-    over its own backbones."""
-    dims = [net.out_dim for net in encoder.backbones]
-    spans = block_spans([dims[i] for i in subset] if subset is not None else dims)
-    head.eval()
-    if "feature_importance" in args.custom_eval_func:
-        logger.info(log_lines.diagnostic_line("feature_importance", feature_importance(head, spans)))
-    if "cat_validate_network" in args.custom_eval_func:
-        batches = ((head.select(x), y) for x, y in feature_batches(test_source, encoder, args.precision))
-        logger.info(log_lines.diagnostic_line("cat_validate_network", cat_validate(head, batches, spans, device)))
 
 
 def requeue(logger):
@@ -1071,15 +727,6 @@ def last_good_state(epoch, checkpoint_path):
 
 def unreadable_note(stats):
     return f" ({stats['skipped']} unreadable skipped)" if stats["skipped"] else ""
-
-
-def check_same_recipe(saved_args, args, path, skip=()):
-    changed = [k for k in RECIPE_KEYS
-               if k not in skip and saved_args.get(k, RECIPE_DEFAULTS.get(k)) != getattr(args, k)]
-    if changed:
-        k = changed[0]
-        raise UserError(f"{path} was written by a run with --{k} {saved_args.get(k)} (now {getattr(args, k)}); "
-                        f"use another --dump_path, or --start_over to overwrite it")
 
 
 if __name__ == "__main__":

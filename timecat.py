@@ -13,9 +13,11 @@ import os
 
 import torch
 
+from datasets import family_of
 from datasets.transforms import build_transform
 from models.backbones import ConcatEncoder, encoder_recipe
 from models.encoder import DEFAULT_TAG_FILE, pair_backbones, read_tag
+from util.cli import UserError
 
 CHECKPOINT_SUFFIXES = (".pth", ".tar", ".pt", ".bin", ".ckpt")
 
@@ -52,3 +54,21 @@ def load_encoder(tag_or_checkpoints, arch="resnet50", tag_file=DEFAULT_TAG_FILE,
     crop = image_size or (recipe.crop if recipe else 224)
     encoder = ConcatEncoder(archs, paths, image_size=crop).freeze()
     return encoder.to(torch.device(device)), transform
+
+
+def resolve_backbones(args):
+    """The probe's --tag, or --arch/--pretrained, to args.arch/args.pretrained, checked to pair up and exist; and
+    the one-line error of backbones that expect different transforms, before any data is read."""
+    if args.tag:
+        if args.arch or args.pretrained:
+            raise UserError("give either --tag or --arch/--pretrained, not both")
+        args.arch, args.pretrained = read_tag(args.tag, args.tag_file, args.checkpoint_root)
+    args.arch = pair_backbones(args.arch, args.pretrained, tagged=bool(args.tag))
+    backbones_recipe(args.data_name, args.arch, args.allow_mixed_transforms)
+
+
+def backbones_recipe(data_name, archs, allow_mixed):
+    """The backbones' input transform on ImageNet-like data (None: the reference's; CIFAR: always the reference's)."""
+    if family_of(data_name) != "imagenet":
+        return None
+    return encoder_recipe(archs, allow_mixed)

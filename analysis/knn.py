@@ -1,11 +1,13 @@
 """k-nearest-neighbour classification of frozen features, as DINO's evaluation: cosine similarity, the k most
 similar training rows vote for their class with weight exp(similarity / T)."""
+import time
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
 from analysis.features import as_float32
+from models.heads import subset_columns
 
 
 class KnnResult(NamedTuple):
@@ -65,3 +67,34 @@ def knn_accuracy(train_features, train_labels, test_features, test_labels, k=20,
     n = max(len(keep), 1)
     return KnnResult(100.0 * float(hits[:, :1].any(1).sum()) / n, 100.0 * float(hits.any(1).sum()) / n,
                      len(keep), k, temperature)
+
+
+class SelectedRows:
+    """Rows `rows` and columns `columns` of a feature matrix, read lazily by kNN's chunks (a slice or an index
+    array of positions); nothing of the memory-mapped cache is copied beyond one chunk."""
+
+    def __init__(self, features, rows, columns):
+        self.features, self.rows, self.columns = features, rows, columns
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, key):
+        rows = self.rows[key] if isinstance(key, slice) else self.rows[torch.as_tensor(key, dtype=torch.long)]
+        block = self.features[rows]
+        return block if self.columns is None else block[:, self.columns]
+
+
+def knn_per_head(k, specs, dims, train, test, device, logger):
+    """--knn: the k-NN accuracy of the features each head reads (models.heads.HeadSpec), training rows (not the
+    held-out ones) against the test set; computed once per distinct subset."""
+    (train_features, train_labels, positions), (test_features, test_labels) = train, test
+    rows = torch.as_tensor(positions, dtype=torch.long)
+    start, results = time.time(), {}
+    for subset in dict.fromkeys(spec.subset for spec in specs):
+        columns = None if subset is None else torch.as_tensor(subset_columns(dims, subset))
+        results[subset] = knn_accuracy(SelectedRows(train_features, rows, columns), train_labels[rows],
+                                       SelectedRows(test_features, torch.arange(len(test_labels)), columns),
+                                       test_labels, k=k, device=device)
+    logger.info(f"kNN (k={k}) on the features of {len(results)} head input(s): {time.time() - start:.1f} s")
+    return [results[spec.subset] for spec in specs]

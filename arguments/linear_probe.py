@@ -3,6 +3,7 @@ answer at once; main_linear_probe.py imports its parser from here."""
 import argparse
 import hashlib
 import json
+import math
 import os
 
 from arguments.common import (
@@ -14,9 +15,11 @@ from arguments.common import (
     add_wandb_arg,
 )
 from util import layout
-from util.cli import ArgumentParser, add_alias
+from util.cli import ArgumentParser, UserError, add_alias
+from util.cpu_runtime import default_workers
 from util.flags import add_bool, bool_flag
-from util.subsets import SUBSET_MODES
+from util.subsets import SUBSET_MODES, subsets_for
+from util.sweeps import GLOBAL_BATCH
 
 PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_TAG_FILE = os.path.join(PROJECT_ROOT, layout.TAG_FILE)
@@ -31,7 +34,7 @@ RECIPE_KEYS = ("arch", "pretrained", "data_name", "exp_mode", "use_bn", "headini
                "final_lr", "seed", "tf_name", "img_size", "data_rate", "precision", "feature_cache", "cache_views",
                "val_split", "lr_last_layer", "beta2", "global_batch", "batch_semantics", "sync_bn", "subsets",
                "head_impl", "fast_transforms")
-DERIVED_RECIPE_KEYS = ("global_batch", "batch_semantics")  # set by main_linear_probe.resolve_batch, not flags
+DERIVED_RECIPE_KEYS = ("global_batch", "batch_semantics")  # set by resolve_batch below, not flags
 # the value a recipe key had in runs written before the key existed; at that value a key stays out of the default
 # --dump_path's hash, so adding a recipe key moves no existing run's folder
 RECIPE_DEFAULTS = {"subsets": "none", "head_impl": "separate", "fast_transforms": False}
@@ -263,3 +266,151 @@ def default_dump_path(args, recipe_keys, root=None):
     digest = hashlib.sha256(json.dumps([recipe, wds, args.tag], sort_keys=True, default=str).encode()).hexdigest()
     folder = "wd" + "_".join(format(w, "g") for w in wds) + "-" + digest[:8]
     return os.path.join(root or RESULTS_ROOT, args.data_name, config_name(args), folder)
+
+
+# ---------------------------------------------------------------- flag checks (torch-free, beside the parser)
+# The reference scripts' batch (they ran as one process): the default GLOBAL batch here (util/sweeps.py owns it).
+REFERENCE_BATCH = {"cifar": GLOBAL_BATCH["cifar10"], "imagenet": GLOBAL_BATCH["imagenet1k"]}
+SCHEDULE_FREE = "schedulefree_adamw"  # the `schedulefree` package's AdamWScheduleFree (--optimizer sfadamw: alias)
+
+
+def is_cifar(data_name):
+    """The CIFAR family (its transforms and reference batch); the name was checked by timecat.resolve_backbones."""
+    return data_name.startswith("cifar")
+
+
+def check_args(args):
+    """Every flag checked before any data is scanned or downloaded; one `error:` line for each problem. Runs after
+    timecat.resolve_backbones (which checks --tag/--arch/--pretrained and --data_name)."""
+    check_numbers(args)
+    check_optimizer(args)
+    args.lr_values = parse_values("lr", args.lr, allow_zero=False)
+    args.wd_values = parse_values("wd", args.wd, allow_zero=True)
+    if args.exp_mode == "finetune" and (len(args.lr) > 1 or len(args.wd) > 1 or args.feature_cache):
+        raise UserError("--exp_mode finetune trains the backbones: it takes one --lr and one --wd and no "
+                        "--feature_cache")
+    if args.data_rate < 1 and args.data_name == "inaturalist18":
+        raise UserError("--data_rate with inaturalist18: the original's iNat18 loader ignores --data_rate, so no "
+                        "reference run used a fraction of iNat18; drop --data_rate (or probe a fraction of CIFAR or "
+                        "ImageNet)")
+    if args.tf_name == "32px" and not is_cifar(args.data_name):
+        raise UserError(f"--tf_name 32px is the CIFAR native-size preset; use eval (and --img_size) for "
+                        f"{args.data_name}")
+    if args.cache_views and not args.feature_cache:
+        raise UserError("--cache_views needs --feature_cache DIR")
+    subsets_for(args.subsets, len(args.pretrained))  # the one-line error of a mode too large for the backbones
+    if args.subsets != "none" and args.exp_mode == "finetune":
+        raise UserError("--subsets trains heads on frozen features: it is for --exp_mode lineareval")
+    if args.knn < 0:
+        raise UserError("--knn must be 0 (off) or a number of neighbours, e.g. 20")
+    if args.knn and not args.feature_cache:
+        raise UserError("--knn reads the cached features: add --feature_cache DIR (or drop --knn)")
+    if args.eval_freq != 1:
+        raise UserError("--eval_freq: only 1 (evaluate after every epoch, the reference's) is supported")
+    if args.dump_path is None:  # the run's own folder under results/probe/ (README "Where results go")
+        args.dump_path = default_dump_path(args, RECIPE_KEYS)
+    check_dump_path(args.dump_path)
+    args.ignored = check_legacy(args)
+
+
+def parse_values(name, texts, allow_zero):
+    """Floats of a list flag, keeping the text as given (it names the head's folder)."""
+    values = []
+    for text in texts:
+        try:
+            value = float(text)
+        except ValueError:
+            raise UserError(f"--{name}: '{text}' is not a number") from None
+        if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
+            raise UserError(f"--{name}: {text} must be {'non-negative' if allow_zero else 'positive'}")
+        values.append(value)
+    if len(set(values)) != len(values):
+        raise UserError(f"--{name}: a value is given twice")
+    return values
+
+
+def check_numbers(args):
+    for name in ("epochs", "print_freq", "save_freq"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name} must be at least 1")
+    if args.batch_size is not None and args.batch_size < 1:
+        raise UserError("--batch_size must be at least 1")
+    if args.workers is None:
+        args.workers = default_workers()
+    if args.workers < 0 or args.cache_views < 0:
+        raise UserError("--workers and --cache_views must be 0 or more")
+    if args.img_size is not None and args.img_size < 8:
+        raise UserError("--img_size must be at least 8")
+    if not 0 <= args.val_split < 1:
+        raise UserError("--val_split must be in [0, 1)")
+    if not 0 < args.data_rate <= 1:
+        raise UserError(f"--data_rate must be in (0, 1], got {args.data_rate}")
+    if not 0 <= args.seed < 2**32 - 12345:
+        raise UserError("--seed must be 0 or more (and below 2**32 - 12345, numpy's seed range)")
+    for name in ("momentum", "gamma", "final_lr", "beta2"):
+        if not 0 <= getattr(args, name) < math.inf:
+            raise UserError(f"--{name} must be a finite number, 0 or more")
+    if args.lr_last_layer is not None and not 0 < args.lr_last_layer < math.inf:
+        raise UserError("--lr_last_layer must be a positive number")
+    if not 0 < args.dist_timeout < math.inf:
+        raise UserError("--dist_timeout must be a positive number of minutes")
+
+
+def check_optimizer(args):
+    """The reference's rules: Nesterov with SGD only (on by default), Adam's beta2 below 1."""
+    if args.optimizer == "sfadamw":  # the alias: one name in args.json, the recipe check and the loop's tests
+        args.optimizer = SCHEDULE_FREE
+    if args.nesterov is None:
+        args.nesterov = args.optimizer == "sgd"
+    if args.nesterov and args.optimizer != "sgd":
+        raise UserError(f"--nesterov is for --optimizer sgd only, not {args.optimizer}: drop it or pass "
+                        f"--nesterov False")
+    if args.optimizer == "sgd" and args.nesterov and not args.momentum:
+        raise UserError("Nesterov momentum needs --momentum above 0 (or --nesterov False)")
+    if args.optimizer != "sgd" and not (args.momentum < 1 and args.beta2 < 1):
+        raise UserError("--momentum and --beta2 are Adam's betas here: both must be below 1")
+
+
+def check_dump_path(path):
+    if not path or not path.strip():
+        raise UserError("--dump_path is empty: give the folder of the run's logs and checkpoints")
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UserError(f"--dump_path {path} is a file, not a folder: give a folder for the run")
+
+
+def check_legacy(args):
+    """Names of the original's flags given with no effect here; values that would change the result are
+    refused rather than silently ignored."""
+    for name in ("reweight_path", "headpretrained", "richway", "skip_pool", "save_init"):
+        if getattr(args, name) not in (None, False, "", "none", "None"):
+            raise UserError(f"--{name} {getattr(args, name)}: the original's option is not supported here; "
+                            f"drop it (the reference's linear-probe runs did not use it)")
+    return [name for name in ("config", "dist_url", "gpu", "world_size", "rank") if getattr(args, name) is not None]
+
+
+def resolve_batch(args, world):
+    """--batch_size is per process; without it the reference's batch is the global batch, split across the
+    processes, so N processes see the batches of the reference's single process."""
+    if args.batch_size is None:
+        reference = REFERENCE_BATCH["cifar" if is_cifar(args.data_name) else "imagenet"]
+        if reference % world:
+            raise UserError(f"the reference batch {reference} does not split over {world} processes: use a "
+                            f"process count that divides it, or give --batch_size (per process)")
+        args.batch_size, args.batch_semantics = reference // world, "global"
+    else:
+        args.batch_semantics = "per_process"
+    args.global_batch = args.batch_size * world
+    # on by default with several processes; with one, synchronising is a no-op (as the reference's --debug runs
+    # with --sync_bn True), recorded as off so such a run's recipe equals the plain one
+    args.sync_bn = world > 1 and args.sync_bn is not False
+
+
+def check_same_recipe(saved_args, args, path, skip=()):
+    """A resumed or evaluated run must have the saved run's recipe (RECIPE_KEYS; a key missing from an older run
+    has its RECIPE_DEFAULTS value)."""
+    changed = [k for k in RECIPE_KEYS
+               if k not in skip and saved_args.get(k, RECIPE_DEFAULTS.get(k)) != getattr(args, k)]
+    if changed:
+        k = changed[0]
+        raise UserError(f"{path} was written by a run with --{k} {saved_args.get(k)} (now {getattr(args, k)}); "
+                        f"use another --dump_path, or --start_over to overwrite it")

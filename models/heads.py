@@ -1,10 +1,17 @@
-"""The linear classifier trained on top of the concatenated features."""
+"""The linear classifiers trained on top of the concatenated features: the heads of a run (one per lr/wd value of
+the sweep and --subsets subset), their parameter groups and optimizer (nanoGPT's configure_optimizers beside the
+model), and the lr schedule."""
+import functools
+import warnings
+from typing import NamedTuple, Optional
+
 import torch
 import torch.distributed as dist
 import torch.distributed.nn as dist_nn
 import torch.nn as nn
 
 from util.cli import UserError
+from util.subsets import subset_folder, subsets_for
 
 
 def distributed_batch():
@@ -198,3 +205,134 @@ def update_all_running_stats(bns, mean, var, count, sizes):
     torch._foreach_lerp_([bn.running_mean for bn in bns], mean.detach().split(sizes), bns[0].momentum)
     unbiased = var.detach() * (count / (count - 1).clamp(min=1))
     torch._foreach_lerp_([bn.running_var for bn in bns], unbiased.split(sizes), bns[0].momentum)
+
+
+# ---------------------------------------------------------------- the run's heads and their optimisation
+class HeadSpec(NamedTuple):
+    """One head of the run: its optimisation values, its folder below --dump_path when the run has several heads,
+    and the backbones whose features it reads (None: the full concatenation)."""
+    lr: float
+    wd: float
+    name: str  # wd{wd}_lr{lr}, or sub{i}-{j}/wd{wd}_lr{lr} for a sub-concatenation's head (util/subsets.py)
+    subset: Optional[tuple] = None
+
+
+def head_specs(args):
+    """Every head: the full concatenation's per lr/wd value, then each --subsets subset's (the full set itself,
+    which 'prefix' and 'all' list last, is the full heads). A single head writes to --dump_path itself, several
+    to <dump_path>/<name>/."""
+    values = [(lr, wd, f"wd{wd_text}_lr{lr_text}") for lr, lr_text in zip(args.lr_values, args.lr)
+              for wd, wd_text in zip(args.wd_values, args.wd)]
+    n = len(args.pretrained)
+    subsets = [s for s in subsets_for(args.subsets, n) if len(s) < n]
+    return ([HeadSpec(lr, wd, name) for lr, wd, name in values]
+            + [HeadSpec(lr, wd, f"{subset_folder(s)}/{name}", s) for s in subsets for lr, wd, name in values])
+
+
+def block_spans(dims):
+    """[(start, end)] of each backbone's block of the concatenated features."""
+    ends = [sum(dims[:k + 1]) for k in range(len(dims))]
+    return [(end - dim, end) for end, dim in zip(ends, dims)]
+
+
+def subset_columns(dims, subset):
+    """Column positions of the backbones `subset` in the concatenation of features of widths `dims`."""
+    spans = block_spans(dims)
+    return [c for i in subset for c in range(*spans[i])]
+
+
+def build_heads(dims, num_classes, specs, classifiers, args, world):
+    """Every head starts from the seeded initialisation it would get alone, on its backbones' features (so a
+    subset head draws exactly what a separate probe of those backbones draws); its BatchNorm is global over the
+    processes with --sync_bn (the default for more than one)."""
+    heads = []
+    for spec in specs:
+        subset = spec.subset or tuple(range(len(dims)))
+        torch.manual_seed(args.seed)  # each head's draw is the one it would get alone
+        head = LinearHead(sum(dims[i] for i in subset), num_classes, args.use_bn,
+                          global_bn=args.sync_bn and world > 1,
+                          columns=None if spec.subset is None else subset_columns(dims, subset))
+        head.init_weights(args.headinit, classifiers and [classifiers[i] for i in subset])
+        heads.append(head)
+    return MultiHead(heads, fused=args.head_impl == "fused")
+
+
+def param_groups(heads, encoder, specs, args):
+    """The reference's groups, per head: parameters whose name contains 'bn' get no weight decay under
+    --wd_skip_bn (the head BN; the backbones' bn1/bn2/bn3 when fine-tuning, not downsample.1); the head's Linear
+    gets --wd and --lr_last_layer (else --lr). Fine-tuning, the backbones' other parameters get --wd and, as in
+    the original, --lr_last_layer when it is given (its test for 'a head parameter' is always true, so every
+    parameter without 'bn' in its name joins the head's group), else --lr."""
+    groups = []
+    for h, (head, spec) in enumerate(zip(heads, specs)):
+        groups += named_groups(head.named_parameters(), spec.lr, spec.wd, h, args.wd_skip_bn,
+                               linear_lr=args.lr_last_layer or spec.lr)
+    if args.exp_mode == "finetune":
+        groups += named_groups(encoder.named_parameters(), specs[0].lr, specs[0].wd, 0, args.wd_skip_bn,
+                               linear_lr=args.lr_last_layer, all_linear=True)
+    return merge_equal_groups(groups) if args.head_impl == "fused" else groups
+
+
+def merge_equal_groups(groups):
+    """--head_impl fused: the heads' groups with equal settings as one group ('heads' lists them; 'head' is the
+    first), so an optimizer step is a fixed number of operations too. Each parameter gets the same update."""
+    merged = {}
+    for group in groups:
+        key = (group["lr"], group["weight_decay"], group["part"])
+        if key in merged:
+            merged[key]["params"] += group["params"]
+            merged[key]["heads"].append(group["head"])
+        else:
+            merged[key] = dict(group, params=list(group["params"]), heads=[group["head"]])
+    return list(merged.values())
+
+
+def named_groups(named_parameters, lr, wd, head, wd_skip_bn, linear_lr=None, all_linear=False):
+    """Non-empty groups 'bn' (decay 0 with --wd_skip_bn), 'linear' (a head's Linear; with all_linear, every
+    parameter without 'bn' in its name, the original's rule for the backbones) and 'other'."""
+    parts = {"linear": [], "other": [], "bn": []}  # a head's first group holds its Linear: its lr is logged
+    for name, param in named_parameters:
+        is_linear = (all_linear or name.startswith("linear.")) and linear_lr
+        part = "bn" if "bn" in name else "linear" if is_linear else "other"
+        parts[part].append(param)
+    settings = {"bn": (lr, 0.0 if wd_skip_bn else wd), "linear": (linear_lr, wd), "other": (lr, wd)}
+    return [{"params": params, "lr": settings[part][0], "base_lr": settings[part][0],
+             "weight_decay": settings[part][1], "head": head, "part": part} for part, params in parts.items() if params]
+
+
+def build_optimizer(groups, args):
+    """SGD (global weight_decay 0: the groups carry it), Adam with betas (momentum, beta2), the `schedulefree`
+    package's AdamWScheduleFree with betas (momentum, 0.999), as the reference."""
+    if args.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=args.lr_values[0], momentum=args.momentum, nesterov=args.nesterov,
+                               weight_decay=0.0)
+    if args.optimizer == "adam":
+        return torch.optim.Adam(groups, lr=args.lr_values[0], betas=(args.momentum, args.beta2))
+    import schedulefree
+    return schedulefree.AdamWScheduleFree(groups, lr=args.lr_values[0], betas=(args.momentum, 0.999))
+
+
+def lr_at_epoch(epoch, base_lr, args):
+    """The schedule is a pure function of the epoch, so a resumed run needs nothing but the epoch. The value is
+    the reference's to the last bit (its MultiStepLR / CosineAnnealingLR, stepped once per epoch, multiply the lr
+    in a chain: 0.01 -> 0.0001 at epoch 16, where 0.01 * 0.1 ** 2 is 0.00010000000000000002), so the logged LR
+    and the update match the original's."""
+    if args.scheduler_type not in ("step", "cosine"):
+        return base_lr
+    return _scheduled_lr(epoch, base_lr, args.scheduler_type, tuple(args.decay_epochs), args.gamma, args.epochs,
+                         args.final_lr)
+
+
+@functools.lru_cache(maxsize=4096)
+def _scheduled_lr(epoch, base_lr, kind, decay_epochs, gamma, epochs, final_lr):
+    """torch's own scheduler on a one-parameter optimizer, stepped `epoch` times."""
+    optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=base_lr)
+    if kind == "step":
+        scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, list(decay_epochs), gamma=gamma)
+    else:
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, epochs, eta_min=final_lr)
+    with warnings.catch_warnings():  # "scheduler.step() before optimizer.step()": no optimizer step is meant
+        warnings.simplefilter("ignore")
+        for _ in range(epoch):
+            scheduler.step()
+    return optimizer.param_groups[0]["lr"]

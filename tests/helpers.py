@@ -3,11 +3,19 @@ import os
 import subprocess
 import sys
 
+from arguments.linear_probe import check_args
 from datasets.synthetic import algoperf_keys, class_image, make_checkpoint, make_cifar, make_imagenet, make_inat
 
 __all__ = ["ROOT", "algoperf_keys", "class_image", "make_checkpoint", "make_cifar", "make_imagenet", "make_inat",
            "run_script"]
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def check_probe_args(args):
+    """The probe's flag checks in main()'s order: the backbones (and --data_name), then every other flag."""
+    from timecat import resolve_backbones
+    resolve_backbones(args)
+    check_args(args)
 
 
 def run_script(args, cwd=ROOT, env=None, timeout=600):

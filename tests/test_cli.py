@@ -10,6 +10,7 @@ import sys
 
 import pytest
 
+from helpers import check_probe_args
 from util.cli import HEAVY_MODULES
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -144,7 +145,7 @@ def probe_folder(tmp_path, monkeypatch, *extra):
         (tmp_path / name).write_bytes(b"x")  # only the path matters here
     argv = ["--arch", "resnet18", "--pretrained", str(tmp_path / "a.pth"), str(tmp_path / "b.pth"), *extra]
     args = probe.get_args_parser().parse_args(argv)
-    probe.check_args(args)
+    check_probe_args(args)
     return os.path.relpath(args.dump_path, tmp_path / "results" / "probe")
 
 
@@ -251,7 +252,7 @@ def test_data_column_measures_loading_only(monkeypatch):
     optimizer = torch.optim.SGD([{"params": heads.parameters(), "lr": 0.1, "head": 0}])
     lines = []
     logger = types.SimpleNamespace(info=lines.append)
-    batches = engine.encoded_batches(loader(), SlowEncoder(), torch.device("cpu"), "fp32")
+    batches = engine.EncodedBatches(loader(), SlowEncoder(), torch.device("cpu"), "fp32")
     engine.train_one_epoch(lambda x: [heads(x)], batches, 3, optimizer, 0, types.SimpleNamespace(print_freq=1),
                            torch.device("cpu"), [logger])
     data = [float(line.split("\tData ")[1].split()[0]) for line in lines]

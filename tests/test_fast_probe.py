@@ -9,6 +9,7 @@ import torch
 
 import main_linear_probe as probe
 from helpers import make_checkpoint, make_cifar, run_script
+from models import LinearHead
 from util.cli import run_main
 
 TINY = ["--img_size", "32", "--workers", "0", "--batch_size", "32", "--print_freq", "5", "--precision", "fp32"]
@@ -174,7 +175,7 @@ def test_bf16_features_keep_top1_within_a_point(tmp_path):
         probe.main(probe.get_args_parser().parse_args(common + ["--precision", precision, "--dump_path",
                                                                str(tmp_path / precision)]))
     # the head trained on fp32 features, scored on the cached fp32 and bf16 test features
-    head = probe.LinearHead(512, 10)
+    head = LinearHead(512, 10)
     saved = torch.load(tmp_path / "fp32" / "checkpoint.pth.tar", weights_only=False)["heads"]
     head.load_state_dict({key.split(".", 1)[1]: value for key, value in saved.items()})
     head.eval()

@@ -10,7 +10,11 @@ import torch
 
 import datasets
 import main_linear_probe as probe
+from arguments.linear_probe import resolve_batch
 from datasets.cifar import ORDER_FILE
+from helpers import check_probe_args
+from models import heads as probe_heads
+from util.cli import UserError
 from util.distributed import DistInfo
 
 REFERENCE_SAMPLER_SEED = 53970  # numpy.random.seed(31); numpy.random.randint(99999): the original's sampler seed
@@ -70,8 +74,8 @@ def probe_first_batch(tmp_path, monkeypatch, argv, epoch=0):
     ckpt.write_bytes(b"placeholder")
     args = probe.get_args_parser().parse_args(["--arch", "resnet50", "--pretrained", str(ckpt), "--dump_path",
                                                str(tmp_path / "run"), *argv])
-    probe.check_args(args)
-    probe.resolve_batch(args, 1)
+    check_probe_args(args)
+    resolve_batch(args, 1)
     run = type("Run", (), {"args": args, "dist": DistInfo(), "logger": logging.getLogger("test_fidelity")})()
     data = probe.build_probe_data(run)
     data.train_sampler.set_epoch(epoch)
@@ -98,8 +102,8 @@ def test_inat_data_rate_is_refused_in_one_line(tmp_path):
     ckpt.write_bytes(b"placeholder")
     args = probe.get_args_parser().parse_args(["--arch", "resnet50", "--pretrained", str(ckpt), "--data_name",
                                                "inaturalist18", "--data_rate", "0.5"])
-    with pytest.raises(probe.UserError, match="ignores --data_rate"):
-        probe.check_args(args)
+    with pytest.raises(UserError, match="ignores --data_rate"):
+        check_probe_args(args)
 
 
 def test_cached_training_features_follow_the_fixed_order(tmp_path):
@@ -120,7 +124,7 @@ def test_cached_training_features_follow_the_fixed_order(tmp_path):
     label_files = sorted(cache.rglob("labels.npy"), key=lambda p: -len(np.load(p)))
     assert np.load(label_files[0]).tolist() == expected  # the 60-image training entry (the test one has 20)
     args = probe.get_args_parser().parse_args(argv)
-    probe.check_args(args)
+    check_probe_args(args)
     args.precision = "fp32"
     assert entry_key(args, "train", -1, 60)["subset"]["order"] == "cifar_subset_order"
     assert os.path.isdir(cache)
@@ -237,8 +241,8 @@ def test_acc1_prints_what_the_originals_scripts_print(tmp_path):
 # ---------------------------------------------------------------- slips in the protocol's core (issue 19, item 9)
 def probe_args(tmp_path, *argv):
     args = probe.get_args_parser().parse_args([*argv, "--dump_path", str(tmp_path / "run")])
-    probe.check_args(args)
-    probe.resolve_batch(args, 1)
+    check_probe_args(args)
+    resolve_batch(args, 1)
     args.precision = "fp32"
     return args
 
@@ -254,7 +258,7 @@ def test_concatenated_features_start_with_the_first_backbones_own_output(tmp_pat
         states[arch] = make_checkpoint(str(tmp_path / f"{arch}.pth"), arch, "raw", seed=len(arch))
     args = probe_args(tmp_path, "--arch", "resnet18", "resnet50", "--pretrained", str(tmp_path / "resnet18.pth"),
                       str(tmp_path / "resnet50.pth"))
-    run = type("Run", (), {"args": args, "dist": DistInfo(), "combos": probe.head_combos(args),
+    run = type("Run", (), {"args": args, "dist": DistInfo(), "combos": probe_heads.head_specs(args),
                            "logger": logging.getLogger("test_fidelity")})()
     encoder = probe.build_probe_model(run, 10).encoder
     images = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
@@ -420,10 +424,10 @@ def test_the_step_schedule_is_the_originals_to_the_last_bit(tmp_path):
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.01)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, [8, 16, 24], gamma=0.1)
     for epoch in range(28):
-        assert probe.lr_at_epoch(epoch, 0.01, args) == optimizer.param_groups[0]["lr"], epoch
+        assert probe_heads.lr_at_epoch(epoch, 0.01, args) == optimizer.param_groups[0]["lr"], epoch
         optimizer.step()
         scheduler.step()
-    assert repr(probe.lr_at_epoch(16, 0.01, args)) == "0.0001"
+    assert repr(probe_heads.lr_at_epoch(16, 0.01, args)) == "0.0001"
 
 
 def test_summarize_reads_the_last_training_epoch_of_an_original_log(tmp_path):

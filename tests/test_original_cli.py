@@ -4,8 +4,9 @@ import os
 import pytest
 
 import main_linear_probe as probe
-from arguments.linear_probe import RECIPE_KEYS
-from util.cli import run_main
+from arguments.linear_probe import RECIPE_KEYS, resolve_batch
+from helpers import check_probe_args
+from util.cli import UserError, run_main
 
 TAG = "supervisedimagenet_resnet50_sfadamw_5_step80k"
 # The six linear-probing sbatch scripts of the original release (REFERENCE.md): every one passes --debug (one
@@ -29,8 +30,8 @@ def parsed(argv, tmp_path):
     ckpt.write_bytes(b"placeholder")
     args = probe.get_args_parser().parse_args(argv)
     args.tag, args.arch, args.pretrained = None, ["resnet50"], [str(ckpt)]  # the tag's files are not here
-    probe.check_args(args)
-    probe.resolve_batch(args, 1)
+    check_probe_args(args)
+    resolve_batch(args, 1)
     return {k: getattr(args, k) for k in RECIPE_KEYS}
 
 
@@ -56,7 +57,7 @@ def test_original_flags_are_accepted_with_their_value_syntax(tmp_path):
     ckpt = tmp_path / "x.pth"
     ckpt.write_bytes(b"placeholder")
     args = probe.get_args_parser().parse_args(argv + ["--arch", "resnet50", "--pretrained", str(ckpt)])
-    probe.check_args(args)
+    check_probe_args(args)
     assert args.start_over is True and args.sync_bn is False and args.nesterov is False
     assert args.optimizer == "schedulefree_adamw" and args.lr_last_layer == 0.1 and args.save_freq == 5
     assert args.ignored == ["config", "dist_url", "gpu", "world_size", "rank"]
@@ -124,7 +125,7 @@ def test_fail_fast_errors_are_one_line(tmp_path, capsys):
         err = capsys.readouterr().err.strip()
         assert err.startswith("error:") and len(err.splitlines()) == 1 and fragment in err, err
     from datasets.cifar import build_cifar
-    with pytest.raises(probe.UserError, match="does not exist"):
+    with pytest.raises(UserError, match="does not exist"):
         build_cifar("cifar10", str(tmp_path / "nowhere"), True, None, True)
     assert not (tmp_path / "nowhere").exists()
 
@@ -137,7 +138,7 @@ def test_feature_cache_key_holds_the_training_subset(tmp_path):
     for seed in ("1", "2"):
         args = probe.get_args_parser().parse_args(["--arch", "resnet50", "--pretrained", str(ckpt), "--data_rate",
                                                    "0.5", "--seed", seed])
-        probe.check_args(args)
+        check_probe_args(args)
         keys.append(entry_key(args, "train", -1, 100))
     assert keys[0] != keys[1]
 
@@ -177,8 +178,8 @@ def test_the_six_original_command_lines_run_verbatim_and_give_the_reference_reci
     (tmp_path / "tags.yaml").write_text(yaml.safe_dump({args.tag: {"arch": tag["arch"],
                                                                    "pretrained": placeholders}}))
     args.tag_file = str(tmp_path / "tags.yaml")
-    probe.check_args(args)
-    probe.resolve_batch(args, 1)
+    check_probe_args(args)
+    resolve_batch(args, 1)
     value = {flag: argv[i + 1] for i, flag in enumerate(argv[:-1]) if flag.startswith("--")}
     expected = dict(REFERENCE_RECIPE, data_name=value["--data_name"], wd=[value["--wd"]],
                     global_batch=256 if value["--data_name"].startswith("cifar") else 32)

@@ -12,7 +12,10 @@ import torch
 import yaml
 
 import main_linear_probe as probe
-from helpers import ROOT, make_checkpoint, make_cifar, make_imagenet, make_inat, run_script
+from arguments.linear_probe import DEFAULT_TAG_FILE, resolve_batch
+from helpers import ROOT, check_probe_args, make_checkpoint, make_cifar, make_imagenet, make_inat, run_script
+from models import ConcatEncoder, LinearHead
+from models import heads as probe_heads
 from util.cli import run_main
 
 TINY = ["--img_size", "32", "--workers", "0", "--batch_size", "32", "--print_freq", "2", "--lr", "0.1"]
@@ -78,12 +81,12 @@ def test_probe_end_to_end(world, tmp_path, data_name, extra, chance):
 def test_step_schedule_and_defaults_follow_the_reference(world, tmp_path):
     (tmp_path / "x.pth").write_bytes(b"not empty")
     args = probe.get_args_parser().parse_args(["--arch", "resnet50", "--pretrained", str(tmp_path / "x.pth")])
-    probe.check_args(args)
-    probe.resolve_batch(args, 1)
+    check_probe_args(args)
+    resolve_batch(args, 1)
     assert (args.lr_values, args.wd_values, args.momentum, args.nesterov, args.epochs, args.decay_epochs,
             args.seed) == ([0.01], [5e-4], 0.9, True, 28, [8, 16, 24], 31)
     assert args.use_bn and args.wd_skip_bn and args.headinit == "normal" and args.batch_size == 256
-    lrs = [probe.lr_at_epoch(e, 0.01, args) for e in (0, 7, 8, 15, 16, 24, 27)]
+    lrs = [probe_heads.lr_at_epoch(e, 0.01, args) for e in (0, 7, 8, 15, 16, 24, 27)]
     assert lrs == pytest.approx([0.01, 0.01, 0.001, 0.001, 1e-4, 1e-5, 1e-5])
     run_probe(world, tmp_path / "run", "--epochs", "3", "--decay_epochs", "1", "2")
     assert [m["lr"] for m in read_metrics(tmp_path / "run")] == pytest.approx([0.1, 0.01, 0.001])
@@ -115,7 +118,7 @@ def test_every_checkpoint_format_loads_the_same_weights(tmp_path, fmt):
 def test_frozen_backbones_stay_bit_identical(world, tmp_path, monkeypatch):
     encoders = []
 
-    class RecordingEncoder(probe.ConcatEncoder):
+    class RecordingEncoder(ConcatEncoder):
         def __init__(self, *a):
             super().__init__(*a)
             encoders.append(self)
@@ -136,7 +139,7 @@ def test_finetune_mode_trains_the_backbones(world, tmp_path):
 
 
 def test_cat_weights_head_init_averages_the_backbones_classifiers(world, tmp_path):
-    from models import ConcatEncoder, LinearHead
+    from models import ConcatEncoder
     paths = [str(tmp_path / "a.pth"), str(tmp_path / "b.pth")]
     states = [make_checkpoint(p, "resnet18", "raw", seed=s, num_classes=10) for s, p in enumerate(paths)]
     encoder = ConcatEncoder(["resnet18", "resnet18"], paths)
@@ -226,7 +229,7 @@ def test_tag_fills_backbones_from_the_tag_file(world, tmp_path):
 
 
 def test_shipped_tags_point_to_the_readme_layout():
-    with open(probe.DEFAULT_TAG_FILE) as f:
+    with open(DEFAULT_TAG_FILE) as f:
         tags = yaml.safe_load(f)
     sizes = {"supervisedimagenet_resnet50_sfadamw_2_step200k": ("checkpoints_step200", 2),
              "supervisedimagenet_resnet50_sfadamw_4_step100k": ("checkpoints_step100", 4),

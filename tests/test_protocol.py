@@ -11,19 +11,24 @@ import torchvision
 from torchvision import transforms as T
 
 import main_linear_probe as probe
+from arguments.linear_probe import resolve_batch
 from datasets import reference_sampler_seed, subset_fraction
 from datasets.cifar import ORDER_FILE, percent_subset, reference_order
 from datasets.transforms import build_transform
 from engine import CachedBatches
+from helpers import check_probe_args
 from models import LinearHead
+from models import heads as probe_heads
+from models.heads import build_optimizer, param_groups
 from util import log_lines
+from util.cli import UserError
 
 
 def args_for(tmp_path, *extra):
     ckpt = tmp_path / "x.pth"
     ckpt.write_bytes(b"placeholder")
     args = probe.get_args_parser().parse_args(["--arch", "resnet50", "--pretrained", str(ckpt), *extra])
-    probe.check_args(args)
+    check_probe_args(args)
     return args
 
 
@@ -60,23 +65,23 @@ def test_defaults_are_the_reference_protocol(tmp_path):
             args.decay_epochs, args.gamma, args.seed, args.use_bn, args.wd_skip_bn, args.headinit,
             args.scheduler_type) == ("fp32", "sgd", True, 0.9, [0.01], 28, [8, 16, 24], 0.1, 31, True, True,
                                      "normal", "step")
-    assert [probe.lr_at_epoch(e, 0.01, args) for e in (0, 8, 16, 24)] == pytest.approx([0.01, 1e-3, 1e-4, 1e-5])
+    assert [probe_heads.lr_at_epoch(e, 0.01, args) for e in (0, 8, 16, 24)] == pytest.approx([0.01, 1e-3, 1e-4, 1e-5])
     cosine = args_for(tmp_path, "--scheduler_type", "cosine", "--final_lr", "0.001", "--epochs", "10")
-    assert probe.lr_at_epoch(5, 0.01, cosine) == pytest.approx(0.001 + 0.009 * 0.5)
+    assert probe_heads.lr_at_epoch(5, 0.01, cosine) == pytest.approx(0.001 + 0.009 * 0.5)
 
 
 @pytest.mark.parametrize("data_name,world,per_process", [("cifar10", 1, 256), ("cifar100_10perc", 2, 128),
                                                         ("imagenet1k", 1, 32), ("inaturalist18", 4, 8)])
 def test_reference_batch_is_global_and_split_across_processes(tmp_path, data_name, world, per_process):
     args = args_for(tmp_path, "--data_name", data_name)
-    probe.resolve_batch(args, world)
+    resolve_batch(args, world)
     assert (args.batch_size, args.global_batch, args.batch_semantics) == (per_process, per_process * world, "global")
     assert args.sync_bn == (world > 1)
     given = args_for(tmp_path, "--data_name", data_name, "--batch_size", "64")
-    probe.resolve_batch(given, world)
+    resolve_batch(given, world)
     assert (given.batch_size, given.global_batch) == (64, 64 * world)
-    with pytest.raises(probe.UserError, match="does not split"):
-        probe.resolve_batch(args_for(tmp_path, "--data_name", data_name), 3)
+    with pytest.raises(UserError, match="does not split"):
+        resolve_batch(args_for(tmp_path, "--data_name", data_name), 3)
 
 
 def test_head_init_and_bn():
@@ -97,8 +102,8 @@ def test_optimizer_groups_follow_the_bn_name_rule(tmp_path):
     args = args_for(tmp_path, "--exp_mode", "finetune", "--wd", "1e-3", "--lr_last_layer", "0.5")
     encoder = torch.nn.Module()
     encoder.net = torchvision.models.resnet18()
-    heads = probe.build_heads([512], 10, probe.head_combos(args), [], args, 1)
-    optimizer = probe.build_optimizer(probe.param_groups(heads, encoder, probe.head_combos(args), args), args)
+    heads = probe_heads.build_heads([512], 10, probe_heads.head_specs(args), [], args, 1)
+    optimizer = build_optimizer(param_groups(heads, encoder, probe_heads.head_specs(args), args), args)
     assert optimizer.defaults["weight_decay"] == 0 and optimizer.defaults["nesterov"]
     head = groups_by_name(heads[0], optimizer)
     assert head["bn.weight"] == (0.0, 0.01) and head["linear.weight"] == (1e-3, 0.5) == head["linear.bias"]
@@ -110,22 +115,22 @@ def test_optimizer_groups_follow_the_bn_name_rule(tmp_path):
     assert backbone["net.conv1.weight"] == (1e-3, 0.5) and backbone["net.fc.weight"] == (1e-3, 0.5)
     # without --lr_last_layer every group has --lr
     args = args_for(tmp_path, "--exp_mode", "finetune", "--wd", "1e-3")
-    optimizer = probe.build_optimizer(probe.param_groups(heads, encoder, probe.head_combos(args), args), args)
+    optimizer = build_optimizer(param_groups(heads, encoder, probe_heads.head_specs(args), args), args)
     assert groups_by_name(encoder, optimizer)["net.conv1.weight"] == (1e-3, 0.01)
 
 
 def test_optimizer_variants(tmp_path):
     def build(*extra):
         args = args_for(tmp_path, *extra)
-        heads = probe.build_heads([8], 3, probe.head_combos(args), [], args, 1)
-        return probe.build_optimizer(probe.param_groups(heads, None, probe.head_combos(args), args), args)
+        heads = probe_heads.build_heads([8], 3, probe_heads.head_specs(args), [], args, 1)
+        return build_optimizer(param_groups(heads, None, probe_heads.head_specs(args), args), args)
     assert build("--optimizer", "adam").defaults["betas"] == (0.9, 0.99)
     assert build("--optimizer", "adam", "--beta2", "0.95", "--momentum", "0.8").defaults["betas"] == (0.8, 0.95)
     sf = build("--optimizer", "schedulefree_adamw")
     assert sf.defaults["betas"] == (0.9, 0.999)
     alias = args_for(tmp_path, "--optimizer", "sfadamw")
     assert alias.scheduler_type == "step" and alias.optimizer == "schedulefree_adamw"  # the schedule still applies
-    with pytest.raises(probe.UserError, match="--nesterov is for --optimizer sgd"):
+    with pytest.raises(UserError, match="--nesterov is for --optimizer sgd"):
         args_for(tmp_path, "--optimizer", "adam", "--nesterov", "True")
 
 

@@ -16,6 +16,7 @@ import pytest
 from arguments import linear_probe as probe_args
 from arguments import pretrain as pretrain_args
 from helpers import make_checkpoint, make_cifar, make_imagenet
+from timecat import resolve_backbones
 from tools import download, submit
 from util import layout, sweeps
 
@@ -187,7 +188,6 @@ def test_pretraining_writes_under_the_checkpoint_root(tmp_path):
 def test_download_places_the_release_where_the_probe_tags_look(tmp_path, monkeypatch, capsys):
     from test_download import make_archive
 
-    import main_linear_probe
     archive = tmp_path / "release.tar.gz"
     archive.write_bytes(make_archive())
     root = tmp_path / "my ckpts"
@@ -196,7 +196,7 @@ def test_download_places_the_release_where_the_probe_tags_look(tmp_path, monkeyp
     out = capsys.readouterr().out
     assert "Tags complete (8/8)" in out and f"under {root}" in out, out
     args = probe_args.get_args_parser().parse_args(["--tag", "supervisedimagenet_resnet50_sfadamw_5_step80k"])
-    main_linear_probe.resolve_backbones(args)
+    resolve_backbones(args)
     assert args.pretrained[4] == str(root / "supervised_pretrain" / "resnet50_sfadamw" / "checkpoints_step80"
                                      / "checkpoint_run4.pth.tar")
     assert all(os.path.isfile(p) for p in args.pretrained)

@@ -11,7 +11,7 @@ import time
 import main_linear_probe as probe
 import main_pretrain as pretrain
 from driver import ENV, assert_probe_matches, pretrain_argv, probe_argv, read, user_error
-from helpers import ROOT
+from helpers import ROOT, check_probe_args
 
 
 def test_second_probe_on_a_busy_folder_is_refused(world, probe_reference, tmp_path, capsys):
@@ -57,7 +57,7 @@ def test_a_run_waits_for_another_computing_the_same_cache_entry(world, tmp_path)
     from feature_cache import entry_key
     argv = probe_argv(world, tmp_path / "run", "--epochs", "1", "--feature_cache", str(tmp_path / "cache"))
     args = probe.get_args_parser().parse_args(argv)
-    probe.check_args(args)
+    check_probe_args(args)
     digest = hashlib.sha256(json.dumps(entry_key(args, "train", -1, 200), sort_keys=True).encode())
     entry = tmp_path / "cache" / digest.hexdigest()[:20]
     entry.mkdir(parents=True)
