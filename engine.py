@@ -7,11 +7,14 @@ when fine-tuning (ImageBatches). A model maps inputs to a list of logits, one pe
 """
 import math
 import time
+from dataclasses import dataclass
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from analysis.knn import knn_log_line
 from models.heads import block_spans
 from util import log_lines
 from util.cli import UserError
@@ -363,18 +366,21 @@ def cat_validate(head, batches, spans, device):
     return [totals[i] / count * (1 if i % 3 == 0 else 100.0) for i in range(3 * len(spans))]
 
 
-def log_diagnostics(custom_eval_func, head, subset, encoder, test_source, logger, precision):
+def log_diagnostics(custom_eval_func, head, encoder, test_source, precision):
     """--custom_eval_func, after each evaluation, with the original's names and line format; a subset head's are
-    over its own backbones."""
+    over its own backbones. head: a Head record."""
     dims = [net.out_dim for net in encoder.backbones]
+    subset = head.spec.subset
     spans = block_spans([dims[i] for i in subset] if subset is not None else dims)
-    head.eval()
+    module = head.module
+    module.eval()
     if "feature_importance" in custom_eval_func:
-        logger.info(log_lines.diagnostic_line("feature_importance", feature_importance(head, spans)))
+        head.logger.info(log_lines.diagnostic_line("feature_importance", feature_importance(module, spans)))
     if "cat_validate_network" in custom_eval_func:
-        batches = ((head.select(x), y) for x, y in feature_batches(test_source, encoder, precision))
-        device = next(head.parameters()).device
-        logger.info(log_lines.diagnostic_line("cat_validate_network", cat_validate(head, batches, spans, device)))
+        batches = ((module.select(x), y) for x, y in feature_batches(test_source, encoder, precision))
+        device = next(module.parameters()).device
+        scores = cat_validate(module, batches, spans, device)
+        head.logger.info(log_lines.diagnostic_line("cat_validate_network", scores))
 
 
 class Classifier(torch.nn.Module):
@@ -390,3 +396,82 @@ class Classifier(torch.nn.Module):
             features = self.encoder(images)
         with torch.autocast(images.device.type, enabled=False):
             return self.heads(features.float())
+
+
+# ---------------------------------------------------------------- one record per head
+class Selection(NamedTuple):
+    """The epoch a head's validation accuracy selects, with its validation and test top-1."""
+    epoch: int
+    val_top1: float
+    test_top1: float
+
+
+@dataclass
+class Head:
+    """One head of the run: its spec (models.heads.HeadSpec: lr, wd, name, subset), its module (a LinearHead of the
+    MultiHead), its folder and log, its bests, validation's Selection and its --knn result."""
+    spec: object
+    folder: str
+    logger: object = None
+    module: object = None
+    best_test: float = -1.0  # below 0, so a head that never rises above 0% still writes best.pth.tar
+    best_val: float = -1.0
+    selected: Optional[Selection] = None  # None until a validation split has scored
+    knn: object = None  # analysis.knn.KnnResult (--knn, rank 0)
+    improved: bool = False  # whether the last epoch beat best_test (its best.pth.tar is written)
+
+    def update(self, epoch, test, val):
+        """The epoch's test (and validation) scores into the bests and validation's selection."""
+        self.improved = test["top1"] > self.best_test
+        self.best_test = max(self.best_test, test["top1"])
+        if val is not None and val["top1"] > self.best_val:
+            self.best_val, self.selected = val["top1"], Selection(epoch, val["top1"], test["top1"])
+
+
+def heads_state(heads, next_epoch):
+    """The checkpoint's progress entries, resuming at next_epoch: lists indexed by head as checkpoint.pth.tar has
+    always held them (plain tuples: a checkpoint loads with weights_only)."""
+    return {"epoch": next_epoch, "best_test": [h.best_test for h in heads], "best_val": [h.best_val for h in heads],
+            "selected": [None if h.selected is None else tuple(h.selected) for h in heads]}
+
+
+def load_heads_state(heads, state):
+    """heads_state's entries back into the heads; returns the epoch to resume at."""
+    for h, head in enumerate(heads):
+        selected = state["selected"][h]
+        head.best_test, head.best_val = state["best_test"][h], state["best_val"][h]
+        head.selected = None if selected is None else Selection(*selected)
+    return state["epoch"]
+
+
+def unreadable_note(stats):
+    return f" ({stats['skipped']} unreadable skipped)" if stats["skipped"] else ""
+
+
+def log_head_epoch(head, test, val, test_count, val_count, extra_lines):
+    """A head's lines of the epoch after the diagnostics, in the original's order: Test (with its best), kNN, the
+    opt-in Acc@5 line (extra_lines: --extra_log_lines or --skip_bad_images), Val."""
+    head.logger.info(log_lines.test_line(test["loss"], test["top1"], head.best_test))
+    if head.knn is not None:
+        head.logger.info(knn_log_line(head.knn))
+    if extra_lines:  # lines the original does not write: opt-in
+        head.logger.info(f"Test: Acc@5 {test['top5']:.3f} over {test_count - test['skipped']} images"
+                         + unreadable_note(test))
+    if val is not None:
+        head.logger.info(f"Val: Loss {val['loss']:.4f} Acc@1 {val['top1']:.3f} Best Val Acc@1 so far "
+                         f"{head.best_val:.2f} over {val_count - val['skipped']} held-out training images"
+                         + unreadable_note(val))
+
+
+def epoch_record(epoch, train, test, val, knn, extra):
+    """A head's line of metrics.jsonl: train (loss, top-1), engine.evaluate's test and val (or None) dicts, its kNN
+    result (or None); extra: lr, seconds and, with --skip_bad_images, train_skipped (None: left out)."""
+    record = {"epoch": epoch, "train_loss": train[0], "train_top1": train[1], "test_loss": test["loss"],
+              "test_top1": test["top1"], "test_top5": test["top5"], "lr": extra["lr"], "seconds": extra["seconds"]}
+    if knn is not None:
+        record.update(knn_top1=knn.top1, knn_top5=knn.top5, knn_k=knn.k)
+    if val is not None:
+        record.update(val_loss=val["loss"], val_top1=val["top1"])
+    if extra.get("train_skipped") is not None:
+        record.update(train_skipped=extra["train_skipped"], test_skipped=test["skipped"])
+    return record

@@ -40,7 +40,7 @@ def resume_path_of(dump_path):
 
 
 def metrics_path_of(dump_path):
-    return os.path.join(dump_path, "metrics.jsonl")
+    return os.path.join(dump_path, layout.METRICS)
 
 
 # ---------------------------------------------------------------- data order

@@ -260,7 +260,7 @@ def check_previous_run(args, resume_path):
     if os.path.exists(resume_path):
         check_same_recipe(load_file(resume_path, "resume state")["args"], args, resume_path)
         return
-    args_json = os.path.join(args.dump_path, "args.json")
+    args_json = os.path.join(args.dump_path, layout.ARGS_JSON)
     if os.path.exists(args_json):
         with open(args_json) as f:
             check_same_recipe(json.load(f), args, args_json)
@@ -416,7 +416,7 @@ def resume_or_start(args, model, optimizer, dist_info, logger):
             if os.path.exists(stale):
                 os.remove(stale)
     if dist_info.is_main:
-        write_json_atomic(vars(args), os.path.join(args.dump_path, "args.json"))
+        write_json_atomic(vars(args), os.path.join(args.dump_path, layout.ARGS_JSON))
     return start
 
 

@@ -265,10 +265,10 @@ def param_groups(heads, encoder, specs, args):
     parameter without 'bn' in its name joins the head's group), else --lr."""
     groups = []
     for h, (head, spec) in enumerate(zip(heads, specs)):
-        groups += named_groups(head.named_parameters(), spec.lr, spec.wd, h, args.wd_skip_bn,
+        groups += named_groups(head.named_parameters(), h, (spec.lr, spec.wd), args.wd_skip_bn,
                                linear_lr=args.lr_last_layer or spec.lr)
     if args.exp_mode == "finetune":
-        groups += named_groups(encoder.named_parameters(), specs[0].lr, specs[0].wd, 0, args.wd_skip_bn,
+        groups += named_groups(encoder.named_parameters(), 0, (specs[0].lr, specs[0].wd), args.wd_skip_bn,
                                linear_lr=args.lr_last_layer, all_linear=True)
     return merge_equal_groups(groups) if args.head_impl == "fused" else groups
 
@@ -287,9 +287,11 @@ def merge_equal_groups(groups):
     return list(merged.values())
 
 
-def named_groups(named_parameters, lr, wd, head, wd_skip_bn, linear_lr=None, all_linear=False):
+def named_groups(named_parameters, head, lr_wd, wd_skip_bn, linear_lr=None, all_linear=False):
     """Non-empty groups 'bn' (decay 0 with --wd_skip_bn), 'linear' (a head's Linear; with all_linear, every
-    parameter without 'bn' in its name, the original's rule for the backbones) and 'other'."""
+    parameter without 'bn' in its name, the original's rule for the backbones) and 'other', of head number `head`
+    at (lr, weight decay) lr_wd."""
+    lr, wd = lr_wd
     parts = {"linear": [], "other": [], "bn": []}  # a head's first group holds its Linear: its lr is logged
     for name, param in named_parameters:
         is_linear = (all_linear or name.startswith("linear.")) and linear_lr
@@ -319,13 +321,15 @@ def lr_at_epoch(epoch, base_lr, args):
     and the update match the original's."""
     if args.scheduler_type not in ("step", "cosine"):
         return base_lr
-    return _scheduled_lr(epoch, base_lr, args.scheduler_type, tuple(args.decay_epochs), args.gamma, args.epochs,
-                         args.final_lr)
+    return _scheduled_lr(epoch, base_lr, (args.scheduler_type, tuple(args.decay_epochs), args.gamma, args.epochs,
+                                          args.final_lr))
 
 
 @functools.lru_cache(maxsize=4096)
-def _scheduled_lr(epoch, base_lr, kind, decay_epochs, gamma, epochs, final_lr):
-    """torch's own scheduler on a one-parameter optimizer, stepped `epoch` times."""
+def _scheduled_lr(epoch, base_lr, schedule):
+    """torch's own scheduler on a one-parameter optimizer, stepped `epoch` times; schedule: (kind, decay epochs,
+    gamma, epochs, final lr)."""
+    kind, decay_epochs, gamma, epochs, final_lr = schedule
     optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=base_lr)
     if kind == "step":
         scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, list(decay_epochs), gamma=gamma)

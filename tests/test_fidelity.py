@@ -14,6 +14,7 @@ from arguments.linear_probe import resolve_batch
 from datasets.cifar import ORDER_FILE
 from helpers import check_probe_args
 from models import heads as probe_heads
+from probe_setup import build_probe_data, build_probe_model
 from util.cli import UserError
 from util.distributed import DistInfo
 
@@ -76,11 +77,10 @@ def probe_first_batch(tmp_path, monkeypatch, argv, epoch=0):
                                                str(tmp_path / "run"), *argv])
     check_probe_args(args)
     resolve_batch(args, 1)
-    run = type("Run", (), {"args": args, "dist": DistInfo(), "logger": logging.getLogger("test_fidelity")})()
-    data = probe.build_probe_data(run)
+    data = build_probe_data(args, DistInfo(), logging.getLogger("test_fidelity"))
     data.train_sampler.set_epoch(epoch)
     positions = list(data.train_sampler)[:args.batch_size]
-    return [raw_index(data.splits.train_aug, p) for p in positions], data
+    return [raw_index(data.train_aug, p) for p in positions], data
 
 
 @pytest.mark.parametrize("data_name,percent,rate", [("cifar10", 100, 1.0), ("cifar10", 100, 0.1),
@@ -258,9 +258,8 @@ def test_concatenated_features_start_with_the_first_backbones_own_output(tmp_pat
         states[arch] = make_checkpoint(str(tmp_path / f"{arch}.pth"), arch, "raw", seed=len(arch))
     args = probe_args(tmp_path, "--arch", "resnet18", "resnet50", "--pretrained", str(tmp_path / "resnet18.pth"),
                       str(tmp_path / "resnet50.pth"))
-    run = type("Run", (), {"args": args, "dist": DistInfo(), "combos": probe_heads.head_specs(args),
-                           "logger": logging.getLogger("test_fidelity")})()
-    encoder = probe.build_probe_model(run, 10).encoder
+    encoder = build_probe_model(args, DistInfo(), probe_heads.head_specs(args), 10,
+                                logging.getLogger("test_fidelity")).encoder
     images = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         features = encoder(images)

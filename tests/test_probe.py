@@ -12,6 +12,7 @@ import torch
 import yaml
 
 import main_linear_probe as probe
+import probe_setup
 from arguments.linear_probe import DEFAULT_TAG_FILE, resolve_batch
 from helpers import ROOT, check_probe_args, make_checkpoint, make_cifar, make_imagenet, make_inat, run_script
 from models import ConcatEncoder, LinearHead
@@ -123,7 +124,7 @@ def test_frozen_backbones_stay_bit_identical(world, tmp_path, monkeypatch):
             super().__init__(*a)
             encoders.append(self)
 
-    monkeypatch.setattr(probe, "ConcatEncoder", RecordingEncoder)
+    monkeypatch.setattr(probe_setup, "ConcatEncoder", RecordingEncoder)  # the model builder's encoder
     run_probe(world, tmp_path, "--epochs", "2")
     after = encoders[0].backbones[0].state_dict()
     reference = world["state_a"]

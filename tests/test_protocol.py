@@ -20,6 +20,7 @@ from helpers import check_probe_args
 from models import LinearHead
 from models import heads as probe_heads
 from models.heads import build_optimizer, param_groups
+from probe_setup import drop_single_sample_batch
 from util import log_lines
 from util.cli import UserError
 
@@ -153,15 +154,15 @@ def test_data_rate_and_sampler_seed_are_the_reference_rules():
 def test_last_incomplete_batch_is_kept(tmp_path):
     args = args_for(tmp_path, "--batch_size", "256")
     features, labels = torch.zeros(50000, 2), torch.zeros(50000, dtype=torch.long)
-    drop = probe.drop_single_sample_batch(50000, args, 1, None)
+    drop = drop_single_sample_batch(50000, args, 1, None)
     batches = CachedBatches([features], labels, range(50000), 256, "cpu", drop)
     assert not drop and len(batches) == 196 and len(list(batches)[-1][1]) == 80
 
     class Log:
         lines = []
         info = lines.append
-    assert probe.drop_single_sample_batch(257, args, 1, Log) and "dropped" in Log.lines[0]
-    assert not probe.drop_single_sample_batch(257, args_for(tmp_path, "--batch_size", "256", "--use_bn", "False"),
+    assert drop_single_sample_batch(257, args, 1, Log) and "dropped" in Log.lines[0]
+    assert not drop_single_sample_batch(257, args_for(tmp_path, "--batch_size", "256", "--use_bn", "False"),
                                               1, Log)
 
 

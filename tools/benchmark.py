@@ -29,6 +29,7 @@ CPU_RUNTIME = configure_cpu_runtime()  # before torch: OpenMP reads its settings
 # so that --help answers without loading them
 from arguments import pretrain as pretrain_args  # noqa: E402  (after configure_cpu_runtime, on purpose)
 from tools.bench_common import machine_description, record, synchronize, timed_probe  # noqa: E402, F401
+from util import layout  # noqa: E402
 from util.cli import ArgumentParser, UserError, run_main  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -277,7 +278,7 @@ def bench_cache_and_sweep(args, work, common, arch, size, n_train, n_test):
     separate = sum(timed_probe(sweep_common + ["--wd", wd, "--dump_path", os.path.join(work, f"wd{wd}")])[0]
                    for wd in wds)
     together = timed_probe(sweep_common + ["--wd", *wds, "--dump_path", os.path.join(work, "sweep")],
-                           log_name="sweep.log")[0]
+                           log_name=layout.SWEEP_LOG)[0]
     print(f"sweep of K={k} ({sweep_epochs} epochs each): {k} runs {separate:.1f} s, one {k}-head run "
           f"{together:.1f} s -> {separate / together:.1f}x (target {0.8 * k:.1f}x)")
     if not args.no_record:

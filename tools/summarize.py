@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from tools import catn_curve
 from util import layout, paper
 from util.cli import ArgumentParser, UserError, run_main
-from util.log_lines import FINAL_RE, parse_tests, training_epochs  # the owner of the log formats
+from util.log_lines import FINAL_RE, parse_selected, parse_tests, training_epochs  # the log formats' owner
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # table columns: dataset -> header, in the README's order; other datasets follow under their own name
@@ -34,7 +34,6 @@ ALIASES = {"imagenet": "imagenet1k", "in1k": "imagenet1k", "inat": "inaturalist1
            "inaturalist": "inaturalist18"}
 STANDARD_CONFIGS = [(1, "full"), (2, "200"), (4, "100"), (5, "80")]
 FULL_STEPS_K = 450  # checkpoints_stepfull: the 450k-step runs
-SELECTED_RE = re.compile(r"Selected on validation:(.*)")
 TAIL_BYTES = 1 << 20
 
 
@@ -134,15 +133,15 @@ def read_metrics(path, run):
         except ValueError:
             bad += 1
     if bad:
-        run.notes.append(f"metrics.jsonl: {bad} unreadable line(s) skipped")
+        run.notes.append(f"{layout.METRICS}: {bad} unreadable line(s) skipped")
     return [r for r in records if isinstance(r.get("test_top1"), (int, float))]
 
 
 def read_log(run_dir, run, have_metrics):
     """Finished flag, final accuracy, held-out selection and last epoch from train.log."""
-    path = os.path.join(run_dir, "train.log")
+    path = os.path.join(run_dir, layout.PROBE_LOG)
     if not os.path.isfile(path):
-        run.notes.append("no train.log")
+        run.notes.append(f"no {layout.PROBE_LOG}")
         return None, []
     # the end of the log says whether the run finished; the whole log is read only for its Test: lines
     text = read_text(path, tail=TAIL_BYTES if have_metrics else None)
@@ -156,13 +155,9 @@ def read_log(run_dir, run, have_metrics):
     if finals and not (epochs and epochs[-1][1] > finals[-1].start()):
         run.finished = True
         final = float(finals[-1].group(1))
-        selected = [m.group(1) for m in SELECTED_RE.finditer(text)]
+        selected = parse_selected(text)
         if selected:
-            test = re.search(r"test Acc@1\s+([\d.]+)", selected[-1])
-            val = re.search(r"val\w* Acc@1\s+([\d.]+)", selected[-1])
-            if test:
-                run.heldout, run.top1 = True, float(test.group(1))
-                run.val_top1 = float(val.group(1)) if val else None
+            run.heldout, (run.val_top1, run.top1) = True, selected
     tests = [top1 for _, top1, _ in parse_tests(text)]
     return final, tests
 
@@ -170,7 +165,7 @@ def read_log(run_dir, run, have_metrics):
 def read_args(run_dir, root, run):
     """args.json of the run, or of its parent (several heads of one run live in subfolders)."""
     for folder in (run_dir, os.path.dirname(run_dir)):
-        path = os.path.join(folder, "args.json")
+        path = os.path.join(folder, layout.ARGS_JSON)
         if os.path.isfile(path) and os.path.abspath(folder).startswith(os.path.abspath(root)):
             try:
                 args = json.loads(read_text(path))
@@ -235,7 +230,7 @@ def identify(run, args):
 def read_run(run_dir, root):
     run = Run(os.path.relpath(run_dir, root))
     identify(run, read_args(run_dir, root, run))
-    metrics_path = os.path.join(run_dir, "metrics.jsonl")
+    metrics_path = os.path.join(run_dir, layout.METRICS)
     metrics = read_metrics(metrics_path, run) if os.path.isfile(metrics_path) else []
     final, tests = read_log(run_dir, run, bool(metrics))
     if metrics and run.last_epoch is None:  # train.log names the epoch in progress, metrics.jsonl the last done
@@ -250,7 +245,7 @@ def find_runs(root):
     runs = []
     for dirpath, dirs, files in os.walk(root):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        if "train.log" in files or "metrics.jsonl" in files:
+        if layout.PROBE_LOG in files or layout.METRICS in files:
             runs.append(read_run(dirpath, root))
     return runs
 

@@ -23,10 +23,24 @@ DATA_ENV = "TIMECAT_DATA"  # default of every --data_path
 CHECKPOINTS_ENV = "TIMECAT_CHECKPOINTS"  # default of every --checkpoint_root
 TAG_FILE = os.path.join("configs", "pretrained_checkpoints.yaml")  # the tags (--tag, load_encoder), same root
 FULL = "full"
+# The probe's run folder (--dump_path). One head writes its log, metrics and best head here; a sweep's heads each
+# write theirs to <dump_path>/<head name>/ and the run logs to sweep.log. Written by main_linear_probe.py, read by
+# tools/summarize.py, tools/analyze_features.py and the tests.
+PROBE_LOG = "train.log"  # also pretraining's log (util.logs.create_logger's default)
+SWEEP_LOG = "sweep.log"
+PROBE_CHECKPOINT = "checkpoint.pth.tar"  # the last epoch's state: every head, the optimizer, the bests (resume)
+BEST_HEAD = "best.pth.tar"  # a head at its best test top-1 (--mode eval_only --eval_checkpoint best)
+METRICS = "metrics.jsonl"  # one record per evaluation (probe: per epoch; pretraining: per evaluation step)
+ARGS_JSON = "args.json"  # the run's arguments (a sweep's head: with its own lr and wd)
 # checkpoints_stepfull / checkpoints_step80 / checkpoints_step60steps (ours, README) and checkpoints_full /
 # checkpoints_80k (the release archive)
 STEP_FOLDER_RE = re.compile(r"^checkpoints_(?:step)?(full|\d+steps|\d+)k?$")
 RUN_FILE_RE = re.compile(r"^checkpoint_run(\d+)\.pth(?:\.tar)?$")
+
+
+def probe_epoch_checkpoint(epoch):
+    """--save_freq's copy of the run checkpoint after `epoch` epochs (the reference's name)."""
+    return f"checkpoint_epoch{epoch}.pth.tar"
 
 
 def run_dir_name(arch, optimizer):

@@ -27,6 +27,7 @@ TEST_RE = re.compile(r"Test:" + _SEP + r"Loss (\S+)" + _SEP + r"Acc@1 ([\d.]+)" 
                      + r"Best Acc@1 so far ([\d.]+)")
 FINAL_RE = re.compile(r"Top-1 test accuracy:\s*([\d.]+)")
 # `--custom_eval_func` diagnostics: "feature_importance: 0.0123,0.0456"
+SELECTED_RE = re.compile(r"Selected on validation:(.*)")
 DIAGNOSTIC_RE = re.compile(r"(feature_importance|cat_validate_network): ([-\d.,naif]+)")
 
 
@@ -74,6 +75,13 @@ def final_message(top1):
     return f"{FINAL_HEADER}\n{final_line(top1)}"
 
 
+def selected_line(epoch, val_top1, test_top1, head=None):
+    """The epoch validation selects (--val_split; in a sweep's log: the head and its epoch), with its validation
+    and test top-1; tools/summarize.py reads it (parse_selected)."""
+    where = f"{head} " if head else ""
+    return f"Selected on validation: {where}epoch {epoch} val Acc@1 {val_top1:.2f} test Acc@1 {test_top1:.2f}"
+
+
 def diagnostic_line(name, values):
     """A `--custom_eval_func` line: the name, then the values with 4 decimals, comma-separated."""
     return f"{name}: " + ",".join(f"{v:.4f}" for v in values)
@@ -118,3 +126,15 @@ def training_epochs(text):
     evaluation = {m.start() for m in EVAL_ITERATION_RE.finditer(text)}
     found = [(int(m.group(1)), m.start()) for m in EPOCH_RE.finditer(text) if m.start() not in evaluation]
     return sorted(found + [(int(m.group(1)), m.start()) for m in BANNER_RE.finditer(text)], key=lambda e: e[1])
+
+
+def parse_selected(text):
+    """(val top-1 or None, test top-1) of the last `Selected on validation` line of a log, or None."""
+    found = SELECTED_RE.findall(text)
+    if not found:
+        return None
+    test = re.search(r"test Acc@1\s+([\d.]+)", found[-1])
+    val = re.search(r"val\w* Acc@1\s+([\d.]+)", found[-1])
+    if not test:
+        return None
+    return (float(val.group(1)) if val else None), float(test.group(1))

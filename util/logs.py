@@ -10,7 +10,7 @@ import time
 
 import torch
 
-from util import log_lines
+from util import layout, log_lines
 from util.cli import UserError
 from util.distributed import broadcast_object
 from util.misc import git_revision, lock_file
@@ -28,7 +28,7 @@ class _ElapsedFormatter(logging.Formatter):
                                        record.getMessage())
 
 
-def create_logger(dump_path, rank, filename="train.log", console=True):
+def create_logger(dump_path, rank, filename=layout.PROBE_LOG, console=True):
     """A logger writing to dump_path/filename (train.log; train.log-{rank} on other ranks) and, on rank 0
     with console=True, to stdout."""
     logger = logging.getLogger(f"timecat.{os.path.abspath(os.path.join(dump_path, filename))}.{rank}")

@@ -1,0 +1,220 @@
+"""What a probe builds before its first epoch, from its checked flags: the data (splits and the seeded order they
+are read in), the model (frozen encoder, heads, what trains) and a batch source per split (features on the fly, the
+feature cache, or images when fine-tuning). main_linear_probe.probe() calls the three builders in order."""
+from typing import NamedTuple
+
+import torch
+import torch.nn as nn
+
+from datasets import (
+    WithTransform,
+    build_dataset,
+    dataset_targets,
+    family_of,
+    image_loader,
+    reference_sampler_seed,
+    stratified_subset,
+    subset_fraction,
+)
+from datasets.transforms import build_transform, crop_size, pipeline_of
+from engine import CachedBatches, Classifier, EncodedBatches, ImageBatches, ShardSampler, compile_module
+from feature_cache import load_or_build
+from models import ConcatEncoder
+from models.heads import build_heads
+from timecat import backbones_recipe
+from util.cli import UserError
+from util.distributed import barrier
+from util.logs import use_progress_bar
+
+
+# ---------------------------------------------------------------- data
+class PositionSampler(torch.utils.data.Sampler):
+    """DistributedSampler over the training positions (seeded shuffle, set_epoch), yielding the positions."""
+
+    def __init__(self, positions, dist_info, seed):
+        self.positions = positions
+        self.inner = torch.utils.data.DistributedSampler(positions, num_replicas=dist_info.world_size,
+                                                         rank=dist_info.rank, shuffle=True, seed=seed)
+
+    def set_epoch(self, epoch):
+        self.inner.set_epoch(epoch)
+
+    def __iter__(self):
+        return (self.positions[i] for i in self.inner)
+
+    def __len__(self):
+        return len(self.inner)
+
+
+class ProbeData(NamedTuple):
+    """The probe's data: training images augmented and with the test transform, the test set, the seeded positions
+    of the training set used for training and for held-out validation (--data_rate, --val_split), and the order
+    they are read in: the training sampler (reseeded every epoch), the generator of the loader's workers and of the
+    cached views' draws, and whether a last batch of one sample is dropped."""
+    train_aug: object
+    train_plain: object
+    test_set: object
+    train_positions: list
+    val_positions: list
+    num_classes: int
+    train_sampler: PositionSampler
+    val_sampler: ShardSampler
+    test_sampler: ShardSampler
+    generator: torch.Generator
+    drop_last: bool
+
+
+def build_probe_data(args, dist_info, logger):
+    """The splits, their samplers, and the check that BatchNorm sees 2 samples or more per batch."""
+    family, world = family_of(args.data_name), dist_info.world_size
+    if dist_info.is_main:  # one process downloads, the others wait
+        train_base, num_classes = build_dataset(args.data_name, args.data_path, "train", args.download,
+                                                args.decoder, args.fast_transforms)
+    barrier()
+    if not dist_info.is_main:
+        train_base, num_classes = build_dataset(args.data_name, args.data_path, "train", False, args.decoder,
+                                                args.fast_transforms)
+    test_base, _ = build_dataset(args.data_name, args.data_path, "test", False, args.decoder, args.fast_transforms)
+    kept = subset_fraction(len(train_base), args.data_rate, args.seed)
+    train_base = torch.utils.data.Subset(train_base, kept)
+    recipe = backbones_recipe(args.data_name, args.arch, args.allow_mixed_transforms)
+    pipeline = pipeline_of(args.decoder, args.fast_transforms)
+
+    def transformed(dataset, train):
+        return WithTransform(dataset, build_transform(family, args.tf_name, train, args.img_size, pipeline, recipe))
+
+    train_aug, train_plain, test_set = transformed(train_base, True), transformed(train_base, False), \
+        transformed(test_base, False)
+    val_positions = []
+    if args.val_split:
+        val_positions = stratified_subset(dataset_targets(train_base), args.val_split, args.seed)
+    held_out = set(val_positions)
+    train_positions = [i for i in range(len(train_base)) if i not in held_out]
+    logger.info(f"data: {args.data_name}, {len(train_positions)} train / {len(val_positions)} validation / "
+                f"{len(test_set)} test images, {num_classes} classes")
+    train_sampler = PositionSampler(train_positions, dist_info, reference_sampler_seed(args.seed))
+    drop_last = drop_single_sample_batch(len(train_sampler), args, world, logger)
+    per_batch = min(args.batch_size, len(train_sampler)) * (world if args.sync_bn else 1)
+    if (args.use_bn or args.exp_mode == "finetune") and per_batch < 2:
+        raise UserError(f"BatchNorm needs 2 samples or more per training batch; this run has {per_batch} "
+                        f"(--batch_size {args.batch_size}, {len(train_sampler)} training images per process): "
+                        f"raise them, or train the head with --no-use_bn")
+    return ProbeData(train_aug, train_plain, test_set, train_positions, val_positions, num_classes, train_sampler,
+                     ShardSampler(len(val_positions), dist_info.rank, world),
+                     ShardSampler(len(test_set), dist_info.rank, world), torch.Generator(), drop_last)
+
+
+def drop_single_sample_batch(per_process, args, world, logger):
+    """The reference keeps the last incomplete batch; only a trailing batch of one sample meeting a BatchNorm that
+    sees it alone (training-mode BatchNorm cannot normalise a single sample) is dropped, and the log says so."""
+    has_bn = args.use_bn or args.exp_mode == "finetune"
+    alone = world == 1 or not args.sync_bn
+    single = per_process > args.batch_size and per_process % args.batch_size == 1
+    if has_bn and alone and single:
+        logger.info(f"the last training batch of each epoch holds 1 sample per process and is dropped "
+                    f"(BatchNorm cannot train on a single sample); {per_process - 1} of {per_process} are used")
+        return True
+    return False
+
+
+# ---------------------------------------------------------------- model
+class ProbeModel(NamedTuple):
+    encoder: nn.Module  # the concatenated backbones (frozen unless fine-tuning)
+    heads: nn.Module  # models.MultiHead: one LinearHead per HeadSpec
+    trained: nn.Module  # what the optimizer trains: the heads, or encoder + heads (DDP-wrapped with processes)
+    eval_model: nn.Module  # what evaluation runs on its batch source's inputs
+    finetune: bool
+
+
+def build_probe_model(args, dist_info, specs, num_classes, logger):
+    """The encoder and one head per HeadSpec; only what trains is wrapped in DDP."""
+    device = dist_info.device
+    crop = crop_size(family_of(args.data_name), args.tf_name, args.img_size,
+                     backbones_recipe(args.data_name, args.arch, args.allow_mixed_transforms))
+    encoder = ConcatEncoder(args.arch, args.pretrained, crop).to(device).to(memory_format=torch.channels_last)
+    finetune = args.exp_mode == "finetune"
+    if not finetune:
+        encoder.freeze()
+        if args.compile:  # the frozen forward only: a fine-tuned encoder's checkpoint keeps its plain keys
+            encoder = compile_module(encoder, device)
+    heads = build_heads([net.out_dim for net in encoder.backbones], num_classes, specs, encoder.classifiers,
+                        args, dist_info.world_size)
+    if args.sync_bn and dist_info.distributed and finetune:  # the backbones' BNs too, as the reference's --sync_bn
+        if device.type != "cuda":
+            raise UserError("fine-tuning with synchronised BatchNorm across processes needs GPUs (torch's "
+                            "SyncBatchNorm); pass --sync_bn False, or run one process")
+        encoder = nn.SyncBatchNorm.convert_sync_batchnorm(encoder)
+    heads.to(device)
+    logger.info(f"encoder: {len(args.arch)} backbone(s) {args.arch}, {encoder.out_dim}-d features, "
+                f"{args.precision}; head: {'BatchNorm1d + ' if args.use_bn else ''}Linear({encoder.out_dim}, "
+                f"{num_classes}) x {len(specs)}")
+    classifier = Classifier(encoder, heads, args.precision)
+    trained = classifier if finetune else heads
+    if dist_info.distributed:  # only what trains is wrapped: the frozen encoder needs no gradient sync
+        trained = nn.parallel.DistributedDataParallel(trained, device_ids=[device.index] if device.type == "cuda"
+                                                      else None)
+    return ProbeModel(encoder, heads, trained, classifier if finetune else heads, finetune)
+
+
+# ---------------------------------------------------------------- batch sources
+class Sources(NamedTuple):
+    """engine.BatchSource of each split (re-iterable, counting what they skip), the split sizes evaluation checks
+    its counts against, and with --feature_cache the cached features kNN reads ((train features, labels), (test
+    features, labels); else None)."""
+    train: object
+    test: object
+    val: object
+    test_count: int
+    val_count: int
+    cached: tuple
+
+
+def build_sources(args, dist_info, data, model, logger, stop):
+    """Features on the fly (the reference), from the cache, or images when fine-tuning."""
+    device = dist_info.device
+    if not args.feature_cache:
+        def loader(dataset, sampler, **kw):
+            return image_loader(dataset, args.skip_bad_images, batch_size=args.batch_size, sampler=sampler,
+                                num_workers=args.workers, pin_memory=device.type == "cuda",
+                                persistent_workers=args.workers > 0, **kw)  # no worker start-up every epoch
+
+        loaders = (loader(data.train_aug, data.train_sampler, drop_last=data.drop_last, generator=data.generator),
+                   loader(data.test_set, data.test_sampler),
+                   loader(torch.utils.data.Subset(data.train_plain, data.val_positions), data.val_sampler))
+        if model.finetune:
+            sources = [ImageBatches(lo, device) for lo in loaders]
+        else:
+            sources = [EncodedBatches(lo, model.encoder, device, args.precision) for lo in loaders]
+        return Sources(*sources, len(data.test_set), len(data.val_positions), None)
+
+    def cached(dataset, split, view):  # computed once by feature_cache, then reused by every later run
+        return load_or_build(model.encoder, dataset, args.feature_cache, args, dist_info, split, view, logger,
+                             use_progress_bar(dist_info.is_main), stop)
+
+    plain_features, plain_labels = cached(data.train_plain, "train", -1)
+    test_features, test_labels = cached(data.test_set, "test", -1)
+    views = [plain_features]
+    if args.cache_views:
+        views = [cached(data.train_aug, "train", k)[0] for k in range(args.cache_views)]
+    views, plain_features, test_features = place_features(views, plain_features, test_features, device, logger)
+    val_rows = torch.tensor(data.val_positions, dtype=torch.long)
+    train = CachedBatches(views, plain_labels, data.train_sampler, args.batch_size, device, data.drop_last,
+                          data.generator)
+    test = CachedBatches([test_features], test_labels, data.test_sampler, args.batch_size, device)
+    val = CachedBatches([plain_features[val_rows]], plain_labels[val_rows], data.val_sampler, args.batch_size,
+                        device)
+    return Sources(train, test, val, len(data.test_set), len(data.val_positions),
+                   ((plain_features, plain_labels), (test_features, test_labels)))
+
+
+def place_features(views, plain, test, device, logger):
+    """Cached features go to the GPU when they fit in half its free memory; else they stay memory-mapped."""
+    if device.type != "cuda":
+        return views, plain, test
+    unique = {id(t): t for t in views + [plain, test]}
+    needed = sum(t.numel() * t.element_size() for t in unique.values())
+    if needed > 0.5 * torch.cuda.mem_get_info(device)[0]:
+        logger.info(f"feature cache: {needed / 1e9:.1f} GB stay in host memory (too large for the GPU)")
+        return views, plain, test
+    moved = {key: t.to(device) for key, t in unique.items()}
+    return [moved[id(v)] for v in views], moved[id(plain)], moved[id(test)]
