@@ -1,8 +1,7 @@
-"""The path onto a cluster: slurm submission from a fresh clone, the sweep layouts, the CUDA build choice, the
-refusal to run on CPU when GPUs were asked for, and the OpenMP settings of CPU runs. No slurm or GPU needed:
-sbatch, srun and nvidia-smi are small fakes on PATH that record what they were given."""
+"""The path onto a cluster without a cluster: what each task of a sweep runs (tools/submit.py's own output), the
+CUDA build choice (a stand-in nvidia-smi: no GPU driver here), the refusal to run on CPU when GPUs were asked for,
+and the OpenMP settings of CPU runs. The scripts on the real slurm: tests/test_slurm_jobs.py, tests/test_submit.py."""
 import os
-import shlex
 import shutil
 import subprocess
 import sys
@@ -15,7 +14,6 @@ from util.cpu_runtime import configure_cpu_runtime
 from util.distributed import require_cuda_if_requested
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPTS = ("scripts/lineareval.sbatch", "scripts/pretrain_timecat.sbatch")
 
 
 def fake_command(folder, name, body):
@@ -27,81 +25,15 @@ def fake_command(folder, name, body):
     os.chmod(path, 0o755)
 
 
-def fresh_clone(tmp_path):
-    """The files a fresh clone has (no results/), with the project's interpreter reachable as .venv/bin/python."""
-    clone = tmp_path / "clone"
-    for rel in ("tools/submit.py", "util/__init__.py", "util/cli.py", "util/sweeps.py", "util/layout.py",
-                "arguments/__init__.py", "arguments/common.py", *SCRIPTS):
-        os.makedirs(clone / os.path.dirname(rel), exist_ok=True)
-        shutil.copy(os.path.join(ROOT, rel), clone / rel)
-    (clone / ".venv" / "bin").mkdir(parents=True)
-    # the clone's ./setup.sh would install it editable (its root on the path, pyproject.toml); the stand-in
-    # interpreter does the same with PYTHONPATH
-    python = clone / ".venv" / "bin" / "python"
-    python.write_text(f'#!/bin/sh\nPYTHONPATH="{clone}" exec "{sys.executable}" "$@"\n')
-    python.chmod(0o755)
-    return clone
-
-
-def sbatch_paths(script_text):
-    """Our own reading of the #SBATCH lines: {option: value} for the options naming paths."""
-    found = {}
-    for line in script_text.splitlines():
-        if line.startswith("#SBATCH"):
-            for word in shlex.split(line[len("#SBATCH"):]):
-                name, _, value = word.partition("=")
-                if name in ("--output", "--error", "--chdir"):
-                    found[name] = value
-    return found
-
-
-@pytest.mark.parametrize("command", [["lineareval", "--sweep", "cifar", "--layout", "per_wd"], ["pretrain"]])
-def test_submission_from_a_fresh_clone_creates_every_folder_sbatch_needs(tmp_path, command):
-    clone, fakes = fresh_clone(tmp_path), tmp_path / "bin"
-    assert not (clone / "results").exists()
-    # the fake sbatch fails, as slurm does at job start, when the log folder is missing at submission
-    fake_command(fakes, "sbatch", 'script="${@: -1}"; out=$(sed -n "s/^#SBATCH --output=//p" "$script"); '
-                 '[[ -d "$(dirname "$out")" ]] || { echo "missing $(dirname "$out")" >&2; exit 1; }; '
-                 'echo "$@" "SWEEP=$SWEEP" "LAYOUT=$LAYOUT" > "$PWD/sbatch.args"')
-    env = dict(os.environ, PATH=f"{fakes}:{os.environ['PATH']}")
-    done = subprocess.run([sys.executable, str(clone / "tools" / "submit.py"), *command], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=60)
+def task_argv(sweep, layout, index, processes=1, feature_cache=None):
+    """What lineareval.sbatch hands to every srun task of one array index: `tools/submit.py task`'s lines (the
+    scripts themselves run on the real slurm in tests/test_slurm_jobs.py and tests/test_submit.py)."""
+    command = [sys.executable, os.path.join(ROOT, "tools", "submit.py"), "task", "--sweep", sweep, "--layout", layout,
+               "--index", str(index), "--processes", str(processes), "--workers", "8"]
+    command += ["--feature_cache", feature_cache] if feature_cache else []
+    done = subprocess.run(command, capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert done.returncode == 0, done.stderr
-    script = (clone / "scripts" / ("lineareval.sbatch" if command[0] == "lineareval" else
-                                   "pretrain_timecat.sbatch")).read_text()
-    paths = sbatch_paths(script)
-    assert "--output" in paths
-    for value in paths.values():
-        assert (clone / os.path.dirname(value)).is_dir(), value
-    args = (clone / "sbatch.args").read_text().split()
-    if command[0] == "lineareval":  # the array covers the sweep exactly: 2 datasets x 6 wd x 8 configs
-        assert "--array=0-95" in args and "--export=ALL" in args and "SWEEP=cifar" in args and "LAYOUT=per_wd" in args
-
-
-def test_submit_without_slurm_is_one_clear_error(tmp_path):
-    clone = fresh_clone(tmp_path)
-    # no sbatch anywhere: a PATH of one folder that holds only bash (bash's own folder may hold slurm's commands)
-    bare = tmp_path / "bare"
-    bare.mkdir()
-    (bare / "bash").symlink_to(shutil.which("bash"))
-    env = dict(os.environ, PATH=str(bare))
-    done = subprocess.run([sys.executable, str(clone / "tools" / "submit.py"), "pretrain"], env=env,
-                          capture_output=True, text=True, timeout=60)
-    assert done.returncode == 2 and done.stderr.startswith("error: sbatch is not on PATH")
-    assert "Traceback" not in done.stderr
-
-
-def run_array_task(tmp_path, script, index, **env_vars):
-    """Run an sbatch script as slurm would for one array index; the fake srun records the command."""
-    clone, fakes = fresh_clone(tmp_path), tmp_path / "bin"
-    fake_command(fakes, "srun", 'printf "%s\\n" "$@" > "$SRUN_RECORD"')
-    record = tmp_path / "srun.txt"
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM", "PYTHON", "FEATURE_CACHE"))}
-    env.update(PATH=f"{fakes}:{os.environ['PATH']}", SLURM_SUBMIT_DIR=str(clone), SLURM_ARRAY_TASK_ID=str(index),
-               SRUN_RECORD=str(record), **env_vars)
-    done = subprocess.run(["bash", str(clone / script)], env=env, capture_output=True, text=True, timeout=60)
-    assert done.returncode == 0, done.stderr
-    return record.read_text().splitlines()
+    return done.stdout.splitlines()
 
 
 def probe_flag(argv, name, count=1):
@@ -115,9 +47,8 @@ def probe_flag(argv, name, count=1):
     ("inat18", 10, "lineareval/inaturalist18_1e-5/resnet50_sfadamw_cat5_step80k", "1e-5"),
     ("imagenet", 11, "lineareval/imagenet1k_5e-4/resnet50_sfadamw/run0", "5e-4"),
 ])
-def test_reference_layout_task_probes_one_wd_into_the_original_folder(tmp_path, sweep, index, folder, wd):
-    argv = run_array_task(tmp_path, "scripts/lineareval.sbatch", index, SWEEP=sweep, LAYOUT="per_wd")
-    assert argv[:2] == [".venv/bin/python", "main_linear_probe.py"]  # the project's interpreter
+def test_reference_layout_task_probes_one_wd_into_the_original_folder(sweep, index, folder, wd):
+    argv = task_argv(sweep, "per_wd", index)
     assert probe_flag(argv, "--dump_path") == f"results/supervised/imagenet/transfer/{folder}"
     assert probe_flag(argv, "--wd") == wd and probe_flag(argv, "--batch_size") == ("256" if sweep == "cifar"
                                                                                     else "32")
@@ -125,19 +56,12 @@ def test_reference_layout_task_probes_one_wd_into_the_original_folder(tmp_path, 
     assert ("--sync_bn" in argv) == (sweep == "inat18") and "--feature_cache" not in argv
 
 
-def test_one_pass_layout_trains_the_whole_grid_with_the_cache_and_splits_the_batch(tmp_path):
-    argv = run_array_task(tmp_path, "scripts/lineareval.sbatch", 9, SWEEP="cifar", LAYOUT="one_pass",
-                          FEATURE_CACHE="/scratch/features", SLURM_NTASKS="4")
+def test_one_pass_layout_trains_the_whole_grid_with_the_cache_and_splits_the_batch():
+    argv = task_argv("cifar", "one_pass", 9, processes=4, feature_cache="/scratch/features")
     assert probe_flag(argv, "--wd", 6) == list(sweeps.WD_GRIDS["cifar100"])
     assert probe_flag(argv, "--data_name") == "cifar100" and probe_flag(argv, "--batch_size") == "64"
     assert probe_flag(argv, "--feature_cache") == "/scratch/features"
     assert probe_flag(argv, "--tag") == "supervisedimagenet_resnet50_sfadamw_4_step100k"
-
-
-def test_pretrain_script_runs_the_projects_interpreter(tmp_path):
-    argv = run_array_task(tmp_path, "scripts/pretrain_timecat.sbatch", 4)
-    assert argv[:3] == ["--kill-on-bad-exit=1", ".venv/bin/python", "main_pretrain.py"]
-    assert probe_flag(argv, "--run") == "4" and probe_flag(argv, "--steps") == "80000"
 
 
 def test_sweeps_are_the_reference_grids_and_folders():

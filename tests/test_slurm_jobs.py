@@ -51,7 +51,7 @@ def submit_probe(env, world, name, *extra, tasks=1):
     """Array task 8 of the CIFAR sweep (reference layout), on tiny data; the probe's flags after the script."""
     TALLY["submitted"] += 1
     base = world["base"]
-    return sbatch(env, PROBE_SCRIPT, *SMALL_JOB, "--array=8", f"--ntasks-per-node={tasks}",
+    return sbatch(env, PROBE_SCRIPT, *SMALL_JOB, "--mem=2G", "--array=8", f"--ntasks-per-node={tasks}",
                   f"--output={base}/{name}.out", "--export=ALL,SWEEP=cifar,LAYOUT=per_wd",
                   args=["--tag_file", world["tags"], "--data_path", world["data"], "--dump_path", str(base / name),
                         "--batch_size", str(PROBE_BATCH // tasks), *PROBE, *extra])
@@ -61,7 +61,7 @@ def submit_pretrain(env, world, name, tasks=1):
     """Array task 4 (run 4) of the pretraining script on tiny data; main_pretrain.py's flags after the script."""
     TALLY["submitted"] += 1
     base = world["base"]
-    return sbatch(env, PRETRAIN_SCRIPT, *SMALL_JOB, "--array=4", f"--ntasks-per-node={tasks}",
+    return sbatch(env, PRETRAIN_SCRIPT, *SMALL_JOB, "--mem-per-cpu=2G", "--array=4", f"--ntasks-per-node={tasks}",
                   f"--output={base}/{name}.out",
                   args=["--data_path", world["data"], "--output_dir", str(base / name / "ckpt"),
                         "--dump_path", str(base / name / "run"), *PRETRAIN])

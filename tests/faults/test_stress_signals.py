@@ -123,7 +123,8 @@ def test_cached_probe_extraction_under_signals_to_the_group(world, tmp_path):
 
 
 def test_pretraining_with_workers_under_signals_to_the_group(world, tmp_path):
-    assert check_pretrain(world, tmp_path, 3, 2, "--workers", "2")
+    # one signal in the default suite (its time budget); test_many_signals_to_the_group sends 15
+    assert check_pretrain(world, tmp_path, 3, 1, "--workers", "2")
 
 
 @pytest.mark.slow
