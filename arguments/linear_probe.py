@@ -38,7 +38,7 @@ DERIVED_RECIPE_KEYS = ("global_batch", "batch_semantics")  # set by main_linear_
 RECIPE_DEFAULTS = {"subsets": "none", "head_impl": "separate", "fast_transforms": False}
 # what only training depends on: --mode eval_only may evaluate saved heads with another process count
 TRAINING_ONLY_KEYS = ("global_batch", "batch_semantics", "sync_bn")
-# The original's slurm flags (its add_slurm_params; REFERENCE.md, "The original's cluster habits"): name -> (type,
+# The original's slurm flags (its add_slurm_params, in the original release's code): name -> (type,
 # default, help). Where the job runs, never what it computes: run-only, out of the recipe and the folder hash.
 SLURM_FLAGS = {
     "hours": (float, 12, "wall-clock limit of the job in hours"),
