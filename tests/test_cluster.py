@@ -30,8 +30,8 @@ def fake_command(folder, name, body):
 def fresh_clone(tmp_path):
     """The files a fresh clone has (no results/), with the project's interpreter reachable as .venv/bin/python."""
     clone = tmp_path / "clone"
-    for rel in ("tools/submit.py", "util/__init__.py", "util/cli.py", "util/sweeps.py", "util/layout.py", "util/flags.py",
-                "arguments/__init__.py", "arguments/common.py", *SCRIPTS):
+    for rel in ("tools/submit.py", "util/__init__.py", "util/cli.py", "util/sweeps.py", "util/layout.py",
+                "util/flags.py", "arguments/__init__.py", "arguments/common.py", *SCRIPTS):
         os.makedirs(clone / os.path.dirname(rel), exist_ok=True)
         shutil.copy(os.path.join(ROOT, rel), clone / rel)
     (clone / ".venv" / "bin").mkdir(parents=True)
