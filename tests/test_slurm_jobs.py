@@ -61,7 +61,9 @@ def submit_pretrain(env, world, name, tasks=1):
     """Array task 4 (run 4) of the pretraining script on tiny data; main_pretrain.py's flags after the script."""
     TALLY["submitted"] += 1
     base = world["base"]
-    return sbatch(env, PRETRAIN_SCRIPT, *SMALL_JOB, "--array=4", f"--ntasks-per-node={tasks}",
+    # the script asks --mem-per-cpu (its 8 x 10 CPUs); sbatch refuses --mem beside it: the same kind, smaller
+    small = [o.replace("--mem=", "--mem-per-cpu=") for o in SMALL_JOB]
+    return sbatch(env, PRETRAIN_SCRIPT, *small, "--array=4", f"--ntasks-per-node={tasks}",
                   f"--output={base}/{name}.out",
                   args=["--data_path", world["data"], "--output_dir", str(base / name / "ckpt"),
                         "--dump_path", str(base / name / "run"), *PRETRAIN])
