@@ -19,7 +19,7 @@ from util.cli import ArgumentParser, UserError, add_alias
 from util.cpu_runtime import default_workers
 from util.flags import add_bool, bool_flag
 from util.subsets import SUBSET_MODES, subsets_for
-from util.sweeps import GLOBAL_BATCH
+from util.sweeps import GLOBAL_BATCH, WD_GRIDS
 
 PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_TAG_FILE = os.path.join(PROJECT_ROOT, layout.TAG_FILE)
@@ -40,7 +40,7 @@ DERIVED_RECIPE_KEYS = ("global_batch", "batch_semantics")  # set by resolve_batc
 RECIPE_DEFAULTS = {"subsets": "none", "head_impl": "separate", "fast_transforms": False}
 # what only training depends on: --mode eval_only may evaluate saved heads with another process count
 TRAINING_ONLY_KEYS = ("global_batch", "batch_semantics", "sync_bn")
-# The original's slurm flags (its add_slurm_params; REFERENCE.md, "The original's cluster habits"): name -> (type,
+# The original's slurm flags (its add_slurm_params, in the original release's code): name -> (type,
 # default, help). Where the job runs, never what it computes: run-only, out of the recipe and the folder hash.
 SLURM_FLAGS = {
     "hours": (float, 12, "wall-clock limit of the job in hours"),
@@ -126,8 +126,9 @@ def add_head_args(g):
     g.add_argument("--lr_last_layer", type=float, default=None, help="learning rate of the head's Linear layer "
                    "(default and reference: --lr)")
     g.add_argument("--wd", nargs="+", default=["5e-4"], help="weight decay(s) of the Linear layer; several "
-                   "values train one head each in the same pass. Reference sweeps: CIFAR 1e-2 5e-2 1e-4 5e-4 1e-3 "
-                   "5e-3; ImageNet 1e-4 5e-4; iNat18 1e-6 1e-5 1e-4")
+                   "values train one head each in the same pass. Reference sweeps: CIFAR "
+                   f"{' '.join(WD_GRIDS['cifar10'])}; ImageNet {' '.join(WD_GRIDS['imagenet1k'])}; iNat18 "
+                   f"{' '.join(WD_GRIDS['inaturalist18'])}")
     g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum, Adam's beta1 (reference: 0.9)")
     g.add_argument("--beta2", type=float, default=0.99, help="Adam's beta2 (the original's default: 0.99)")
     add_bool(g, "nesterov", None, "Nesterov momentum, SGD only (default and reference: True with SGD)")

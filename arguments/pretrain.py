@@ -20,7 +20,7 @@ EXTRA_RUN_SEED = 10000  # run i >= 5 defaults to seed 10000 + i, clear of the re
 BN_BATCH = 128  # images per forward pass and process (AlgoPerf: 1024 over 8 devices); the rest is accumulation
 SCHEDULE_FREE = ("sfadamw", "sfadamw_package")
 PRETRAIN_DATA = ("imagenet1k", "imagefolder")
-# --optimizer sgd: the predecessor paper's recipe (arXiv 2212.07346; REFERENCE.md, "Pretraining recipe"): 90 epochs
+# --optimizer sgd: the predecessor paper's recipe (arXiv 2212.07346, its ImageNet recipe): 90 epochs
 # at batch 256, lr 0.1, momentum 0.9, wd 1e-4, lr x0.1 at epochs 30 and 60 (and 90, the end)
 SGD_EPOCHS, SGD_BATCH = 90, 256
 SFADAMW_BATCH, SFADAMW_STEPS, SFADAMW_SAVE_STEPS = 1024, 450000, [80000, 100000, 200000]

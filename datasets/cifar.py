@@ -17,8 +17,8 @@ META = {"cifar10": "batches.meta", "cifar100": "meta"}
 LABEL_KEYS = {"cifar10": "labels", "cifar100": "fine_labels"}
 # The original code's fixed permutation of the 50,000 CIFAR training indices (hard-coded there; the same for
 # CIFAR10 and CIFAR100): `cifar{10,100}_{p}perc` is its first int(50000 * p / 100) indices. The file is a copy,
-# one index per line, of shared/data/cifar_subset_order.txt given with the reference facts (REFERENCE.md, "Exact
-# details of the original code"); its sha256 is checked on every load.
+# one index per line, of the fixed permutation the original release's CIFAR loader reads (its subset order
+# file, facebookresearch/richreps-timecat); its sha256 is checked on every load.
 ORDER_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cifar_subset_order.txt")
 ORDER_SHA256 = "62449412dbc0784f0dc5ba9515f8d17a3e2caa52d72c407728a1f6ee3cef3c19"
 CIFAR_TRAIN_SIZE = 50000

@@ -1,6 +1,6 @@
 """AlgoPerf's initialisation of its ResNet (imagenet_resnet workload), applied to a torchvision ResNet.
 
-Facts from AlgoPerf (see REFERENCE.md, "Exact details of the original code"): every Conv2d weight is drawn from a
+Facts from AlgoPerf's imagenet_resnet workload (its PyTorch ResNet): every Conv2d weight is drawn from a
 normal truncated at two standard deviations whose scale is sqrt(1 / fan_in) / 0.87962566103423978 (the divisor is
 the standard deviation of a unit normal truncated at +-2, so the drawn weights have std sqrt(1 / fan_in));
 BatchNorm weight 1, bias 0; the classifier N(0, 0.01^2), bias 0; the last BatchNorm of every residual branch

@@ -31,7 +31,9 @@ def slurm():
     installed = shutil.which("sbatch") and (shutil.which("slurmctld") or os.path.exists("/usr/sbin/slurmctld"))
     if not installed:
         _unavailable("slurm is not installed; `scripts/local_slurm.sh start` installs it (root, apt-get)")
-    done = subprocess.run([LOCAL_SLURM, "start"], env=env, capture_output=True, text=True, timeout=300)
+    # the daemons outlive the session: they do not get its TMPDIR (tests/conftest.py), which goes with it
+    daemons = {k: v for k, v in env.items() if k != "TMPDIR"}
+    done = subprocess.run([LOCAL_SLURM, "start"], env=daemons, capture_output=True, text=True, timeout=300)
     if done.returncode != 0:
         _unavailable((done.stderr.strip().splitlines() or ["scripts/local_slurm.sh start failed"])[-1])
     return env

@@ -168,3 +168,58 @@ def test_run_folder_names_and_log_formats_have_one_owner():
                 found += [f"{rel}: {name}" for name, owner in OWNED_NAMES.items()
                           if rel != owner and (node.value == name or node.value.startswith(name))]
     assert not found, found
+
+
+def code_files():
+    """(relative path, syntax tree) of every project Python file outside tests/."""
+    for module, path in our_modules().items():
+        if not module.startswith("tests."):
+            with open(path) as f:
+                yield os.path.relpath(path, ROOT), ast.parse(f.read())
+
+
+def string_parts(node):
+    """The constant text of a string or f-string node, with '{}' where an f-string formats a value."""
+    if isinstance(node, ast.Constant) and isinstance(node.value, str):
+        return node.value
+    if isinstance(node, ast.JoinedStr):
+        return "".join(v.value if isinstance(v, ast.Constant) else "{}" for v in node.values)
+    return None
+
+
+def test_naming_conventions_are_written_only_by_their_owner():
+    """A checkpoint milestone folder is built (f"checkpoints_step{...}") or matched (a regex naming
+    checkpoints_) only in util/layout.py; the CIFAR weight-decay grid is written only in util/sweeps.py."""
+    cifar_grid = ("1e-2", "5e-2", "1e-4", "5e-4", "1e-3", "5e-3")
+    found = []
+    for path, tree in code_files():
+        for node in ast.walk(tree):
+            if isinstance(node, ast.JoinedStr) and "checkpoints_step{}" in string_parts(node) \
+                    and path != os.path.join("util", "layout.py"):
+                found.append(f"{path}:{node.lineno} builds a milestone folder name")
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) \
+                    and getattr(node.func.value, "id", None) == "re" and node.args \
+                    and "checkpoints_" in (string_parts(node.args[0]) or "") \
+                    and path != os.path.join("util", "layout.py"):
+                found.append(f"{path}:{node.lineno} matches milestone folders with its own regex")
+            texts = [string_parts(e) for e in node.elts] if isinstance(node, (ast.Tuple, ast.List)) else []
+            text = string_parts(node) or ""
+            if (tuple(texts[:6]) == cifar_grid or " ".join(cifar_grid) in text) \
+                    and path != os.path.join("util", "sweeps.py"):
+                found.append(f"{path}:{node.lineno} writes the CIFAR weight-decay grid")
+    assert not found, found
+
+
+def test_long_options_are_spelled_with_underscores():
+    """Every long option's main name uses underscores (the original's spelling); a hyphenated spelling is only
+    ever an alias after it (tools/download.py --keep-archive, tools/summarize.py --no-save). The one exception is
+    util/flags.py's hidden negation of every boolean flag, --no-{name}, argparse's BooleanOptionalAction spelling."""
+    hyphenated = []
+    for path, tree in code_files():
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "add_argument" and node.args:
+                first = string_parts(node.args[0]) or ""
+                negation = path == os.path.join("util", "flags.py") and first == "--no-{}"
+                if first.startswith("--") and "-" in first[2:] and not negation:
+                    hyphenated.append(f"{path}:{node.lineno} {first}")
+    assert not hyphenated, hyphenated

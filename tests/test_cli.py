@@ -281,3 +281,14 @@ def test_device_flag(monkeypatch):
             require_cuda_if_requested(None, env={"SLURM_GPUS_ON_NODE": "4"})
     require_cuda_if_requested(common.device_request(parse(["--device", "cpu"])), env={"SLURM_GPUS_ON_NODE": "4"},
                               cuda_available=False)
+
+
+@pytest.mark.parametrize("module, main_name, alias", [("tools.download", "--keep_archive", "--keep-archive"),
+                                                      ("tools.summarize", "--no_save", "--no-save")])
+def test_the_two_hyphenated_tool_options_are_aliases_of_the_underscore_spelling(module, main_name, alias):
+    parser = importlib.import_module(module).get_args_parser()
+    dest = main_name[2:]
+    assert getattr(parser.parse_args([main_name]), dest) is True
+    assert getattr(parser.parse_args([alias]), dest) is True
+    assert getattr(parser.parse_args([]), dest) is False
+    assert main_name in parser.format_help()

@@ -164,7 +164,8 @@ def test_malformed_list_values_are_one_line_errors(world, tmp_path, capsys):
 
 # ---------------------------------------------------------------- bf16 backbones
 def test_bf16_features_keep_top1_within_a_point(tmp_path):
-    """bf16 is an explicit speed option: measured 0.6 points of top-1 on this hard generated set (README)."""
+    """bf16 is an explicit speed option: measured 0.6 points of top-1 on this hard generated set
+    (docs/benchmarks.md, "probe precision")."""
     data, cache = str(tmp_path / "data"), tmp_path / "cache"
     make_cifar(data, "cifar10", n_train=300, n_test=1000, seed=3, noise=250)  # hard enough to make mistakes
     ckpt = str(tmp_path / "a.pth")

@@ -1,6 +1,6 @@
 """Issue 19: the probe reads the same images in the same order as the original code, and catches the slips that
 left the rest of the suite green. Expected values are computed here from the order file and the original's
-documented rules (REFERENCE.md, "Exact details of the original code"), never from the code under test."""
+rules (the original release's code, facebookresearch/richreps-timecat), never from the code under test."""
 import logging
 import os
 

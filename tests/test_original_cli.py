@@ -9,8 +9,9 @@ from helpers import check_probe_args
 from util.cli import UserError, run_main
 
 TAG = "supervisedimagenet_resnet50_sfadamw_5_step80k"
-# The six linear-probing sbatch scripts of the original release (REFERENCE.md): every one passes --debug (one
-# process), the same head flags and the dataset's batch; CIFAR also --tf_name 224px, iNat18 also --sync_bn True.
+# The six linear-probing sbatch scripts of the original release (facebookresearch/richreps-timecat): every one
+# passes --debug (one process), the same head flags and the dataset's batch; CIFAR also --tf_name 224px, iNat18
+# also --sync_bn True.
 COMMON = "--debug --data_path data --tag {tag} --wd {wd} --dump_path {dump} --nesterov True --wd_skip_bn True " \
          "--use_bn True --headinit normal --batch_size {batch} --eval_freq 1"
 SBATCH = [
@@ -145,7 +146,7 @@ def test_feature_cache_key_holds_the_training_subset(tmp_path):
 
 # ---------------------------------------------------------------- the six scripts' command lines, verbatim
 ORIGINAL_LINES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "original_command_lines.txt")
-# the reference recipe (REFERENCE.md, "Linear-probe protocol of the original scripts"); per line: the data name,
+# the reference recipe (the original release's linear-probe scripts); per line: the data name,
 # the weight decay and the global batch come from the line itself, the number of backbones from its tag
 REFERENCE_RECIPE = {"exp_mode": "lineareval", "use_bn": True, "headinit": "normal", "optimizer": "sgd",
                     "lr": ["0.01"], "momentum": 0.9, "nesterov": True, "wd_skip_bn": True, "epochs": 28,

@@ -400,7 +400,8 @@ def test_initial_weights_follow_algoperf_statistics():
 
 
 def transcribed_algoperf_steps(model, batches, lr, betas, eps, wd, warmup, r, power):
-    """REFERENCE.md's update equations, written out directly on (x, z, v); returns x after every step."""
+    """AlgoPerf's schedule-free AdamW update (as util/sfadamw.py's docstring states it), written out directly on
+    (x, z, v); returns x after every step."""
     names = [n for n, _ in model.named_parameters()]
     x = {n: p.detach().clone() for n, p in model.named_parameters()}
     z = {n: t.clone() for n, t in x.items()}

@@ -1,4 +1,4 @@
-"""Each fact of REFERENCE.md's linear-probe protocol ("Exact details of the original code") checked against the
+"""Each fact of the original release's linear-probe protocol (its code and six sbatch scripts) checked against the
 code: transforms by their parameters, optimizer groups and decay, schedule, head init, batch per dataset, subset
 indices, sampler seed, drop_last, log formats."""
 import hashlib

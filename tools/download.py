@@ -35,8 +35,6 @@ ARCH_DIR = layout.run_dir_name("resnet50", "sfadamw")
 UNRECOGNIZED_DIR = "unrecognized_from_archive"
 # Optional top folders of the archive: the release's own name, the original script's rename, the README's.
 TOP_FOLDERS = {"ckpt_resnet50_sfadamw_imagenet1k_supervised", "resnet50_sfadamw_imagenet1k_supervised", ARCH_DIR}
-# checkpoints_full / checkpoints_200k (release) or checkpoints_stepfull / checkpoints_step200 (README)
-README_PATH_RE = re.compile(rf"^{ARCH_DIR}/checkpoints_step(full|\d+)/checkpoint_run\d+\.pth\.tar$")
 # The release: step folder -> number of runs (run0 .. run{n-1}).
 RELEASE = {"full": 5, "200": 2, "100": 4, "80": 5}
 CHUNK = 1 << 20
@@ -58,6 +56,15 @@ def human(n):
 # ---- expected checkpoints and tags
 def readme_path(step, run):
     return f"{ARCH_DIR}/{layout.folder_of_label(step)}/{layout.run_file_name(run)}"
+
+
+def in_readme_layout(rel):
+    """Whether a path relative to the pretraining root is one this tool writes: the README's
+    resnet50_sfadamw/checkpoints_step{full,200,...}/checkpoint_run{i}.pth.tar (not the archive's checkpoints_200k)."""
+    parsed = layout.parse_checkpoint_path(rel)
+    if parsed is None or parsed[0] != ARCH_DIR or not (parsed[1] == layout.FULL or parsed[1].isdigit()):
+        return False
+    return rel == readme_path(parsed[1], parsed[2])
 
 
 def builtin_tags():
@@ -90,7 +97,7 @@ def release_tags(tag_file=TAG_FILE):
         if not paths or not all(isinstance(p, str) for p in paths):
             continue
         rels = [os.path.relpath(os.path.join(REPO, p), default_root).replace(os.sep, "/") for p in paths]
-        if all(README_PATH_RE.match(r) for r in rels):
+        if all(in_readme_layout(r) for r in rels):
             tags[tag] = rels
     return tags or builtin_tags()
 

@@ -40,9 +40,9 @@ PRETRAIN = os.path.join("scripts", "pretrain_timecat.sbatch")
 SUBMITIT_FOLDER = os.path.join("results", "submitit")  # submitit's pickles and logs, %j: the job id
 PATH_OPTIONS = {"--output": "output", "-o": "output", "--error": "error", "-e": "error", "--chdir": "chdir",
                 "-D": "chdir"}
-# The original probe's slurm flags (vestiges of its submitit launcher; /work/shared/REFERENCE.md, "The original's
-# cluster habits"): name -> (type, the original's default, sbatch option). Given here, they mean what their names
-# say for either launcher; unset, the script's #SBATCH lines (sbatch) or the sweep's values (submitit) apply.
+# The original probe's slurm flags (vestiges of its submitit launcher, in the original release's code): name ->
+# (type, the original's default, sbatch option). Given here, they mean what their names say for either launcher;
+# unset, the script's #SBATCH lines (sbatch) or the sweep's values (submitit) apply.
 ORIGINAL_SLURM_FLAGS = {
     "hours": (float, 12, "--time"), "nodes": (int, 1, "--nodes"), "tasks_per_node": (int, 8, "--ntasks-per-node"),
     "gpus_per_node": (int, 1, "--gpus-per-node"), "cpus_per_task": (int, 8, "--cpus-per-task"),

@@ -170,4 +170,4 @@ def require_cuda_if_requested(device_flag=None, env=None, cuda_available=None):
     driver = "no NVIDIA driver is loaded on this node" if driver is None else f"NVIDIA driver {driver}"
     raise UserError(f"the job asked for GPUs ({reason}) but torch.cuda.is_available() is False: {build}, "
                     f"{driver}; an older driver needs an older CUDA build: rerun `CUDA=cu126 ./setup.sh` (or "
-                    f"cu128; see README 'Cluster'), or run on CPU with CUDA_VISIBLE_DEVICES= set empty")
+                    f"cu128; see README 'Use on a cluster'), or run on CPU with CUDA_VISIBLE_DEVICES= set empty")

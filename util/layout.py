@@ -120,3 +120,13 @@ def resolve_tag_path(path, project_root, checkpoint_root):
     if parts[0] == "checkpoints" and len(parts) > 1:
         return os.path.join(checkpoint_root, *parts[1:])
     return os.path.join(project_root, path)
+
+
+def parse_checkpoint_path(path):
+    """(run folder, milestone label, run index) of `<run folder>/<milestone folder>/checkpoint_run{i}.pth(.tar)`
+    (a path relative to the pretraining root, any milestone form parse_step_folder reads), or None."""
+    parts = path.replace(os.sep, "/").split("/")
+    if len(parts) != 3:
+        return None
+    label, run = parse_step_folder(parts[1]), parse_run_file(parts[2])
+    return None if label is None or run is None else (parts[0], label, run)

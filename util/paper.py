@@ -1,7 +1,7 @@
 """The paper's numbers, one owner for the README and tools/summarize.py --paper.
 
 Linear-probe top-1 (%) of Figure 2 of arXiv 2506.18221 (Yang, Zhang, Bottou), as the original repository's README
-shows it (the project's /work/shared/REFERENCE.md, "The result to reproduce"): ResNet50s pretrained with
+shows it (facebookresearch/richreps-timecat, its Figure 2 table): ResNet50s pretrained with
 schedule-free AdamW on ImageNet1k; cat1 is a single ResNet50 trained 450k steps (the original averages five seeds),
 catN the concatenation of N ResNet50s trained 400k/N steps each. The paper gives no error bars for these cells.
 Depends on nothing of ours (a util module).

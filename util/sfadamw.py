@@ -2,7 +2,7 @@
 
 Why our own class: the `schedulefree` package's AdamWScheduleFree applies the weight decay at y (the point where
 the gradient is taken); AlgoPerf's submission (shipped inside that package, but importing AlgoPerf's framework)
-applies it at x. The update at step k (k from 0), per parameter group (REFERENCE.md, "Exact details"):
+applies it at x. The update at step k (k from 0), per parameter group (AlgoPerf's submission):
 
     lr_k   = max(lr * min(1, (k + 1) / warmup_steps), eps)      lr_max = max(lr_max, lr_k)
     weight = (k + 1)^r * lr_max^weight_lr_power                 weight_sum += weight;  c = weight / weight_sum

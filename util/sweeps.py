@@ -1,7 +1,8 @@
 """The reference's linear-probe sweeps, defined once: weight-decay grids, configurations, batches, result folders.
 
 Read by tools/submit.py and scripts/lineareval.sbatch (through `tools/submit.py task`). Facts from the original
-release's six linear-probing sbatch scripts (docs: /work/shared/REFERENCE.md, "Linear-probe protocol").
+release's six linear-probing sbatch scripts (facebookresearch/richreps-timecat,
+scripts/supervised_transfer/imagenet/to_*/linear_probing/).
 Depends on nothing of ours (a util module).
 """
 from dataclasses import dataclass
@@ -28,8 +29,8 @@ RESULTS = "results/supervised/imagenet/transfer"
 # to the per_wd task of its wd (tests/test_fast_probe.py) for 2.5x fewer forwards (docs/benchmarks.md): the default
 LAYOUTS = ("per_wd", "one_pass")
 DEFAULT_LAYOUT = "one_pass"
-# slurm time limit per task in hours, the original's six sbatch scripts (/work/shared/REFERENCE.md, "The original's
-# cluster habits"): CIFAR 5 h (catN) / 6 h (single runs), ImageNet 12 h, iNat18 5 h (catN) / 12 h (single runs).
+# slurm time limit per task in hours, the original's six sbatch scripts (their #SBATCH
+# --time lines): CIFAR 5 h (catN) / 6 h (single runs), ImageNet 12 h, iNat18 5 h (catN) / 12 h (single runs).
 # A task that reaches it is requeued (USR1) and resumes, so a short limit costs a restart, not the run.
 HOURS = {("cifar10", "cat"): 5, ("cifar10", "single"): 6, ("cifar100", "cat"): 5, ("cifar100", "single"): 6,
          ("imagenet1k", "cat"): 12, ("imagenet1k", "single"): 12,
