@@ -116,6 +116,10 @@ def test_cpu_runtime_defaults_keep_the_users_values_and_share_the_cores():
     assert env["OMP_WAIT_POLICY"] == "ACTIVE" and env["OMP_NUM_THREADS"] == "2" and "ACTIVE (user)" in chosen.line
     env = {"OMP_NUM_THREADS": "3", "SLURM_NTASKS_PER_NODE": "2(x2)"}
     assert configure_cpu_runtime(env, cores=8).threads == "3"
+    # a slurm task given 1 CPU on a node that does not bind CPUs (its affinity shows all 8) runs 1 thread
+    env = {"SLURM_CPUS_PER_TASK": "1", "SLURM_NTASKS_PER_NODE": "1"}
+    chosen = configure_cpu_runtime(env, cores=8)
+    assert env["OMP_NUM_THREADS"] == "1" and "1 CPUs per slurm task" in chosen.line
 
 
 def test_cpu_runtime_reaches_torch_when_called_before_the_import():

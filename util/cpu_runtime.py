@@ -68,13 +68,17 @@ def configure_cpu_runtime(env=None, cores=None):
         env["OMP_WAIT_POLICY"] = "PASSIVE"  # idle threads sleep instead of spinning on shared cores
         chosen.append("OMP_WAIT_POLICY")
     processes = local_processes(env)
+    share = cores // processes
+    slurm = env.get("SLURM_CPUS_PER_TASK", "")
+    if slurm.isdigit() and 0 < int(slurm) < share:  # slurm gave the task fewer CPUs than its affinity shows (a
+        share = int(slurm)                           # cluster without CPU binding): keep to what it was given
     if not env.get("OMP_NUM_THREADS"):
-        env["OMP_NUM_THREADS"] = str(max(1, cores // processes))  # never more threads than cores per process
+        env["OMP_NUM_THREADS"] = str(max(1, share))  # never more threads than cores per process
         chosen.append("OMP_NUM_THREADS")
+    why = f"chosen: {cores} cores / {processes} process(es)"
+    why += f", {slurm} CPUs per slurm task" if share < cores // processes else ""
     parts = [f"OMP_WAIT_POLICY={env['OMP_WAIT_POLICY']} ({'chosen' if 'OMP_WAIT_POLICY' in chosen else 'user'})",
-             f"OMP_NUM_THREADS={env['OMP_NUM_THREADS']} ("
-             + (f"chosen: {cores} cores / {processes} process(es)" if "OMP_NUM_THREADS" in chosen else "user")
-             + ")"]
+             f"OMP_NUM_THREADS={env['OMP_NUM_THREADS']} ({why if 'OMP_NUM_THREADS' in chosen else 'user'})"]
     late = "torch" in sys.modules and env is os.environ and chosen
     line = "CPU runtime: " + ", ".join(parts) + (" [torch was already imported: applies to new processes only]"
                                                  if late else "")
