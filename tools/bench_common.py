@@ -53,6 +53,19 @@ def synchronize(device):
         torch.cuda.synchronize(device)
 
 
+def images_per_second(step, warmup, steps, batch, device):
+    """Images/s of `step` (one batch of `batch` images) over `steps` calls after `warmup` untimed ones; the device
+    is synchronised around the timed calls, so queued GPU work is counted."""
+    for _ in range(warmup):
+        step()
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    synchronize(device)
+    return batch * steps / (time.perf_counter() - start)
+
+
 def timed_probe(argv, log_name="train.log"):
     """Wall seconds and final top-1 of one main_linear_probe.py run (in this process)."""
     import contextlib

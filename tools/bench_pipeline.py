@@ -275,18 +275,6 @@ E2E_HEADER = ("| date | machine | torch | model | batch | setting | workers | st
               "| JPEG / synthetic | forward synthetic img/s | extraction JPEG img/s | JPEG / synthetic |")
 
 
-def timed(step, warmup, steps, batch, device):
-    from tools.bench_common import synchronize
-    for _ in range(warmup):
-        step()
-    synchronize(device)
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    synchronize(device)
-    return batch * steps / (time.perf_counter() - start)
-
-
 def bench_e2e(args):
     import argparse
 
@@ -299,7 +287,7 @@ def bench_e2e(args):
     from datasets.transforms import build_transform, pipeline_of
     from engine import autocast, compile_module
     from models import build_backbone
-    from tools.bench_common import machine_description, record
+    from tools.bench_common import images_per_second, machine_description, record
     from util.cpu_runtime import default_workers
 
     device = torch.device(args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
@@ -349,7 +337,7 @@ def bench_e2e(args):
         def step_with(batches, train_model=train_model, optimizer=optimizer):
             return lambda: engine_pretrain.train_step(train_model, optimizer, batches, recipe, device, False)
 
-        step_synthetic = timed(step_with(Synthetic()), warmup, steps, batch, device)
+        step_synthetic = images_per_second(step_with(Synthetic()), warmup, steps, batch, device)
         print(f"pretraining step, synthetic batches: {step_synthetic:.1f} img/s")
         train, _ = build_dataset("imagefolder", work, "train", download=False, decoder=args.decoder,
                                  arrays=args.fast_transforms)
@@ -359,7 +347,7 @@ def bench_e2e(args):
         loader = image_loader(seeded, batch_sampler=sampler, num_workers=workers, pin_memory=on_gpu,
                               prefetch_factor=4, persistent_workers=True)
         batches = iter(loader)
-        step_jpeg = timed(step_with(batches), warmup, steps, batch, device)
+        step_jpeg = images_per_second(step_with(batches), warmup, steps, batch, device)
         del batches, loader
         print(f"pretraining step, JPEGs through {workers} workers: {step_jpeg:.1f} img/s "
               f"({100 * step_jpeg / step_synthetic:.0f}% of synthetic)")
@@ -375,7 +363,7 @@ def bench_e2e(args):
             with torch.inference_mode(), autocast(device, args.precision):
                 return forward_model(images)
 
-        forward_synthetic = timed(lambda: forward(fixed), warmup, steps, batch, device)
+        forward_synthetic = images_per_second(lambda: forward(fixed), warmup, steps, batch, device)
         print(f"frozen forward, synthetic batches: {forward_synthetic:.1f} img/s")
         # the training split with the test transform, as the cache's plain training features are computed
         plain = WithTransform(train, build_transform("imagenet", "eval", False, size, pipeline))
@@ -407,7 +395,7 @@ def extraction_rate(loader, forward, device, warmup, steps, batch):
     """Images/s of reading batches from the loader, moving them to the device and forwarding them (features
     back on the host, as feature_cache.py stores them), passes over the loader repeated until `steps` batches."""
     from engine import to_device
-    from tools.bench_common import synchronize
+    from tools.bench_common import images_per_second
 
     def endless():
         while True:
@@ -420,14 +408,7 @@ def extraction_rate(loader, forward, device, warmup, steps, batch):
         images, _ = to_device(images, labels, device)
         forward(images).float().cpu()
 
-    for _ in range(warmup):
-        step()
-    synchronize(device)
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    synchronize(device)
-    return batch * steps / (time.perf_counter() - start)
+    return images_per_second(step, warmup, steps, batch, device)
 
 
 # ---------------------------------------------------------------- decode on the GPU (nvJPEG through torchvision)

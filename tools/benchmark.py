@@ -28,7 +28,7 @@ CPU_RUNTIME = configure_cpu_runtime()  # before torch: OpenMP reads its settings
 # torch and engine are imported inside the functions that use them,
 # so that --help answers without loading them
 from arguments import pretrain as pretrain_args  # noqa: E402  (after configure_cpu_runtime, on purpose)
-from tools.bench_common import machine_description, record, synchronize, timed_probe  # noqa: E402, F401
+from tools.bench_common import images_per_second, machine_description, record, synchronize, timed_probe  # noqa: E402, F401
 from util import layout  # noqa: E402
 from util.cli import ArgumentParser, UserError, run_main  # noqa: E402
 
@@ -52,17 +52,7 @@ def rates(step_fns, batch_size, warmup, steps, device):
     """Images/s of each step function, one after the other, each after its own warm-up. (Alternating single
     steps looks fairer under a varying load, but on CPU it makes both variants 2-3x slower: their
     allocations and oneDNN primitives keep evicting each other.)"""
-    out = {}
-    for name, step in step_fns.items():
-        for _ in range(warmup):
-            step()
-        synchronize(device)
-        start = time.perf_counter()
-        for _ in range(steps):
-            step()
-        synchronize(device)
-        out[name] = batch_size * steps / (time.perf_counter() - start)
-    return out
+    return {name: images_per_second(step, warmup, steps, batch_size, device) for name, step in step_fns.items()}
 
 
 def bench_train(args):
