@@ -47,7 +47,7 @@ from engine import (
 )
 from feature_cache import ExtractionStopped
 from models.heads import build_optimizer, head_specs, lr_at_epoch, param_groups
-from probe_setup import build_probe_data, build_probe_model, build_sources
+from probe_setup import build_probe_data, build_probe_model, build_sources, evaluate_eval_sets
 from timecat import resolve_backbones
 from util import layout, log_lines
 from util.checkpoint import load_file, save_atomic
@@ -139,10 +139,10 @@ def probe(args, dist_info, heads, logger, stop, board):
                                (train_features, train_labels, data.train_positions), test, device, logger)
         for head, result in zip(heads, results):
             head.knn = result
-    if args.mode == "eval_only":
-        return evaluate_saved_heads(args, dist_info, model, optimizer, heads, sources)
+    if args.mode == "eval_only":  # the saved heads on the test set, then on the --eval_datasets sets
+        records = evaluate_saved_heads(args, dist_info, model, optimizer, heads, sources)
+        return evaluate_eval_sets(data, model, heads, args, dist_info, records)
     start_epoch = resume_or_start(args, dist_info, model, optimizer, heads)
-
     # the processes agree on a stop at every iteration, so they all stop at the same one (slurm signals them at
     # different moments)
     stop_agreed = lambda: any_process(stop(), device)
@@ -187,7 +187,6 @@ def probe(args, dist_info, heads, logger, stop, board):
             train_skipped = int(all_reduce_sum([sources.train.skipped - skipped_before], device)[0])
             for lg in loggers:
                 lg.info(f"Skipped {train_skipped} unreadable training images in epoch {epoch} (--skip_bad_images)")
-
         records = []
         for h, head in enumerate(heads):  # each head's lines in the original's order, then its metrics record
             head.update(epoch, test[h], val[h])  # its bests, validation's selection, whether test top-1 improved
@@ -201,6 +200,7 @@ def probe(args, dist_info, heads, logger, stop, board):
             records.append(epoch_record(epoch, (train_loss[h], train_top1[h]), test[h], val[h], head.knn,
                                         {"lr": lr_at_epoch(epoch, head.spec.lr, args),
                                          "seconds": round(time.time() - start, 3), "train_skipped": train_skipped}))
+        evaluate_eval_sets(data, model, heads, args, dist_info, records if epoch == args.epochs - 1 else [])
         if dist_info.is_main:  # rank 0 writes; the others wait at the barrier
             save_epoch(args, model, optimizer, heads, records, board)
         barrier()
@@ -279,7 +279,7 @@ def head_args(args, spec):
 def evaluate_saved_heads(args, dist_info, model, optimizer, heads, sources):
     """--mode eval_only: every head on the test set, from the last epoch's checkpoint.pth.tar (the original's) or,
     with --eval_checkpoint best, from each head's best.pth.tar; the original's lines (`Found checkpoint at`, the
-    validation lines, `Test:`)."""
+    validation lines, `Test:`). Returns each head's eval-only record for --eval_datasets (its epoch)."""
     if args.eval_checkpoint == "last":
         path = os.path.join(args.dump_path, layout.PROBE_CHECKPOINT)
         state = load_file(path, "run checkpoint")
@@ -309,6 +309,7 @@ def evaluate_saved_heads(args, dist_info, model, optimizer, heads, sources):
         if args.extra_log_lines or args.skip_bad_images:
             head.logger.info(f"Test: Acc@5 {stats['top5']:.3f} over {sources.test_count - stats['skipped']} "
                              f"images (head of epoch {epoch})" + unreadable_note(stats))
+    return [{"epoch": epoch, "mode": "eval_only"} for _, epoch in found]
 
 
 def report(heads, logger, has_val):

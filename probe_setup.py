@@ -1,6 +1,7 @@
 """What a probe builds before its first epoch, from its checked flags: the data (splits and the seeded order they
 are read in), the model (frozen encoder, heads, what trains) and a batch source per split (features on the fly, the
 feature cache, or images when fine-tuning). main_linear_probe.probe() calls the three builders in order."""
+import os
 from typing import NamedTuple
 
 import torch
@@ -12,19 +13,23 @@ from datasets import (
     dataset_targets,
     family_of,
     image_loader,
+    image_loader_for,
+    imagenet_root,
     reference_sampler_seed,
     stratified_subset,
     subset_fraction,
 )
+from datasets.eval_sets import build_eval_set, restrict_logits
 from datasets.transforms import build_transform, crop_size, pipeline_of
-from engine import CachedBatches, Classifier, EncodedBatches, ImageBatches, ShardSampler, compile_module
+from engine import CachedBatches, Classifier, EncodedBatches, ImageBatches, ShardSampler, compile_module, evaluate
 from feature_cache import load_or_build
 from models import ConcatEncoder
 from models.heads import build_heads
 from timecat import backbones_recipe
+from util import layout, log_lines
 from util.cli import UserError
 from util.distributed import barrier
-from util.logs import use_progress_bar
+from util.logs import append_jsonl, use_progress_bar
 
 
 # ---------------------------------------------------------------- data
@@ -62,6 +67,7 @@ class ProbeData(NamedTuple):
     test_sampler: ShardSampler
     generator: torch.Generator
     drop_last: bool
+    eval_sets: tuple = ()  # --eval_datasets: datasets.eval_sets.EvalSet, images with the test transform
 
 
 def build_probe_data(args, dist_info, logger):
@@ -101,7 +107,8 @@ def build_probe_data(args, dist_info, logger):
                         f"raise them, or train the head with --no-use_bn")
     return ProbeData(train_aug, train_plain, test_set, train_positions, val_positions, num_classes, train_sampler,
                      ShardSampler(len(val_positions), dist_info.rank, world),
-                     ShardSampler(len(test_set), dist_info.rank, world), torch.Generator(), drop_last)
+                     ShardSampler(len(test_set), dist_info.rank, world), torch.Generator(), drop_last,
+                     build_eval_sets(args, train_base, test_set.transform))
 
 
 def drop_single_sample_batch(per_process, args, world, logger):
@@ -218,3 +225,56 @@ def place_features(views, plain, test, device, logger):
         return views, plain, test
     moved = {key: t.to(device) for key, t in unique.items()}
     return [moved[id(v)] for v in views], moved[id(plain)], moved[id(test)]
+
+
+# ---------------------------------------------------------------- evaluation-only sets (--eval_datasets)
+def build_eval_sets(args, train_base, test_transform):
+    """The --eval_datasets sets of an ImageNet1k probe (datasets.eval_sets.EvalSet), labelled with the probe's
+    classes, their images read with its test transform: checked with the data, so a missing or malformed folder
+    stops the run before it builds a model or trains."""
+    if not args.eval_datasets:
+        return []
+    head_wnids = base_dataset(train_base).classes  # ImageFolder's sorted wnids: head output k is head_wnids[k]
+    loader = image_loader_for(args.decoder, args.fast_transforms)
+    imagenet_folder = imagenet_root(args.data_path).folder
+    out = []
+    for name in args.eval_datasets:
+        eval_set = build_eval_set(name, args.data_path, imagenet_folder, head_wnids, loader)
+        out.append(eval_set._replace(dataset=WithTransform(eval_set.dataset, test_transform)))
+    return out
+
+
+def base_dataset(dataset):
+    """The dataset under WithTransform / Subset views (the ImageFolder whose .classes name the head's outputs)."""
+    while hasattr(dataset, "dataset"):
+        dataset = dataset.dataset
+    return dataset
+
+
+def evaluate_eval_sets(data, model, heads, args, dist_info, records):
+    """Every head, in evaluation mode, on every --eval_datasets set, once (their features are not cached): one
+    `Eval` line per set in each head's log, and the fields {name}_loss, {name}_top1, {name}_top5 added to each head's
+    record: the last epoch's metrics record (the probe saves it), or in --mode eval_only a record of its own,
+    appended here to the head's metrics.jsonl. No records (another epoch) or no sets: nothing to do."""
+    if not records or not data.eval_sets:
+        return
+    device = dist_info.device
+    for eval_set in data.eval_sets:
+        batches = image_loader(eval_set.dataset, args.skip_bad_images, batch_size=args.batch_size,
+                               sampler=ShardSampler(len(eval_set.dataset), dist_info.rank, dist_info.world_size),
+                               num_workers=args.workers, pin_memory=device.type == "cuda")
+        source = ImageBatches(batches, device) if model.finetune else \
+            EncodedBatches(batches, model.encoder, device, args.precision)
+        # ImageNet-R/-A: the prediction is the best of their 200 classes (labels are positions in the mask)
+        scored = model.eval_model if eval_set.mask is None else restrict_logits(model.eval_model, eval_set.mask)
+        count = len(eval_set.dataset)
+        stats = evaluate(scored, source, device, args.precision, count, num_heads=len(heads))
+        classes = len(eval_set.mask) if eval_set.mask is not None else data.num_classes
+        for head, record, s in zip(heads, records, stats):
+            head.logger.info(log_lines.eval_dataset_line(eval_set.name, s["loss"], s["top1"], s["top5"],
+                                                         count - s["skipped"], classes))
+            record.update({f"{eval_set.name}_loss": s["loss"], f"{eval_set.name}_top1": s["top1"],
+                           f"{eval_set.name}_top5": s["top5"]})
+    if args.mode == "eval_only" and dist_info.is_main:
+        for head, record in zip(heads, records):
+            append_jsonl(record, os.path.join(head.folder, layout.METRICS))

@@ -25,6 +25,9 @@ PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_TAG_FILE = os.path.join(PROJECT_ROOT, layout.TAG_FILE)
 HEAD_IMPLS = ("separate", "fused")  # --head_impl: models.heads.MultiHead(fused=...)
 DIAGNOSTICS = ("feature_importance", "cat_validate_network")
+TF_NAMES = ("eval", "224px", "32px", "384px", "vit384px")  # datasets/transforms.py builds them
+# --eval_datasets: the evaluation-only sets of an ImageNet1k probe (datasets/eval_sets.py reads them)
+EVAL_DATASETS = ("imagenet_v2", "imagenet_sketch", "imagenet_r", "imagenet_a")
 RESULTS_ROOT = os.path.join(PROJECT_ROOT, "results", "probe")  # under the git-ignored results/
 # A resumed run must have been started with the same recipe; these arguments define it (compared on resume, and
 # hashed into the default --dump_path). global_batch and batch_semantics are derived from --batch_size and the
@@ -164,8 +167,14 @@ def add_data_args(g):
     add_data_path_arg(g, PROJECT_ROOT, "root of the README data layout (cifar/, imagenet/, inaturalist18/)")
     add_bool(g, "download", True, "download CIFAR with torchvision into an existing --data_path when it is "
              "missing (reference: True)")
-    g.add_argument("--tf_name", default="eval", choices=["eval", "224px", "32px"],
-                   help="transform preset: eval/224px = the reference's 224-px transforms, 32px = CIFAR native")
+    g.add_argument("--tf_name", default="eval", choices=TF_NAMES,
+                   help="transform preset: eval/224px = the reference's 224-px transforms, 32px = CIFAR native, "
+                   "384px = the dataset's transforms at crop 384 (test resize 438), vit384px = crop 384 (resize "
+                   "438), bicubic, mean = std = 0.5 (recommended and reference: eval)")
+    g.add_argument("--eval_datasets", nargs="+", default=[], choices=EVAL_DATASETS, metavar="NAME",
+                   help="imagenet1k only: also evaluate the heads on these evaluation-only sets after the last "
+                   "epoch and in --mode eval_only (ImageNet-R/-A scored on their 200 classes), in the releases' "
+                   f"folders under --data_path; any of {', '.join(EVAL_DATASETS)} (reference: none)")
     g.add_argument("--img_size", type=int, default=None, help="crop size overriding the preset (test resize "
                    "= int(8/7 of it)), to run any dataset at CPU scale (reference: 224)")
     g.add_argument("--data_rate", type=float, default=1.0, help="fraction of the training set kept, the "
@@ -297,6 +306,9 @@ def check_args(args):
     if args.tf_name == "32px" and not is_cifar(args.data_name):
         raise UserError(f"--tf_name 32px is the CIFAR native-size preset; use eval (and --img_size) for "
                         f"{args.data_name}")
+    if args.eval_datasets and args.data_name != "imagenet1k":
+        raise UserError(f"--eval_datasets {' '.join(args.eval_datasets)}: these are ImageNet test sets, scored by "
+                        f"a 1000-way ImageNet head; probe --data_name imagenet1k, or drop --eval_datasets")
     if args.cache_views and not args.feature_cache:
         raise UserError("--cache_views needs --feature_cache DIR")
     subsets_for(args.subsets, len(args.pretrained))  # the one-line error of a mode too large for the backbones

@@ -9,6 +9,8 @@ import torch
 import torchvision
 from PIL import Image, ImageDraw
 
+from datasets.eval_sets import EVAL_SETS, IMAGENET_WNIDS, read_wnids
+
 PALETTE = np.array([[220, 40, 40], [40, 200, 40], [40, 40, 220], [220, 220, 40], [220, 40, 220],
                     [40, 220, 220], [250, 140, 20], [120, 60, 200], [30, 30, 30], [240, 240, 240]])
 
@@ -113,14 +115,39 @@ def make_jpeg_folder(root, n_images, num_classes=10, seed=0, quality=90):
     return paths
 
 
-def make_imagenet(data_path, num_classes=4, n_train=8, n_val=3, size=40, seed=0):
-    """data_path/imagenet/{train,val}/<wnid>/*.JPEG"""
+def make_imagenet(data_path, num_classes=4, n_train=8, n_val=3, size=40, seed=0, wnids=None):
+    """data_path/imagenet/{train,val}/<wnid>/*.JPEG; wnids: real class names (sorted: class k is wnids[k]), else
+    n00000000, n00000001, ..."""
     rng = np.random.default_rng(seed)
+    wnids = sorted(wnids) if wnids else [f"n{c:08d}" for c in range(num_classes)]
     for split, n in (("train", n_train), ("val", n_val)):
-        for c in range(num_classes):
+        for c, wnid in enumerate(wnids):
             for i in range(n):
-                write_jpeg(os.path.join(data_path, "imagenet", split, f"n{c:08d}", f"img_{c}_{i}.JPEG"), c, rng, size)
+                write_jpeg(os.path.join(data_path, "imagenet", split, wnid, f"img_{c}_{i}.JPEG"), c, rng, size)
     return os.path.join(data_path, "imagenet")
+
+
+def make_eval_sets(data_path, wnids, per_class=2, size=40, seed=1, names=None):
+    """The evaluation-only sets of datasets/eval_sets.py in their releases' layouts under data_path, per_class JPEGs
+    of each of `wnids` (ImageNet wnids; class colour: the wnid's position in sorted(wnids), as make_imagenet's) that
+    the release has: ImageNet-v2 folders named by ImageNet class index (<hash>.jpeg), Sketch by wnid (*.JPEG), R and
+    A by wnid (*.jpg), only their 200 classes. Returns {name: [(path, wnid)]}."""
+    rng = np.random.default_rng(seed)
+    colour = {w: k for k, w in enumerate(sorted(wnids))}
+    written = {}
+    for name in names or EVAL_SETS:
+        spec = EVAL_SETS[name]
+        release = set(read_wnids(spec.classes_file) if spec.classes_file else IMAGENET_WNIDS)
+        ext = {"imagenet_v2": ".jpeg", "imagenet_sketch": ".JPEG"}.get(name, ".jpg")
+        written[name] = []
+        for wnid in sorted(w for w in wnids if w in release):
+            folder = str(IMAGENET_WNIDS.index(wnid)) if spec.by_index else wnid
+            for i in range(per_class):
+                stem = f"{rng.integers(1 << 40):010x}" if spec.by_index else f"{name}_{i}"
+                path = os.path.join(data_path, spec.folder, folder, stem + ext)
+                write_jpeg(path, colour[wnid], rng, size)
+                written[name].append((path, wnid))
+    return written
 
 
 def make_inat(data_path, category_ids=(7477, 12, 300, 8000), n_train=6, n_val=2, size=40, seed=0):

@@ -1,5 +1,6 @@
-"""Transforms of the reference probe: per-dataset presets (eval, 224px, 32px), any crop size via --img_size, and
-the input recipe of backbones that expect another one than the reference's (models.backbones.input_recipe).
+"""Transforms of the reference probe: per-dataset presets (eval, 224px, 32px, 384px, vit384px), any crop size via
+--img_size, and the input recipe of backbones that expect another one than the reference's
+(models.backbones.input_recipe).
 
 Three pipelines compute them (--decoder, --fast_transforms; docs/benchmarks.md "data"):
 - reference (default): torchvision's PIL transforms, ToTensor, Normalize.
@@ -18,17 +19,21 @@ from torchvision.transforms.v2 import functional as F2
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)
-TF_NAMES = ("eval", "224px", "32px")
+# the 0.5 normalisation of the original ViT release and of timm's 384-px ViTs (vit384px; an assumption: the
+# original's values are not in its README, README "Transform presets")
+VIT_MEAN, VIT_STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
+TF_NAMES = ("eval", "224px", "32px", "384px", "vit384px")
+PRESET_CROPS = {"32px": 32, "384px": 384, "vit384px": 384}
 PIPELINES = ("reference", "turbo", "fast")
 
 
 def crop_size(family, tf_name, img_size=None, recipe=None):
-    """The crop the encoder sees: --img_size, else the preset's (32px: 32), else the backbones' recipe's on
-    ImageNet-like data (224 for the reference)."""
+    """The crop the encoder sees: --img_size, else the preset's (32px: 32, 384px and vit384px: 384), else the
+    backbones' recipe's on ImageNet-like data (224 for the reference)."""
     if img_size:
         return img_size
-    if tf_name == "32px":
-        return 32
+    if tf_name in PRESET_CROPS:
+        return PRESET_CROPS[tf_name]
     return recipe.crop if recipe is not None and family != "cifar" else 224
 
 
@@ -99,7 +104,9 @@ class Uint8ResizeCenterCrop:
 
 def build_transform(family, tf_name, train, img_size=None, pipeline="reference", recipe=None):
     """family: 'cifar' or 'imagenet' (ImageNet and iNat18). img_size overrides the preset's crop;
-    the test resize is int(8/7 of the crop), the reference's (256 for 224, 36 for 32). pipeline: PIPELINES.
+    the test resize is int(8/7 of the crop), the reference's (256 for 224, 36 for 32, 438 for 384). pipeline:
+    PIPELINES. 384px: the dataset's transform at crop 384; vit384px: crop 384, bicubic, mean = std = 0.5 on every
+    dataset and backbone.
 
     recipe: None (the reference's transform), or the backbones' own (crop, resize, interpolation, mean, std; see
     models.backbones.InputRecipe), applied to ImageNet-like data at the crop size (resize scaled with it); CIFAR
@@ -122,6 +129,8 @@ def build_transform(family, tf_name, train, img_size=None, pipeline="reference",
     else:
         mean, std = IMAGENET_MEAN, IMAGENET_STD
         interpolation, scale = T.InterpolationMode.BILINEAR, (0.08, 1.0)  # RandomResizedCrop's defaults
+    if tf_name == "vit384px":  # the preset names its normalisation and resampling, whatever the data or backbone
+        mean, std, interpolation, resize = VIT_MEAN, VIT_STD, T.InterpolationMode.BICUBIC, int(crop * 8 / 7)
     ratio = (3 / 4, 4 / 3)
     if pipeline == "fast":
         geometry = Uint8RandomResizedCrop(crop, scale, ratio, interpolation) if train else \

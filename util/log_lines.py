@@ -29,6 +29,9 @@ FINAL_RE = re.compile(r"Top-1 test accuracy:\s*([\d.]+)")
 # `--custom_eval_func` diagnostics: "feature_importance: 0.0123,0.0456"
 SELECTED_RE = re.compile(r"Selected on validation:(.*)")
 DIAGNOSTIC_RE = re.compile(r"(feature_importance|cat_validate_network): ([-\d.,naif]+)")
+# --eval_datasets: "Eval imagenet_r:\tLoss 1.2345\tAcc@1 12.345\tAcc@5 34.567\tImages 30000\tClasses 200"
+EVAL_DATASET_RE = re.compile(r"Eval (\w+):" + _SEP + r"Loss (\S+)" + _SEP + r"Acc@1 ([\d.]+)" + _SEP
+                             + r"Acc@5 ([\d.]+)" + _SEP + r"Images (\d+)" + _SEP + r"Classes (\d+)")
 
 
 def iteration_line(epoch, i, n, time_val, time_avg, data_val, data_avg, loss_val, loss_avg, prec_val, prec_avg,
@@ -80,6 +83,20 @@ def selected_line(epoch, val_top1, test_top1, head=None):
     and test top-1; tools/summarize.py reads it (parse_selected)."""
     where = f"{head} " if head else ""
     return f"Selected on validation: {where}epoch {epoch} val Acc@1 {val_top1:.2f} test Acc@1 {test_top1:.2f}"
+
+
+def eval_dataset_line(name, loss, top1, top5, images, classes):
+    """A head's result on an evaluation-only set (--eval_datasets): its name, loss, top-1 and top-5 (%) over the
+    images scored, and the classes the prediction chose among (200 for ImageNet-R/-A, the head's otherwise). Not a
+    `Test:` line: the acc1 scripts and TEST_RE keep reading the probe's own test set."""
+    return (f"Eval {name}:\tLoss {loss:.4f}\tAcc@1 {top1:.3f}\tAcc@5 {top5:.3f}\tImages {images}\t"
+            f"Classes {classes}")
+
+
+def parse_eval_datasets(text):
+    """{name: (loss, top1, top5, images, classes)} of the last `Eval` line of each evaluation-only set in a log."""
+    return {m.group(1): (float(m.group(2)), float(m.group(3)), float(m.group(4)), int(m.group(5)), int(m.group(6)))
+            for m in EVAL_DATASET_RE.finditer(text)}
 
 
 def diagnostic_line(name, values):
