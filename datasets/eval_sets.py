@@ -29,20 +29,24 @@ class EvalSpec(NamedTuple):
     title: str  # its name in log lines and errors
     by_index: bool  # class folders named by ImageNet class index (ImageNet-v2), else by wnid
     classes_file: str  # the release's class list (None: ImageNet's 1000)
-    source: str  # where the release is downloaded
+    url: str  # the release's archive (tools/prepare_data.py evalsets --download fetches it)
+    images: int  # the release's image count (tools/prepare_data.py checks it)
 
 
 EVAL_SETS = {
+    # github.com/modestyachts/ImageNetV2 (its archive on the Hugging Face hub); matched-frequency, the usual one
     "imagenet_v2": EvalSpec("imagenetv2-matched-frequency-format-val", "ImageNet-v2", True, None,
                             "https://huggingface.co/datasets/vaishaal/ImageNetV2/resolve/main/"
-                            "imagenetv2-matched-frequency.tar.gz"),
+                            "imagenetv2-matched-frequency.tar.gz", 10000),
+    # github.com/HaohanWang/ImageNet-Sketch (its archive on the Hugging Face hub)
     "imagenet_sketch": EvalSpec("sketch", "ImageNet-Sketch", False, None,
-                                "https://huggingface.co/datasets/imagenet_sketch/resolve/main/data/"
-                                "ImageNet-Sketch.zip (or github.com/HaohanWang/ImageNet-Sketch)"),
+                                "https://huggingface.co/datasets/songweig/imagenet_sketch/resolve/main/data/"
+                                "ImageNet-Sketch.zip", 50889),
+    # github.com/hendrycks/imagenet-r and github.com/hendrycks/natural-adv-examples
     "imagenet_r": EvalSpec("imagenet-r", "ImageNet-R", False, "imagenet_r_wnids.txt",
-                           "https://people.eecs.berkeley.edu/~hendrycks/imagenet-r.tar"),
+                           "https://people.eecs.berkeley.edu/~hendrycks/imagenet-r.tar", 30000),
     "imagenet_a": EvalSpec("imagenet-a", "ImageNet-A", False, "imagenet_a_wnids.txt",
-                           "https://people.eecs.berkeley.edu/~hendrycks/imagenet-a.tar"),
+                           "https://people.eecs.berkeley.edu/~hendrycks/imagenet-a.tar", 7500),
 }
 EVAL_NAMES = tuple(EVAL_SETS)
 
@@ -59,8 +63,8 @@ IMAGENET_WNIDS = read_wnids("imagenet_wnids.txt")
 def eval_hint(name):
     spec = EVAL_SETS[name]
     layout = "<class index 0..999>" if spec.by_index else "<wnid>"
-    return (f"Expected layout: <data_path>/{spec.folder}/{layout}/<images>, as the release unpacks; get it from "
-            f"{spec.source} and unpack it under --data_path (docs: README, 'Evaluation-only datasets').")
+    return (f"Expected layout: <data_path>/{spec.folder}/{layout}/<images>, as the release unpacks: "
+            f"`python tools/prepare_data.py evalsets {name} --download` fetches {spec.url} and unpacks it there.")
 
 
 def eval_folder(name, data_path, imagenet_folder):

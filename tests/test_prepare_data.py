@@ -291,3 +291,68 @@ def test_cli_exit_codes(tmp_path):
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "prepare_data.py"), "check", "cifar10",
                            "--data_path", str(tmp_path)], capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert proc.returncode == 1 and "cifar10: NOT READY" in proc.stdout
+
+
+# ---- the probe's --eval_datasets (ImageNet-v2, -Sketch, -R, -A)
+def make_eval_archives(tmp_path, out_dir):
+    """The four releases' archives (tar.gz, zip, tar, tar) of small generated folders, named as published."""
+    import zipfile
+
+    from datasets.eval_sets import EVAL_SETS, IMAGENET_WNIDS
+    from datasets.synthetic import make_eval_sets
+    staging = tmp_path / "staging"
+    make_eval_sets(str(staging), [IMAGENET_WNIDS[k] for k in (0, 1, 6, 11)], per_class=1, size=16)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for spec in EVAL_SETS.values():
+        archive = out_dir / spec.url.rsplit("/", 1)[-1]
+        if archive.name.endswith(".zip"):
+            with zipfile.ZipFile(archive, "w") as zf:
+                for path in sorted((staging / spec.folder).rglob("*")):
+                    zf.write(path, str(path.relative_to(staging)))
+        else:
+            with tarfile.open(archive, "w:gz" if archive.name.endswith(".gz") else "w") as tar:
+                tar.add(staging / spec.folder, arcname=spec.folder)
+
+
+def test_evalsets_download_extract_and_check_from_local_server(tmp_path, capsys):
+    served = tmp_path / "served"
+    make_eval_archives(tmp_path, served)
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(served))
+    handler.log_message = lambda *a: None
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    data = tmp_path / "data"
+    try:
+        assert run("evalsets", "--download", "--base_url", f"http://127.0.0.1:{srv.server_port}", "--retries", "0",
+                   "--data_path", str(data)) == 0
+    finally:
+        srv.shutdown()
+        srv.server_close()
+    out = capsys.readouterr().out
+    for name, images, classes in (("imagenet_v2", 4, 4), ("imagenet_sketch", 4, 4), ("imagenet_r", 3, 3),
+                                  ("imagenet_a", 2, 2)):
+        assert f"{name}: ready" in out and f"{images} images in {classes} class folders" in out, out
+    assert "the release has 30000 images in 200 classes" in out  # a partial copy: a warning, not a problem
+    assert sorted(p.name for p in (data / "imagenetv2-matched-frequency-format-val").iterdir()) == \
+        ["0", "1", "11", "6"]
+    assert not [p for p in data.iterdir() if p.name.startswith(".extract-")]
+    assert run("evalsets", "imagenet_r", "--data_path", str(data)) == 0
+    assert "imagenet-r: already extracted" in capsys.readouterr().out
+    assert run("check", "imagenet_a", "--data_path", str(data)) == 0
+
+
+def test_evalsets_without_archives_says_what_to_download(tmp_path, capsys):
+    assert run("evalsets", "imagenet_a", "--data_path", str(tmp_path)) == 1
+    out = capsys.readouterr().out
+    assert "imagenet_a: NOT READY" in out and "https://people.eecs.berkeley.edu/~hendrycks/imagenet-a.tar" in out
+    with pytest.raises(UserError, match="unknown evaluation set"):
+        run("evalsets", "imagenet_c", "--data_path", str(tmp_path))
+
+
+def test_evalsets_refuses_an_unsafe_zip(tmp_path):
+    import zipfile
+    with zipfile.ZipFile(tmp_path / "ImageNet-Sketch.zip", "w") as zf:
+        zf.writestr("../escape.txt", "x")
+    with pytest.raises(UserError, match="unsafe archive"):
+        run("evalsets", "imagenet_sketch", "--data_path", str(tmp_path / "data"), "--archive_dir", str(tmp_path))
+    assert not (tmp_path / "escape.txt").exists()

@@ -4,9 +4,12 @@
     python tools/prepare_data.py cifar                  # torchvision download into data/cifar/
     python tools/prepare_data.py inat [--download]      # extract (and fetch) the iNaturalist 2018 archives, verify
     python tools/prepare_data.py imagenet [--val_map FILE [--synsets FILE]]   # validate; sort a flat val/
+    python tools/prepare_data.py evalsets [imagenet_v2 imagenet_sketch imagenet_r imagenet_a] [--download]
+                                                        # the probe's --eval_datasets: fetch, extract, verify
 
 Layout: data/cifar/{cifar-10-batches-py,cifar-100-python}/, data/imagenet/{train,val}/<wnid>/*.JPEG,
-data/inaturalist18/{train_val2018/, train2018.json, val2018.json}.
+data/inaturalist18/{train_val2018/, train2018.json, val2018.json}; --eval_datasets: the releases' folders under data/
+(datasets/eval_sets.py).
 Exit code: 0 when the datasets concerned are ready, 1 when not (the output says what is missing), 2 on errors.
 """
 import argparse
@@ -17,10 +20,12 @@ import re
 import shutil
 import sys
 import tempfile
+import zipfile
 from dataclasses import dataclass, field
 from urllib.error import URLError
 
 from arguments.common import add_data_path_arg
+from arguments.linear_probe import EVAL_DATASETS as EVAL_NAMES
 from tools.download import CorruptArchive, fetch, safe_extract, show
 from util import layout
 from util.cli import ArgumentParser, UserError, run_main
@@ -401,14 +406,96 @@ def prepare_imagenet(args):
     return [check_imagenet(args.data_path)]
 
 
+# ---- the evaluation-only ImageNet test sets of --eval_datasets
+def check_eval_set(data_path, name):
+    """The release's folder read as the probe reads it (datasets.eval_sets), its image and class counts."""
+    from datasets.eval_sets import EVAL_SETS, IMAGENET_WNIDS, build_eval_set  # imports torch: only here
+    spec, report = EVAL_SETS[name], Report(name)
+    folder = os.path.join(data_path, spec.folder)
+    if not os.path.isdir(folder):
+        report.problems.append(f"{show(folder)}/ not found")
+        report.howto.append(f"python tools/prepare_data.py evalsets {name} --download{data_flag(data_path)} "
+                            f"(or download {spec.url} and extract it into {show(data_path)})")
+        return report
+    try:
+        eval_set = build_eval_set(name, data_path, data_path, IMAGENET_WNIDS)
+    except UserError as exc:
+        report.problems.append(str(exc))
+        return report
+    images, classes = len(eval_set.dataset), len(set(eval_set.dataset.targets))
+    release_classes = 200 if spec.classes_file else 1000
+    report.facts.append(f"{images} images in {classes} class folders")
+    if (images, classes) != (spec.images, release_classes):
+        report.warnings.append(f"the release has {spec.images} images in {release_classes} classes (a partial copy "
+                               f"is scored on what it holds)")
+    return report
+
+
+def extract_zip_archive(archive, folder, target):
+    """A zip release (ImageNet-Sketch): refuse unsafe member names, extract into a temporary folder inside `folder`,
+    then move `target` into place."""
+    try:
+        with zipfile.ZipFile(archive) as zf:
+            for name in zf.namelist():
+                if name.startswith(("/", "\\")) or ".." in name.replace("\\", "/").split("/"):
+                    raise UserError(f"refusing to extract {show(archive)}: member {name!r} leaves the folder "
+                                    f"(unsafe archive); nothing was placed")
+            tmp = tempfile.mkdtemp(prefix=".extract-", dir=folder)
+            try:
+                zf.extractall(tmp)
+                found = _find(tmp, target, depth=3)
+                if found is None:
+                    raise UserError(f"{show(archive)} holds no {target}/ (it has: {first(zf.namelist(), 3)})")
+                os.replace(found, os.path.join(folder, target))
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+    except zipfile.BadZipFile as exc:
+        raise UserError(f"{show(archive)} is corrupt or not a zip archive ({exc}); delete it and download it "
+                        f"again") from None
+    print(f"  {os.path.basename(archive)} -> {show(os.path.join(folder, target))}")
+
+
+def prepare_evalsets(args):
+    from datasets.eval_sets import EVAL_SETS  # imports torch: only here
+    unknown = [name for name in args.names if name not in EVAL_NAMES]
+    if unknown:
+        raise UserError(f"unknown evaluation set {unknown[0]!r}: choose among {', '.join(EVAL_NAMES)}")
+    os.makedirs(args.data_path, exist_ok=True)
+    archive_dir = args.archive_dir or args.data_path
+    for name in args.names or EVAL_NAMES:
+        spec = EVAL_SETS[name]
+        if os.path.isdir(os.path.join(args.data_path, spec.folder)) and not args.force:
+            print(f"{spec.folder}: already extracted")
+            continue
+        archive = spec.url.rsplit("/", 1)[-1]
+        path = os.path.join(archive_dir, archive)
+        if not os.path.isfile(path):
+            if not args.download:
+                continue  # the check below says what to download
+            os.makedirs(archive_dir, exist_ok=True)
+            url = f"{args.base_url}/{archive}" if args.base_url else spec.url
+            print(f"Downloading {url} to {show(path)}")
+            fetch(url, path, args.retries, args.backoff, args.timeout)
+        print(f"Extracting {show(path)}")
+        if os.path.isdir(os.path.join(args.data_path, spec.folder)):  # --force: the archive's copy replaces it
+            shutil.rmtree(os.path.join(args.data_path, spec.folder))
+        if archive.endswith(".zip"):
+            extract_zip_archive(path, args.data_path, spec.folder)
+        else:
+            extract_inat_archive(path, args.data_path, spec.folder)
+    return [check_eval_set(args.data_path, name) for name in args.names or EVAL_NAMES]
+
+
 # ---- main
 def check(args):
-    unknown = [name for name in args.datasets if name not in DATASETS]
+    unknown = [name for name in args.datasets if name not in DATASETS + EVAL_NAMES]
     if unknown:
-        raise UserError(f"unknown dataset {unknown[0]!r}: choose among {', '.join(DATASETS)}")
+        raise UserError(f"unknown dataset {unknown[0]!r}: choose among {', '.join(DATASETS + EVAL_NAMES)}")
     reports = []
     for name in args.datasets or DATASETS:
-        if name.startswith("cifar"):
+        if name in EVAL_NAMES:
+            reports.append(check_eval_set(args.data_path, name))
+        elif name.startswith("cifar"):
             reports.append(check_cifar(args.data_path, name))
         elif name == "inaturalist18":
             reports.append(check_inat(args.data_path))
@@ -427,7 +514,8 @@ def get_args_parser():
     c = sub.add_parser("check", parents=[common], help="say which datasets are ready and what the others lack",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     c.add_argument("datasets", nargs="*", metavar="DATASET",
-                   help=f"datasets to check, among {', '.join(DATASETS)} (default: all)")
+                   help=f"datasets to check, among {', '.join(DATASETS)} (default: these) and the probe's "
+                   f"--eval_datasets {', '.join(EVAL_NAMES)}")
     c.set_defaults(func=check)
 
     c = sub.add_parser("cifar", parents=[common], help="download CIFAR10/100 through torchvision",
@@ -466,6 +554,21 @@ def get_args_parser():
     c.add_argument("--synsets", default=None, help="wnid of each class index, one per line")
     c.add_argument("--dry_run", action="store_true", help="say what --val_map would move, move nothing")
     c.set_defaults(func=prepare_imagenet)
+
+    c = sub.add_parser("evalsets", parents=[common], formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                       help="fetch, extract and verify the probe's --eval_datasets (ImageNet-v2, -Sketch, -R, -A)")
+    c.add_argument("names", nargs="*", metavar="NAME",
+                   help=f"among {', '.join(EVAL_NAMES)} (default: all)")
+    c.add_argument("--archive_dir", default=None, help="folder of the releases' archives (default: --data_path)")
+    c.add_argument("--download", action="store_true", help="download the missing archives first (resumable; "
+                   "about 1.3 GB v2, 8 GB Sketch, 2 GB R, 0.7 GB A)")
+    c.add_argument("--base_url", default=None, help="fetch every archive from this folder URL instead of its "
+                   "release's (a mirror)")
+    c.add_argument("--force", action="store_true", help="extract again even what is already there")
+    c.add_argument("--retries", type=int, default=5, help="download retries without progress")
+    c.add_argument("--backoff", type=float, default=2.0, help="seconds before the first retry, then doubled")
+    c.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the server")
+    c.set_defaults(func=prepare_evalsets)
     return p
 
 
