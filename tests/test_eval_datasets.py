@@ -183,3 +183,18 @@ def test_unknown_names_are_refused():
     assert EVAL_SETS["imagenet_v2"].by_index and not EVAL_SETS["imagenet_sketch"].by_index
     with pytest.raises(SystemExit):
         probe.get_args_parser().parse_args(["--eval_datasets", "imagenet_c"])
+
+
+@pytest.mark.parametrize("extra", [["--exp_mode", "finetune", "--lr", "0.01"], ["--feature_cache", "CACHE"]])
+def test_eval_datasets_with_finetuning_and_the_feature_cache(world, tmp_path, extra):
+    """Fine-tuning scores images through the tuned encoder; with the cache, the sets' features are computed on the
+    fly (not cached)."""
+    extra = [str(tmp_path / "cache") if e == "CACHE" else e for e in extra]
+    run_probe(world, tmp_path / "run", "--epochs", "1", "--eval_datasets", "imagenet_a", "imagenet_sketch", *extra)
+    found = log_lines.parse_eval_datasets((tmp_path / "run" / "train.log").read_text())
+    assert {name: found[name][3:] for name in found} == {"imagenet_a": (len(world["written"]["imagenet_a"]), 2),
+                                                         "imagenet_sketch": (10, 5)}
+    record = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert record["imagenet_a_top1"] == pytest.approx(found["imagenet_a"][1], abs=1e-3)
+    if "--feature_cache" in extra:
+        assert not any("imagenet" in p.name for p in (tmp_path / "cache").rglob("*"))
