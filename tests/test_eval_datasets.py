@@ -198,3 +198,25 @@ def test_eval_datasets_with_finetuning_and_the_feature_cache(world, tmp_path, ex
     assert record["imagenet_a_top1"] == pytest.approx(found["imagenet_a"][1], abs=1e-3)
     if "--feature_cache" in extra:
         assert not any("imagenet" in p.name for p in (tmp_path / "cache").rglob("*"))
+
+
+def test_two_processes_score_the_sets_as_one(world, tmp_path):
+    """--mode eval_only of the same saved head in one process and in two (each scoring its shard of every set, the
+    sums all-reduced): the same counts, top-1, top-5 and loss."""
+    from helpers import run_script
+    dump = tmp_path / "run"
+    run_probe(world, dump, "--epochs", "1")
+    eval_only = ["--epochs", "1", "--mode", "eval_only", "--eval_datasets", "imagenet_r", "imagenet_v2"]
+    run_probe(world, dump, *eval_only)
+    one = log_lines.parse_eval_datasets((dump / "train.log").read_text())
+    (dump / "train.log").write_text("")
+    argv = ["main_linear_probe.py", "--arch", "resnet18", "--pretrained", world["ckpt"], "--data_path", world["data"],
+            "--data_name", "imagenet1k", "--dump_path", str(dump), *TINY, *eval_only]
+    done = run_script(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *argv],
+                      env={"OMP_WAIT_POLICY": "PASSIVE"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    two = log_lines.parse_eval_datasets((dump / "train.log").read_text())
+    assert set(one) == set(two) == {"imagenet_r", "imagenet_v2"}
+    for name in one:
+        assert one[name][3:] == two[name][3:] and one[name][1:3] == two[name][1:3], name
+        assert one[name][0] == pytest.approx(two[name][0], abs=2e-4), name
