@@ -20,7 +20,7 @@ from torchvision.transforms.v2 import functional as F2
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)
 # the 0.5 normalisation of the original ViT release and of timm's 384-px ViTs (vit384px; an assumption: the
-# original's values are not in its README, README "Transform presets")
+# original's values are not in its README; README, "Evaluation-only datasets and presets")
 VIT_MEAN, VIT_STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
 TF_NAMES = ("eval", "224px", "32px", "384px", "vit384px")
 PRESET_CROPS = {"32px": 32, "384px": 384, "vit384px": 384}
