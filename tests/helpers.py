@@ -4,10 +4,18 @@ import subprocess
 import sys
 
 from arguments.linear_probe import check_args
-from datasets.synthetic import algoperf_keys, class_image, make_checkpoint, make_cifar, make_imagenet, make_inat
+from datasets.synthetic import (
+    algoperf_keys,
+    class_image,
+    make_checkpoint,
+    make_cifar,
+    make_eval_sets,
+    make_imagenet,
+    make_inat,
+)
 
-__all__ = ["ROOT", "algoperf_keys", "class_image", "make_checkpoint", "make_cifar", "make_imagenet", "make_inat",
-           "run_script"]
+__all__ = ["ROOT", "algoperf_keys", "class_image", "make_checkpoint", "make_cifar", "make_eval_sets", "make_imagenet",
+           "make_inat", "run_script"]
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

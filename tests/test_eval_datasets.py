@@ -14,8 +14,8 @@ from arguments.linear_probe import EVAL_DATASETS
 from arguments.linear_probe import TF_NAMES as FLAG_TF_NAMES
 from datasets import transforms
 from datasets.eval_sets import EVAL_NAMES, EVAL_SETS, IMAGENET_WNIDS, build_eval_set, read_wnids, restrict_logits
-from datasets.synthetic import make_checkpoint, make_eval_sets, make_imagenet
 from engine import batch_scores, stacked_logits
+from helpers import make_checkpoint, make_eval_sets, make_imagenet, run_script
 from util import log_lines
 from util.cli import run_main
 
@@ -203,7 +203,6 @@ def test_eval_datasets_with_finetuning_and_the_feature_cache(world, tmp_path, ex
 def test_two_processes_score_the_sets_as_one(world, tmp_path):
     """--mode eval_only of the same saved head in one process and in two (each scoring its shard of every set, the
     sums all-reduced): the same counts, top-1, top-5 and loss."""
-    from helpers import run_script
     dump = tmp_path / "run"
     run_probe(world, dump, "--epochs", "1")
     eval_only = ["--epochs", "1", "--mode", "eval_only", "--eval_datasets", "imagenet_r", "imagenet_v2"]
