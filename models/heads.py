@@ -9,6 +9,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.nn as dist_nn
 import torch.nn as nn
+import torch.nn.functional as F
 
 from util.cli import UserError
 from util.subsets import subset_folder, subsets_for
@@ -205,6 +206,28 @@ def update_all_running_stats(bns, mean, var, count, sizes):
     torch._foreach_lerp_([bn.running_mean for bn in bns], mean.detach().split(sizes), bns[0].momentum)
     unbiased = var.detach() * (count / (count - 1).clamp(min=1))
     torch._foreach_lerp_([bn.running_var for bn in bns], unbiased.split(sizes), bns[0].momentum)
+
+
+# ---------------------------------------------------------------- the heads' losses and scores
+def stacked_logits(logits):
+    """Every head's logits as one fp32 (heads, batch, classes) tensor: each per-head statistic below is then one
+    operation for all heads."""
+    return torch.stack([out.float() for out in logits])
+
+
+def sample_losses(stacked, labels):
+    """(heads, batch): each head's cross-entropy on each sample, in one operation."""
+    heads = stacked.shape[0]
+    return F.cross_entropy(stacked.flatten(0, 1), labels.repeat(heads), reduction="none").view(heads, -1)
+
+
+def batch_scores(stacked, labels):
+    """(heads, 3) float64 on the logits' device: each head's summed cross-entropy, top-1 and top-5 hits (k capped at
+    the class count) over the batch."""
+    losses = sample_losses(stacked, labels)
+    hits = stacked.topk(min(5, stacked.shape[2]), dim=2).indices.eq(labels[None, :, None])
+    return torch.stack([losses.sum(dim=1).double(), hits[..., :1].any(dim=2).sum(dim=1).double(),
+                        hits.any(dim=2).sum(dim=1).double()], dim=1)
 
 
 # ---------------------------------------------------------------- the run's heads and their optimisation

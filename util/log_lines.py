@@ -31,9 +31,12 @@ SELECTED_RE = re.compile(r"Selected on validation:(.*)")
 DIAGNOSTIC_RE = re.compile(r"(feature_importance|cat_validate_network): ([-\d.,naif]+)")
 
 
-def iteration_line(epoch, i, n, time_val, time_avg, data_val, data_avg, loss_val, loss_avg, prec_val, prec_avg,
-                   lr):
-    """The training line written every --print_freq iterations (the original's: every 50)."""
+def iteration_line(epoch, i, n, averages, lr):
+    """The training line written every --print_freq iterations (the original's: every 50). averages: the last
+    value and running average of "time", "data" (seconds), "loss" and "prec" (top-1, %), each a (value, average)
+    pair."""
+    (time_val, time_avg), (data_val, data_avg) = averages["time"], averages["data"]
+    (loss_val, loss_avg), (prec_val, prec_avg) = averages["loss"], averages["prec"]
     return (f"Epoch[{epoch}] - Iter: [{i}/{n}]\tTime {time_val:.3f} ({time_avg:.3f})\t"
             f"Data {data_val:.3f} ({data_avg:.3f})\tLoss {loss_val:.4f} ({loss_avg:.4f})\t"
             f"Prec {prec_val:.4f} ({prec_avg:.4f})\tLR {lr}")
@@ -44,8 +47,10 @@ def epoch_banner(epoch):
     return f"============ Starting epoch {epoch} ... ============"
 
 
-def eval_iteration_line(i, n, time_val, time_avg, loss_val, loss_avg, prec_val, prec_avg):
-    """The original's line every 50 evaluation batches: always `Epoch[0]`, no Data and no LR field, a trailing tab."""
+def eval_iteration_line(i, n, averages):
+    """The original's line every 50 evaluation batches: always `Epoch[0]`, no Data and no LR field, a trailing tab.
+    averages: (value, running average) of "time", "loss" and "prec", as iteration_line's."""
+    (time_val, time_avg), (loss_val, loss_avg), (prec_val, prec_avg) = (averages[k] for k in ("time", "loss", "prec"))
     return (f"Epoch[0] - Iter: [{i}/{n}]\tTime {time_val:.3f} ({time_avg:.3f})\tLoss {loss_val:.4f} ({loss_avg:.4f})\t"
             f"Prec {prec_val:.4f} ({prec_avg:.4f})\t")
 
