@@ -126,7 +126,8 @@ class EncodedBatches(BatchSource):
     def __iter__(self):
         self.seconds = 0.0
         for images, labels in ImageBatches(self.loader, self.device):
-            start = time.time()
+            start = time.time()  # after the batch arrived: loading is the Data column's, the forward is not
+            # inference_mode: the frozen encoder keeps no graph and no version counters (less memory, faster)
             with torch.inference_mode(), autocast(self.device, self.precision):
                 features = self.encoder(images)
             features = features.float().clone()  # clone: a normal tensor again, the heads need autograd on it

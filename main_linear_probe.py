@@ -174,7 +174,7 @@ def probe(args, dist_info, heads, logger, stop, board):
             stopped(stop, dist_info, loggers, f"during epoch {epoch}", f"from epoch {epoch} ({checkpoint})")
             return
 
-        set_eval_mode(model, optimizer, args)
+        set_eval_mode(model, optimizer, args.optimizer == SCHEDULE_FREE)
         test = evaluate(model.eval_model, sources.test, args.precision, sources.test_count, len(heads), log)
         val = [None] * len(heads)
         if sources.val_count:  # the held-out split (--val_split): scored silently, as the original has none
@@ -210,9 +210,9 @@ def probe(args, dist_info, heads, logger, stop, board):
     report(heads, logger, sources.val_count > 0)
 
 
-def set_eval_mode(model, optimizer, args):
+def set_eval_mode(model, optimizer, schedule_free):
     model.eval_model.eval()
-    if args.optimizer == SCHEDULE_FREE:
+    if schedule_free:
         optimizer.eval()  # schedule-free: evaluate at the averaged weights (the package's x)
 
 
@@ -303,7 +303,7 @@ def evaluate_saved_heads(args, model, optimizer, heads, sources, log):
             found.append((path, state["epoch"] - 1))
     for head, (path, _) in zip(heads, found):
         head.logger.info(f"Found checkpoint at {path}")
-    set_eval_mode(model, optimizer, args)
+    set_eval_mode(model, optimizer, args.optimizer == SCHEDULE_FREE)
     test = evaluate(model.eval_model, sources.test, args.precision, sources.test_count, len(heads), log)
     for head, stats, (_, epoch) in zip(heads, test, found):
         head.logger.info(log_lines.eval_only_line(stats["loss"], stats["top1"]))

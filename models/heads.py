@@ -317,7 +317,9 @@ def named_groups(named_parameters, head, lr_wd, wd_skip_bn, linear_lr=None, all_
     lr, wd = lr_wd
     parts = {"linear": [], "other": [], "bn": []}  # a head's first group holds its Linear: its lr is logged
     for name, param in named_parameters:
+        # linear_lr None (fine-tuning without --lr_last_layer): no separate group, the backbones train at --lr
         is_linear = (all_linear or name.startswith("linear.")) and linear_lr
+        # the original's substring test: 'bn' in the name, so a ResNet's downsample.1 BatchNorm is still decayed
         part = "bn" if "bn" in name else "linear" if is_linear else "other"
         parts[part].append(param)
     settings = {"bn": (lr, 0.0 if wd_skip_bn else wd), "linear": (linear_lr, wd), "other": (lr, wd)}
