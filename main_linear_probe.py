@@ -113,7 +113,6 @@ def probe(args, dist_info, heads, logger, stop, board):
     device, sweep, show_bar = dist_info.device, len(heads) > 1, use_progress_bar(dist_info.is_main)
     loggers = list({id(lg): lg for lg in [logger] + [head.logger for head in heads]}.values())  # each log once
     checkpoint = os.path.join(args.dump_path, layout.PROBE_CHECKPOINT)
-    # the original's iteration and validation lines in every head's log, a progress bar on a terminal
     log = LoopLog(tuple(head.logger for head in heads), args.print_freq, args.extra_log_lines, show_bar)
     for head in heads:  # the start-up lines in every head's log (a single head's log is the run's)
         log_startup(head.logger, args, dist_info, args.global_batch, args.lr if sweep else args.lr[0])
@@ -177,7 +176,7 @@ def probe(args, dist_info, heads, logger, stop, board):
         set_eval_mode(model, optimizer, args.optimizer == SCHEDULE_FREE)
         test = evaluate(model.eval_model, sources.test, args.precision, sources.test_count, len(heads), log)
         val = [None] * len(heads)
-        if sources.val_count:  # the held-out split (--val_split): scored silently, as the original has none
+        if sources.val_count:  # the held-out split (--val_split): no iteration lines, the original has no such split
             val = evaluate(model.eval_model, sources.val, args.precision, sources.val_count, len(heads))
         diverged = [h for h, stats in enumerate(test) if not math.isfinite(stats["loss"])]
         if diverged:  # weights that went non-finite in the epoch's last step are never saved as a good state
