@@ -11,11 +11,10 @@ from dataclasses import dataclass
 from typing import NamedTuple, Optional
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from analysis.knn import knn_log_line
-from models.heads import block_spans
+from models.heads import batch_scores, sample_losses, stacked_logits
 from util import log_lines
 from util.cli import UserError
 from util.distributed import all_reduce_sum
@@ -74,10 +73,11 @@ class BatchSource:
     """Re-iterable batches of (inputs, labels) on the device, for training and exact evaluation: features for the
     heads (fp32), or images that still go through the encoder (holds_images; fine-tuning). .skipped counts the
     unreadable images dropped so far (--skip_bad_images); .last_seconds is the encoder's time for the batch just
-    handed out, which the training log's Data column leaves out."""
+    handed out, which the training log's Data column leaves out; .device is where the batches are."""
     holds_images = False
     skipped = 0
     last_seconds = 0.0
+    device = torch.device("cpu")  # where its batches are (the loops' collectives run there)
 
     def __len__(self):
         raise NotImplementedError
@@ -126,7 +126,8 @@ class EncodedBatches(BatchSource):
     def __iter__(self):
         self.seconds = 0.0
         for images, labels in ImageBatches(self.loader, self.device):
-            start = time.time()
+            start = time.time()  # after the batch arrived: loading is the Data column's, the forward is not
+            # inference_mode: the frozen encoder keeps no graph and no version counters (less memory, faster)
             with torch.inference_mode(), autocast(self.device, self.precision):
                 features = self.encoder(images)
             features = features.float().clone()  # clone: a normal tensor again, the heads need autograd on it
@@ -192,30 +193,9 @@ def feature_batches(source, encoder, precision):
 
 
 # ---------------------------------------------------------------- loops
-def stacked_logits(logits):
-    """Every head's logits as one fp32 (heads, batch, classes) tensor: each per-head statistic below is then one
-    operation for all heads."""
-    return torch.stack([out.float() for out in logits])
-
-
-def sample_losses(stacked, labels):
-    """(heads, batch): each head's cross-entropy on each sample, in one operation."""
-    heads = stacked.shape[0]
-    return F.cross_entropy(stacked.flatten(0, 1), labels.repeat(heads), reduction="none").view(heads, -1)
-
-
 def mean_losses(stacked, labels):
-    """Each head's mean cross-entropy over the batch: a (heads,) tensor."""
+    """Each head's mean cross-entropy over the batch: a (heads,) tensor (the training loss)."""
     return sample_losses(stacked, labels).mean(dim=1)
-
-
-def batch_scores(stacked, labels):
-    """(heads, 3) float64 on the logits' device: each head's summed cross-entropy, top-1 and top-5 hits (k capped at
-    the class count) over the batch."""
-    losses = sample_losses(stacked, labels)
-    hits = stacked.topk(min(5, stacked.shape[2]), dim=2).indices.eq(labels[None, :, None])
-    return torch.stack([losses.sum(dim=1).double(), hits[..., :1].any(dim=2).sum(dim=1).double(),
-                        hits.any(dim=2).sum(dim=1).double()], dim=1)
 
 
 class EpochMeters:
@@ -247,20 +227,31 @@ class EpochMeters:
         return out[:len(self.loss)], out[len(self.loss):]
 
 
-def train_one_epoch(model, batches, num_batches, optimizer, epoch, args, device, loggers, should_stop=None,
-                    show_bar=False):
+class LoopLog(NamedTuple):
+    """How the loops log, fixed for a run: each head's logger (in head order; the original's iteration lines go to
+    every one), a line every print_freq batches, last_line: also each training epoch's last batch (--extra_log_lines:
+    its running averages are the epoch's), bar: a tqdm bar on a terminal (util.progress lines in a file)."""
+    loggers: tuple = ()
+    print_freq: int = 50
+    last_line: bool = False
+    bar: bool = False
+
+
+def train_one_epoch(model, batches, optimizer, epoch, log, should_stop=None):
     """One epoch of every head over the BatchSource `batches`. Each head's loss depends on its own parameters only,
     so the summed loss gives each head exactly the gradient it would get alone. Returns (losses, top-1s,
     completed), averaged over every process. The heads run in fp32 (the encoder's precision is applied inside the
-    model when it trains)."""
-    heads = len(loggers)
-    meters = EpochMeters(heads)
-    # the lr each head's log line shows: its first parameter group's (its Linear, listed first by param_groups)
-    lrs = [next(g["lr"] for g in optimizer.param_groups if h in g.get("heads", (g["head"],))) for h in range(heads)]
+    model when it trains). should_stop: a collective every rank calls at every iteration (False: carry on)."""
+    device, num_batches = batches.device, len(batches)
+    meters = EpochMeters(len(log.loggers))
+    # the lr each head's log line shows: its first parameter group's (its Linear, listed first by param_groups); a
+    # fused group ("heads") serves several heads at one lr
+    lrs = [next(g["lr"] for g in optimizer.param_groups if h in g.get("heads", (g["head"],)))
+           for h in range(len(log.loggers))]
     end = time.time()
-    progress = Progress(f"epoch {epoch}", num_batches, bar=show_bar)  # in logs, where tqdm does not draw
+    progress = Progress(f"epoch {epoch}", num_batches, bar=log.bar)  # in logs, where tqdm does not draw
     for i, (inputs, labels) in enumerate(tqdm(batches, total=num_batches, desc=f"epoch {epoch}", leave=False,
-                                              disable=not show_bar)):
+                                              disable=not log.bar)):
         if should_stop is not None and should_stop():  # a collective: every rank stops at the same iteration
             losses, top1s = meters.global_view(device)
             return [avg for _, avg in losses], [avg for _, avg in top1s], False
@@ -272,59 +263,61 @@ def train_one_epoch(model, batches, num_batches, optimizer, epoch, args, device,
         values = losses.detach().tolist()
         if not all(math.isfinite(v) for v in values):  # stop before a NaN step reaches the weights
             raise NonFiniteLoss(f"the training loss is {values} at epoch {epoch}, iteration {i}")
-        optimizer.zero_grad(set_to_none=True)
+        optimizer.zero_grad(set_to_none=True)  # no zeroing pass: backward writes the gradients afresh
         losses.sum().backward()  # heads share no parameter: each gets the gradient of its own loss
         optimizer.step()
         meters.batch_time.update(time.time() - end)
         meters.update(values, stacked.detach(), labels)
         # the original's lines: every print_freq iterations; --extra_log_lines adds each epoch's last (its
-        # running averages are the epoch's). Every rank reaches the same i: the sum is safe
-        if i % args.print_freq == 0 or (i == num_batches - 1 and getattr(args, "extra_log_lines", False)):
-            log_iteration(loggers, meters, device, epoch, i, num_batches, lrs)
+        # running averages are the epoch's). Every rank reaches the same i: the sum over processes is safe
+        if i % log.print_freq == 0 or (i == num_batches - 1 and log.last_line):
+            losses, top1s = meters.global_view(device)  # the global batch's, not rank 0's share
+            times = {"time": (meters.batch_time.val, meters.batch_time.avg),
+                     "data": (meters.data_time.val, meters.data_time.avg)}
+            for h, lg in enumerate(log.loggers):
+                lg.info(log_lines.iteration_line(epoch, i, num_batches, {**times, "loss": losses[h],
+                                                                         "prec": top1s[h]}, lrs[h]))
         progress.update()
         end = time.time()
     losses, top1s = meters.global_view(device)
     return [avg for _, avg in losses], [avg for _, avg in top1s], True
 
 
-def log_iteration(loggers, meters, device, epoch, i, num_batches, lrs):
-    losses, top1s = meters.global_view(device)
-    bt, dt = meters.batch_time, meters.data_time
-    for h, lg in enumerate(loggers):
-        lg.info(log_lines.iteration_line(epoch, i, num_batches, bt.val, bt.avg, dt.val, dt.avg, *losses[h],
-                                         *top1s[h], lrs[h]))
-
-
 @torch.no_grad()
-def evaluate(model, source, device, precision, expected_count, show_bar=False, num_heads=None, loggers=None,
-             print_freq=50):
+def evaluate(model, source, precision, expected_count, num_heads=None, log=LoopLog()):
     """Exact loss / top-1 / top-5 (%) over a whole split, summed across ranks. `source` is a BatchSource of
     (images or features, labels); `model` maps its inputs to logits (returns one dict) or, with num_heads, to a
     list of logits, one per head (returns a list of dicts). The unreadable images the source drops during the pass
-    (--skip_bad_images) are reported as 'skipped' and not scored. With loggers (one per head), every print_freq
-    batches each head's log gets the original's validation line (this process's batches, as the original's)."""
+    (--skip_bad_images) are reported as 'skipped' and not scored. With log.loggers (one per head), every
+    log.print_freq batches each head's log gets the original's validation line (this process's batches, as the
+    original's)."""
+    device = source.device
     sums = torch.zeros(num_heads or 1, 3, dtype=torch.float64)
-    count, skipped = 0, source.skipped
+    count, skipped = 0, source.skipped  # a source counts its unreadable images over passes: this pass's = the rise
     # images go through the encoder at its precision; cached or computed features meet the heads in fp32
     with_precision = precision if source.holds_images else "fp32"
-    progress = Progress("eval", len(source) if hasattr(source, "__len__") else None, bar=show_bar)
+    progress = Progress("eval", len(source) if hasattr(source, "__len__") else None, bar=log.bar)
     batch_time, end = AverageMeter(), time.time()
-    for i, (inputs, labels) in enumerate(tqdm(source, desc="eval", leave=False, disable=not show_bar)):
+    for i, (inputs, labels) in enumerate(tqdm(source, desc="eval", leave=False, disable=not log.bar)):
         progress.update()
         with autocast(device, with_precision):
             outputs = model(inputs)
         # summed on the device: one host sync per evaluation (and per logged line), not three per head and batch
         scores = batch_scores(stacked_logits([outputs] if num_heads is None else outputs), labels)
-        sums = sums.to(labels.device) + scores
+        sums = sums.to(labels.device) + scores  # float64 sums: exact counts over millions of images
         count += len(labels)
         batch_time.update(time.time() - end)
-        if loggers and i % print_freq == 0:
-            log_eval_iteration(loggers, i, len(source), batch_time, scores.tolist(), len(labels), sums.tolist(),
-                               count)
+        if log.loggers and i % log.print_freq == 0:  # this process's batch and running means, as the original's
+            n, batch, so_far = len(labels), scores.tolist(), sums.tolist()
+            for lg, (loss, top1, _), (loss_sum, top1_sum, _) in zip(log.loggers, batch, so_far):
+                lg.info(log_lines.eval_iteration_line(i, len(source), {
+                    "time": (batch_time.val, batch_time.avg), "loss": (loss / n, loss_sum / count),
+                    "prec": (100.0 * top1 / n, 100.0 * top1_sum / count)}))
         end = time.time()
+    # one all-reduce for every head's sums, the count and the skipped images: the split's totals over all ranks
     totals = all_reduce_sum(sums.flatten().tolist() + [count, source.skipped - skipped], device)
     count, skipped = int(totals[-2]), int(totals[-1])
-    if count + skipped != expected_count:
+    if count + skipped != expected_count:  # each image scored exactly once over the ranks (ShardSampler: no padding)
         raise RuntimeError(f"evaluation counted {count} samples and {skipped} unreadable ones, the split has "
                            f"{expected_count}")
     if not count:
@@ -332,55 +325,6 @@ def evaluate(model, source, device, precision, expected_count, show_bar=False, n
     stats = [{"loss": totals[3 * h] / count, "top1": 100.0 * totals[3 * h + 1] / count,
               "top5": 100.0 * totals[3 * h + 2] / count, "skipped": skipped} for h in range(len(sums))]
     return stats[0] if num_heads is None else stats
-
-
-def log_eval_iteration(loggers, i, num_batches, batch_time, scores, n, sums, count):
-    """Each head's validation line: its batch's and running mean loss and top-1 (scores, sums: per head the summed
-    loss, top-1 and top-5 hits of the batch and so far)."""
-    for lg, (loss, top1, _), (loss_sum, top1_sum, _) in zip(loggers, scores, sums):
-        lg.info(log_lines.eval_iteration_line(i, num_batches, batch_time.val, batch_time.avg, loss / n,
-                                              loss_sum / count, 100.0 * top1 / n, 100.0 * top1_sum / count))
-
-
-# ---------------------------------------------------------------- --custom_eval_func diagnostics
-@torch.no_grad()
-def feature_importance(head, spans):
-    """Mean |weight| of the trained Linear over each backbone's block of inputs (one value per backbone)."""
-    weight = head.linear.weight.abs()
-    return [weight[:, a:b].mean().item() for a, b in spans]
-
-
-@torch.no_grad()
-def cat_validate(head, batches, spans, device):
-    """Loss, top-1, top-5 (%) of each backbone block scored alone through the trained head: logits =
-    bn(features)[:, block] @ W[:, block]^T + bias; summed over every process. Returns [loss, top1, top5] * blocks."""
-    sums = torch.zeros(len(spans), 3, dtype=torch.float64)
-    count = 0
-    for features, labels in batches:
-        normed = head.bn(features.float())
-        logits = [normed[:, a:b] @ head.linear.weight[:, a:b].T + head.linear.bias for a, b in spans]
-        sums = sums.to(labels.device) + batch_scores(stacked_logits(logits), labels)
-        count += len(labels)
-    totals = all_reduce_sum(sums.flatten().tolist() + [count], device)
-    count = max(totals[-1], 1)
-    return [totals[i] / count * (1 if i % 3 == 0 else 100.0) for i in range(3 * len(spans))]
-
-
-def log_diagnostics(custom_eval_func, head, encoder, test_source, precision):
-    """--custom_eval_func, after each evaluation, with the original's names and line format; a subset head's are
-    over its own backbones. head: a Head record."""
-    dims = [net.out_dim for net in encoder.backbones]
-    subset = head.spec.subset
-    spans = block_spans([dims[i] for i in subset] if subset is not None else dims)
-    module = head.module
-    module.eval()
-    if "feature_importance" in custom_eval_func:
-        head.logger.info(log_lines.diagnostic_line("feature_importance", feature_importance(module, spans)))
-    if "cat_validate_network" in custom_eval_func:
-        batches = ((module.select(x), y) for x, y in feature_batches(test_source, encoder, precision))
-        device = next(module.parameters()).device
-        scores = cat_validate(module, batches, spans, device)
-        head.logger.info(log_lines.diagnostic_line("cat_validate_network", scores))
 
 
 class Classifier(torch.nn.Module):

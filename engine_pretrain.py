@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from arguments.pretrain import SCHEDULE_FREE
-from engine import ImageBatches, autocast, evaluate, to_device
+from engine import ImageBatches, LoopLog, autocast, evaluate, to_device
 from util import layout, log_lines
 from util.checkpoint import save_atomic
 from util.cli import UserError
@@ -149,27 +149,29 @@ def train_step(train_model, optimizer, batches, args, device, distributed):
         start = time.perf_counter()
         images, labels = next(batches)
         data_wait += time.perf_counter() - start
-        images, labels = to_device(images, labels, device)
+        images, labels = to_device(images, labels, device)  # channels_last: the convolutions' fast layout
         if distributed:  # gradients are all-reduced on the last micro-batch only
             train_model.require_backward_grad_sync = micro == args.accum_steps - 1
         with autocast(device, args.precision):
             logits = train_model(images)
-        loss = F.cross_entropy(logits.float(), labels, label_smoothing=args.label_smoothing)
+        loss = F.cross_entropy(logits.float(), labels, label_smoothing=args.label_smoothing)  # fp32 softmax
+        # each micro-batch's share of the mean: the summed gradients are those of one batch of accum_steps x more
         (loss / args.accum_steps).backward()
-        loss_sum += loss.detach()
+        loss_sum += loss.detach()  # detached: the logged loss keeps no graph alive
     optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    optimizer.zero_grad(set_to_none=True)  # no zeroing pass: the next backward writes the gradients afresh
+    # images: the caller's --bn_refresh_every forward reuses the last micro-batch rather than loading another
     return loss_sum / args.accum_steps, data_wait, images
 
 
 # ---------------------------------------------------------------- schedule-free weights and BatchNorm
 @contextmanager
-def at_average(model, optimizer, args):
+def at_average(model, optimizer, schedule_free):
     """Parameters at schedule-free's averaged point x inside the block (weights that are evaluated and saved),
     back at the training point y after. y is restored bit-exactly from a copy rather than by the optimizer's
     lerp back, so evaluations and checkpoints never perturb the training trajectory: a run's milestone at step k
-    equals the final weights of a k-step run with the same seed. The model is back in train mode after."""
-    schedule_free = args.optimizer in SCHEDULE_FREE
+    equals the final weights of a k-step run with the same seed. The model is back in train mode after. Without
+    schedule_free (SGD) the parameters are the evaluated weights already: only the mode changes."""
     params = list(model.parameters())
     if schedule_free:
         y = [p.detach().clone() for p in params]
@@ -303,7 +305,8 @@ class Pretraining:
         args, device = self.args, self.dist_info.device
         batches = iter(self.loaders.train)
         self.model.train()
-        if args.optimizer in SCHEDULE_FREE:
+        schedule_free = args.optimizer in SCHEDULE_FREE
+        if schedule_free:
             self.optimizer.train()  # schedule-free trains at y; evaluation switches to x (at_average)
         window = Window()
         # the resumed loss sum lives on rank 0 only: the all-reduce at the next evaluation adds it once
@@ -326,7 +329,8 @@ class Pretraining:
             done = step + 1
             if args.bn_refresh_every and done % args.bn_refresh_every == 0:
                 # statistics follow x during training too (a momentum update from this step's last micro-batch)
-                with torch.no_grad(), at_average(self.model, self.optimizer, args), autocast(device, args.precision):
+                with torch.no_grad(), at_average(self.model, self.optimizer, schedule_free), \
+                        autocast(device, args.precision):
                     self.model(images)
             since_eval.loss += loss  # stays on the device: no synchronisation per step
             since_eval.steps += 1
@@ -353,9 +357,9 @@ class Pretraining:
         loss_value = loss.item()  # synchronises, so the timing covers the device work
         self.check_finite(loss_value, "training loss", step + 1)
         elapsed = time.time() - window.start
-        self.logger.info(f"Epoch[{step // self.loaders.steps_per_epoch}] - Step: [{step + 1}/{args.steps}] Loss "
-                         f"{loss_value:.4f} LR {lr:.6g} img/s {window.steps * args.global_batch / elapsed:.1f} "
-                         f"data {window.data / window.steps:.3f}s/step")
+        self.logger.info(log_lines.pretrain_step_line(step // self.loaders.steps_per_epoch, (step + 1, args.steps),
+                                                      loss_value, lr, (window.steps * args.global_batch / elapsed,
+                                                                       window.data / window.steps)))
 
     def train_record(self, step, lr, since_eval):
         """The metrics line's training part: the mean loss over processes and steps since the last evaluation."""
@@ -393,7 +397,7 @@ class Pretraining:
         """Validate (and write the checkpoints due) at x with statistics recomputed at x. The metrics line goes
         before the resume state: a crash between the two leaves a line that the rerun drops and writes again."""
         args = self.args
-        with at_average(self.model, self.optimizer, args):
+        with at_average(self.model, self.optimizer, args.optimizer in SCHEDULE_FREE):
             stats = self.validate_at_average(step, record)
             if self.dist_info.is_main:
                 self.save_checkpoints(step, stats)
@@ -414,8 +418,8 @@ class Pretraining:
             average_bn_buffers(self.model, world)
         self.model.eval()
         val_size = self.loaders.val_size
-        stats = evaluate(self.model, ImageBatches(self.loaders.val, device), device, args.precision, val_size,
-                         self.show_bar)
+        stats = evaluate(self.model, ImageBatches(self.loaders.val, device), args.precision, val_size,
+                         log=LoopLog(bar=self.show_bar))
         self.check_finite(stats["loss"], "validation loss", step)
         self.best_acc = max(self.best_acc, stats["top1"])
         self.logger.info(log_lines.pretrain_test_line(stats["loss"], stats["top1"], self.best_acc))

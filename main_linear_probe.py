@@ -31,15 +31,17 @@ import time
 
 import torch
 
+from analysis.diagnostics import log_diagnostics
 from analysis.knn import knn_per_head
 from engine import (
     Head,
+    LoopLog,
     NonFiniteLoss,
     epoch_record,
     evaluate,
+    feature_batches,
     heads_state,
     load_heads_state,
-    log_diagnostics,
     log_head_epoch,
     resolve_precision,
     train_one_epoch,
@@ -111,6 +113,7 @@ def probe(args, dist_info, heads, logger, stop, board):
     device, sweep, show_bar = dist_info.device, len(heads) > 1, use_progress_bar(dist_info.is_main)
     loggers = list({id(lg): lg for lg in [logger] + [head.logger for head in heads]}.values())  # each log once
     checkpoint = os.path.join(args.dump_path, layout.PROBE_CHECKPOINT)
+    log = LoopLog(tuple(head.logger for head in heads), args.print_freq, args.extra_log_lines, show_bar)
     for head in heads:  # the start-up lines in every head's log (a single head's log is the run's)
         log_startup(head.logger, args, dist_info, args.global_batch, args.lr if sweep else args.lr[0])
     if sweep:
@@ -125,6 +128,7 @@ def probe(args, dist_info, heads, logger, stop, board):
 
     data = build_probe_data(args, dist_info, logger)
     model = build_probe_model(args, dist_info, [head.spec for head in heads], data.num_classes, logger)
+    dims = [net.out_dim for net in model.encoder.backbones]  # each backbone's block of the concatenated features
     for head, module in zip(heads, model.heads):  # each head's LinearHead, inside the MultiHead that trains them
         head.module = module
     optimizer = build_optimizer(param_groups(model.heads, model.encoder, [h.spec for h in heads], args), args)
@@ -134,13 +138,12 @@ def probe(args, dist_info, heads, logger, stop, board):
         return stopped(stop, dist_info, loggers, f"during the {exc}", "the extraction at its next chunk")
     if args.knn and dist_info.is_main:  # only rank 0 logs; the features are fixed, so once per run
         (train_features, train_labels), test = sources.cached
-        dims = [net.out_dim for net in model.encoder.backbones]
         results = knn_per_head(args.knn, [h.spec for h in heads], dims,
                                (train_features, train_labels, data.train_positions), test, device, logger)
         for head, result in zip(heads, results):
             head.knn = result
     if args.mode == "eval_only":  # the saved heads on the test set, then on the --eval_datasets sets
-        records = evaluate_saved_heads(args, dist_info, model, optimizer, heads, sources)
+        records = evaluate_saved_heads(args, model, optimizer, heads, sources, log)
         return evaluate_eval_sets(data, model, heads, args, dist_info, records)
     start_epoch = resume_or_start(args, dist_info, model, optimizer, heads)
     # the processes agree on a stop at every iteration, so they all stop at the same one (slurm signals them at
@@ -161,22 +164,20 @@ def probe(args, dist_info, heads, logger, stop, board):
         if args.optimizer == SCHEDULE_FREE:
             optimizer.train()
         try:
-            train_loss, train_top1, completed = train_one_epoch(
-                model.trained, sources.train, len(sources.train), optimizer, epoch, args, device,
-                [head.logger for head in heads], stop_agreed, show_bar and not sweep)
+            # a sweep's heads share the console: no bar while training
+            train_loss, train_top1, completed = train_one_epoch(model.trained, sources.train, optimizer, epoch,
+                                                                log._replace(bar=show_bar and not sweep), stop_agreed)
         except NonFiniteLoss as exc:
             raise UserError(f"{exc}; {last_good_state(epoch, checkpoint)}. Lower --lr?") from None
         if not completed:
             stopped(stop, dist_info, loggers, f"during epoch {epoch}", f"from epoch {epoch} ({checkpoint})")
             return
 
-        set_eval_mode(model, optimizer, args)
-        test = evaluate(model.eval_model, sources.test, device, args.precision, sources.test_count, show_bar,
-                        num_heads=len(heads), loggers=[head.logger for head in heads], print_freq=args.print_freq)
+        set_eval_mode(model, optimizer, args.optimizer == SCHEDULE_FREE)
+        test = evaluate(model.eval_model, sources.test, args.precision, sources.test_count, len(heads), log)
         val = [None] * len(heads)
-        if sources.val_count:
-            val = evaluate(model.eval_model, sources.val, device, args.precision, sources.val_count,
-                           num_heads=len(heads))
+        if sources.val_count:  # the held-out split (--val_split): no iteration lines, the original has no such split
+            val = evaluate(model.eval_model, sources.val, args.precision, sources.val_count, len(heads))
         diverged = [h for h, stats in enumerate(test) if not math.isfinite(stats["loss"])]
         if diverged:  # weights that went non-finite in the epoch's last step are never saved as a good state
             raise UserError(f"the test loss is {test[diverged[0]]['loss']} after epoch {epoch}"
@@ -190,7 +191,8 @@ def probe(args, dist_info, heads, logger, stop, board):
         records = []
         for h, head in enumerate(heads):  # each head's lines in the original's order, then its metrics record
             head.update(epoch, test[h], val[h])  # its bests, validation's selection, whether test top-1 improved
-            log_diagnostics(args.custom_eval_func, head, model.encoder, sources.test, args.precision)
+            log_diagnostics(args.custom_eval_func, head, dims,
+                            feature_batches(sources.test, model.encoder, args.precision))
             log_head_epoch(head, test[h], val[h], sources.test_count, sources.val_count,
                            args.extra_log_lines or args.skip_bad_images)
             if sweep:
@@ -207,9 +209,9 @@ def probe(args, dist_info, heads, logger, stop, board):
     report(heads, logger, sources.val_count > 0)
 
 
-def set_eval_mode(model, optimizer, args):
+def set_eval_mode(model, optimizer, schedule_free):
     model.eval_model.eval()
-    if args.optimizer == SCHEDULE_FREE:
+    if schedule_free:
         optimizer.eval()  # schedule-free: evaluate at the averaged weights (the package's x)
 
 
@@ -276,7 +278,7 @@ def head_args(args, spec):
     return out
 
 
-def evaluate_saved_heads(args, dist_info, model, optimizer, heads, sources):
+def evaluate_saved_heads(args, model, optimizer, heads, sources, log):
     """--mode eval_only: every head on the test set, from the last epoch's checkpoint.pth.tar (the original's) or,
     with --eval_checkpoint best, from each head's best.pth.tar; the original's lines (`Found checkpoint at`, the
     validation lines, `Test:`). Returns each head's eval-only record for --eval_datasets (its epoch)."""
@@ -300,10 +302,8 @@ def evaluate_saved_heads(args, dist_info, model, optimizer, heads, sources):
             found.append((path, state["epoch"] - 1))
     for head, (path, _) in zip(heads, found):
         head.logger.info(f"Found checkpoint at {path}")
-    set_eval_mode(model, optimizer, args)
-    test = evaluate(model.eval_model, sources.test, dist_info.device, args.precision, sources.test_count,
-                    use_progress_bar(dist_info.is_main), num_heads=len(heads), loggers=[h.logger for h in heads],
-                    print_freq=args.print_freq)
+    set_eval_mode(model, optimizer, args.optimizer == SCHEDULE_FREE)
+    test = evaluate(model.eval_model, sources.test, args.precision, sources.test_count, len(heads), log)
     for head, stats, (_, epoch) in zip(heads, test, found):
         head.logger.info(log_lines.eval_only_line(stats["loss"], stats["top1"]))
         if args.extra_log_lines or args.skip_bad_images:

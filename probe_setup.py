@@ -268,7 +268,7 @@ def evaluate_eval_sets(data, model, heads, args, dist_info, records):
         # ImageNet-R/-A: the prediction is the best of their 200 classes (labels are positions in the mask)
         scored = model.eval_model if eval_set.mask is None else restrict_logits(model.eval_model, eval_set.mask)
         count = len(eval_set.dataset)
-        stats = evaluate(scored, source, device, args.precision, count, num_heads=len(heads))
+        stats = evaluate(scored, source, args.precision, count, num_heads=len(heads))
         classes = len(eval_set.mask) if eval_set.mask is not None else data.num_classes
         for head, record, s in zip(heads, records, stats):
             head.logger.info(log_lines.eval_dataset_line(eval_set.name, s["loss"], s["top1"], s["top5"],

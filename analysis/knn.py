@@ -34,14 +34,14 @@ def _take(features, index):
 
 
 @torch.no_grad()
-def knn_accuracy(train_features, train_labels, test_features, test_labels, k=20, temperature=0.07, chunk=4096,
-                 num_classes=None, device="cpu"):
-    """Top-1 and top-5 accuracy (%) of the weighted kNN vote. Features are N x D (fp16 memory maps are fine);
-    label -1 marks unreadable images, left out of both sides. Memory on `device`: the normalised test features
-    plus one chunk x chunk similarity block; each training chunk is read once."""
+def knn_accuracy(train, test, k=20, temperature=0.07, chunk=4096, device="cpu"):
+    """Top-1 and top-5 accuracy (%) of the weighted kNN vote. train, test: (features, labels), features N x D
+    (fp16 memory maps are fine); label -1 marks unreadable images, left out of both sides. Memory on `device`: the
+    normalised test features plus one chunk x chunk similarity block; each training chunk is read once."""
+    (train_features, train_labels), (test_features, test_labels) = train, test
     device = torch.device(device)
     train_labels, test_labels = torch.as_tensor(train_labels), torch.as_tensor(test_labels)
-    num_classes = num_classes or int(max(train_labels.max(), test_labels.max())) + 1
+    num_classes = int(max(train_labels.max(), test_labels.max())) + 1
     keep = torch.nonzero(test_labels >= 0).flatten()
     test = torch.cat([_normalised(_take(test_features, keep[i:i + chunk]), device)
                       for i in range(0, len(keep), chunk)]) if len(keep) else torch.empty(0, 1, device=device)
@@ -93,8 +93,8 @@ def knn_per_head(k, specs, dims, train, test, device, logger):
     start, results = time.time(), {}
     for subset in dict.fromkeys(spec.subset for spec in specs):
         columns = None if subset is None else torch.as_tensor(subset_columns(dims, subset))
-        results[subset] = knn_accuracy(SelectedRows(train_features, rows, columns), train_labels[rows],
-                                       SelectedRows(test_features, torch.arange(len(test_labels)), columns),
-                                       test_labels, k=k, device=device)
+        results[subset] = knn_accuracy((SelectedRows(train_features, rows, columns), train_labels[rows]),
+                                       (SelectedRows(test_features, torch.arange(len(test_labels)), columns),
+                                        test_labels), k=k, device=device)
     logger.info(f"kNN (k={k}) on the features of {len(results)} head input(s): {time.time() - start:.1f} s")
     return [results[spec.subset] for spec in specs]

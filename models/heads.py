@@ -9,6 +9,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.nn as dist_nn
 import torch.nn as nn
+import torch.nn.functional as F
 
 from util.cli import UserError
 from util.subsets import subset_folder, subsets_for
@@ -207,6 +208,28 @@ def update_all_running_stats(bns, mean, var, count, sizes):
     torch._foreach_lerp_([bn.running_var for bn in bns], unbiased.split(sizes), bns[0].momentum)
 
 
+# ---------------------------------------------------------------- the heads' losses and scores
+def stacked_logits(logits):
+    """Every head's logits as one fp32 (heads, batch, classes) tensor: each per-head statistic below is then one
+    operation for all heads."""
+    return torch.stack([out.float() for out in logits])
+
+
+def sample_losses(stacked, labels):
+    """(heads, batch): each head's cross-entropy on each sample, in one operation."""
+    heads = stacked.shape[0]
+    return F.cross_entropy(stacked.flatten(0, 1), labels.repeat(heads), reduction="none").view(heads, -1)
+
+
+def batch_scores(stacked, labels):
+    """(heads, 3) float64 on the logits' device: each head's summed cross-entropy, top-1 and top-5 hits (k capped at
+    the class count) over the batch."""
+    losses = sample_losses(stacked, labels)
+    hits = stacked.topk(min(5, stacked.shape[2]), dim=2).indices.eq(labels[None, :, None])
+    return torch.stack([losses.sum(dim=1).double(), hits[..., :1].any(dim=2).sum(dim=1).double(),
+                        hits.any(dim=2).sum(dim=1).double()], dim=1)
+
+
 # ---------------------------------------------------------------- the run's heads and their optimisation
 class HeadSpec(NamedTuple):
     """One head of the run: its optimisation values, its folder below --dump_path when the run has several heads,
@@ -294,7 +317,9 @@ def named_groups(named_parameters, head, lr_wd, wd_skip_bn, linear_lr=None, all_
     lr, wd = lr_wd
     parts = {"linear": [], "other": [], "bn": []}  # a head's first group holds its Linear: its lr is logged
     for name, param in named_parameters:
+        # linear_lr None (fine-tuning without --lr_last_layer): no separate group, the backbones train at --lr
         is_linear = (all_linear or name.startswith("linear.")) and linear_lr
+        # the original's substring test: 'bn' in the name, so a ResNet's downsample.1 BatchNorm is still decayed
         part = "bn" if "bn" in name else "linear" if is_linear else "other"
         parts[part].append(param)
     settings = {"bn": (lr, 0.0 if wd_skip_bn else wd), "linear": (linear_lr, wd), "other": (lr, wd)}

@@ -94,12 +94,12 @@ def clusters(n, d, classes, seed, spread=0.05):
 def test_knn_on_separable_features_is_perfect_and_chunking_changes_nothing():
     train, train_labels = clusters(300, 16, 6, seed=0)
     test, test_labels = clusters(90, 16, 6, seed=1)
-    result = knn_accuracy(train, train_labels, test, test_labels, k=20, chunk=32)
+    result = knn_accuracy((train, train_labels), (test, test_labels), k=20, chunk=32)
     assert (result.top1, result.top5, result.count) == (100.0, 100.0, 90)
     noisy_train, _ = clusters(300, 16, 6, seed=0, spread=1.0)
     noisy_test, _ = clusters(90, 16, 6, seed=1, spread=1.0)
-    a = knn_accuracy(noisy_train.numpy(), train_labels, noisy_test, test_labels, k=7, chunk=17)
-    b = knn_accuracy(noisy_train, train_labels, noisy_test, test_labels, k=7, chunk=4096)
+    a = knn_accuracy((noisy_train.numpy(), train_labels), (noisy_test, test_labels), k=7, chunk=17)
+    b = knn_accuracy((noisy_train, train_labels), (noisy_test, test_labels), k=7, chunk=4096)
     assert a == b and a.top1 < 100.0
     assert knn_log_line(result).startswith("kNN Acc@1 100.000 Acc@5 100.000 (k=20, T=0.07")
 
@@ -111,7 +111,7 @@ def test_knn_leaves_out_unreadable_images():
     wrong[:30] = -1  # unreadable training images: they must not vote
     test_labels = test_labels.clone()
     test_labels[:5] = -1
-    result = knn_accuracy(train, wrong, test, test_labels, k=5)
+    result = knn_accuracy((train, wrong), (test, test_labels), k=5)
     assert (result.top1, result.count) == (100.0, 25)
 
 

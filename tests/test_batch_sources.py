@@ -36,10 +36,10 @@ def test_features_meet_the_heads_in_fp32_whatever_their_shape_images_at_the_prec
     torch.manual_seed(0)
     maps, labels = torch.randn(6, 2, 2, 2), torch.tensor([0, 1, 2, 0, 1, 2])
     head = RecordingHead(8)
-    evaluate(head, FeatureMaps(maps, labels), CPU, "bf16", 6)
+    evaluate(head, FeatureMaps(maps, labels), "bf16", 6)
     assert head.autocast == [False]  # a bf16 head flips predictions: features are scored in fp32
     loader = [(maps, labels)]
-    evaluate(head, ImageBatches(loader, CPU), CPU, "bf16", 6)
+    evaluate(head, ImageBatches(loader, CPU), "bf16", 6)
     assert head.autocast == [False, True]  # images go through the encoder at --precision
 
 
@@ -49,8 +49,8 @@ def test_a_cached_source_is_re_iterable_and_each_evaluation_reports_what_it_skip
     labels = torch.tensor([0, 1, -1, 2, 0, -1, 1, 2, 0, 1])  # -1: an image the cache skipped as unreadable
     source = CachedBatches([features], labels, range(10), 3, CPU)
     head = RecordingHead(4)
-    first = evaluate(head, source, CPU, "fp32", 10)
-    second = evaluate(head, source, CPU, "fp32", 10)
+    first = evaluate(head, source, "fp32", 10)
+    second = evaluate(head, source, "fp32", 10)
     assert first == second and first["skipped"] == 2 and source.skipped == 4
     readable = labels >= 0
     expected = torch.nn.functional.cross_entropy(head(features[readable]), labels[readable]).item()

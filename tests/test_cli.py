@@ -238,10 +238,14 @@ def test_data_column_measures_loading_only(monkeypatch):
     clock = [0.0]
     monkeypatch.setattr(engine, "time", types.SimpleNamespace(time=lambda: clock[0]))
 
-    def loader():
-        for _ in range(3):
-            clock[0] += 0.1
-            yield torch.zeros(2, 3, 4, 4), torch.tensor([0, 1])
+    class Loader:  # three batches, each taking 0.1 s to load
+        def __len__(self):
+            return 3
+
+        def __iter__(self):
+            for _ in range(3):
+                clock[0] += 0.1
+                yield torch.zeros(2, 3, 4, 4), torch.tensor([0, 1])
 
     class SlowEncoder(torch.nn.Module):
         def forward(self, images):
@@ -252,9 +256,8 @@ def test_data_column_measures_loading_only(monkeypatch):
     optimizer = torch.optim.SGD([{"params": heads.parameters(), "lr": 0.1, "head": 0}])
     lines = []
     logger = types.SimpleNamespace(info=lines.append)
-    batches = engine.EncodedBatches(loader(), SlowEncoder(), torch.device("cpu"), "fp32")
-    engine.train_one_epoch(lambda x: [heads(x)], batches, 3, optimizer, 0, types.SimpleNamespace(print_freq=1),
-                           torch.device("cpu"), [logger])
+    batches = engine.EncodedBatches(Loader(), SlowEncoder(), torch.device("cpu"), "fp32")
+    engine.train_one_epoch(lambda x: [heads(x)], batches, optimizer, 0, engine.LoopLog((logger,), print_freq=1))
     data = [float(line.split("\tData ")[1].split()[0]) for line in lines]
     assert data == pytest.approx([0.1, 0.1, 0.1])
     assert batches.seconds == pytest.approx(3.0)

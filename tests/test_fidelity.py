@@ -288,17 +288,14 @@ def test_test_top1_counts_readable_images_only():
     from engine import evaluate
     predicted = [0, 1, 2, 3, 4, 5, 6, 7, 8, 9]
     labels = [0, 1, 2, 3, 4, 5, 9, 9, -1, -1]
-    stats = evaluate(lambda x: [x], one_hot_batches(predicted, labels, 4), torch.device("cpu"), "fp32", 10,
-                     num_heads=1)[0]
+    stats = evaluate(lambda x: [x], one_hot_batches(predicted, labels, 4), "fp32", 10, num_heads=1)[0]
     assert stats["skipped"] == 2 and stats["top1"] == 75.0
 
 
 def test_training_top1_is_per_sample_over_unequal_batches():
     """Batches of 4 and 2 samples: 1 of 4 right, then 2 of 2: the epoch's top-1 is 3/6 = 50%, not the mean of the
     batches' 25% and 100% (62.5%). lr 0 keeps the predictions fixed while the real loop runs."""
-    import argparse
-
-    from engine import train_one_epoch
+    from engine import LoopLog, train_one_epoch
     head = torch.nn.Linear(10, 10, bias=False)
     with torch.no_grad():
         head.weight.copy_(torch.eye(10))
@@ -306,9 +303,8 @@ def test_training_top1_is_per_sample_over_unequal_batches():
     model.head = head
     optimizer = torch.optim.SGD([{"params": head.parameters(), "lr": 0.0, "head": 0}], lr=0.0)
     batches = one_hot_batches([0, 1, 2, 3, 4, 5], [0, 9, 9, 9, 4, 5], 4)
-    losses, top1s, completed = train_one_epoch(model, batches, len(batches), optimizer, 0,
-                                               argparse.Namespace(print_freq=50), torch.device("cpu"),
-                                               [logging.getLogger("test_fidelity")])
+    losses, top1s, completed = train_one_epoch(model, batches, optimizer, 0,
+                                               LoopLog((logging.getLogger("test_fidelity"),), print_freq=50))
     assert completed and len(batches) == 2 and top1s == [50.0]
 
 

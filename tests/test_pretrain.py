@@ -165,7 +165,7 @@ def test_evaluation_sees_x_and_training_resumes_at_y_in_train_mode(optimizer):
         opt.step()
         opt.zero_grad()
     y = [p.detach().clone() for p in model.parameters()]
-    with engine_pretrain.at_average(model, opt, args):
+    with engine_pretrain.at_average(model, opt, args.optimizer in engine_pretrain.SCHEDULE_FREE):
         model.eval()
         inside = [p.detach().clone() for p in model.parameters()]
     assert model.training

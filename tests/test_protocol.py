@@ -167,7 +167,8 @@ def test_last_incomplete_batch_is_kept(tmp_path):
 
 
 def test_log_lines_are_the_original_format_and_parse_both_styles():
-    line = log_lines.iteration_line(3, 50, 196, 0.1234, 0.2, 0.01, 0.02, 1.23456, 2.5, 75.0, 70.12345, 0.001)
+    line = log_lines.iteration_line(3, 50, 196, {"time": (0.1234, 0.2), "data": (0.01, 0.02), "loss": (1.23456, 2.5),
+                                                 "prec": (75.0, 70.12345)}, 0.001)
     assert line == ("Epoch[3] - Iter: [50/196]\tTime 0.123 (0.200)\tData 0.010 (0.020)\tLoss 1.2346 (2.5000)\t"
                     "Prec 75.0000 (70.1235)\tLR 0.001")
     assert log_lines.test_line(1.5, 70.1234, 71.256) == "Test:\tLoss 1.5000\tAcc@1 70.123\tBest Acc@1 so far 71.26"

@@ -210,7 +210,7 @@ def knn_report(entry, key, features, labels, args, device):
     train_dir = entry if key.get("split") == "train" else sibling_entry(entry, key, "train")
     test_dir = entry if key.get("split") == "test" else sibling_entry(entry, key, "test")
     (_, train_f, train_l), (_, test_f, test_l) = read_entry(train_dir), read_entry(test_dir)
-    result = knn_accuracy(train_f, torch.from_numpy(train_l), test_f, torch.from_numpy(test_l), k=args.knn,
+    result = knn_accuracy((train_f, torch.from_numpy(train_l)), (test_f, torch.from_numpy(test_l)), k=args.knn,
                           temperature=args.temperature, chunk=args.chunk, device=device)
     print("\n" + knn_log_line(result))
     return result

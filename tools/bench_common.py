@@ -4,7 +4,7 @@ import os
 import platform
 import time
 
-from util import log_lines
+from util import layout, log_lines
 
 
 # ---------------------------------------------------------------- machine and results file
@@ -66,7 +66,7 @@ def images_per_second(step, warmup, steps, batch, device):
     return batch * steps / (time.perf_counter() - start)
 
 
-def timed_probe(argv, log_name="train.log"):
+def timed_probe(argv, log_name=layout.PROBE_LOG):
     """Wall seconds and final top-1 of one main_linear_probe.py run (in this process)."""
     import contextlib
     import io

@@ -30,7 +30,7 @@ from util.cli import ArgumentParser, UserError, run_main
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_URL = ("https://dl.fbaipublicfiles.com/richreps-timecat/"
                "ckpt_resnet50_sfadamw_imagenet1k_supervised.tar.gz")
-TAG_FILE = os.path.join(REPO, "configs", "pretrained_checkpoints.yaml")
+TAG_FILE = os.path.join(REPO, layout.TAG_FILE)
 ARCH_DIR = layout.run_dir_name("resnet50", "sfadamw")
 UNRECOGNIZED_DIR = "unrecognized_from_archive"
 # Optional top folders of the archive: the release's own name, the original script's rename, the README's.
@@ -90,7 +90,7 @@ def release_tags(tag_file=TAG_FILE):
     except (OSError, yaml.YAMLError) as exc:
         print(f"warning: cannot read {show(tag_file)} ({exc}); using the release's tag list", file=sys.stderr)
         return builtin_tags()
-    default_root = os.path.join(REPO, "checkpoints", "supervised_pretrain")
+    default_root = os.path.join(REPO, layout.CHECKPOINT_ROOT)
     tags = {}
     for tag, entry in (config.items() if isinstance(config, dict) else []):
         paths = entry.get("pretrained") if isinstance(entry, dict) else None

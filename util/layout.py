@@ -94,6 +94,13 @@ def parse_run_file(name):
     return int(match.group(1)) if match else None
 
 
+def run_index_in(path):
+    """The run index a checkpoint path names anywhere in it (checkpoint_run{i}, any extension or none, as
+    AlgoPerf writes it), or None: a looser reading than parse_run_file, for summaries of a probe's --pretrained."""
+    match = re.search(r"checkpoint_run(\d+)", path)
+    return int(match.group(1)) if match else None
+
+
 def data_root(project_root):
     """The default --data_path: $TIMECAT_DATA, else <project>/data."""
     return os.environ.get(DATA_ENV) or os.path.join(project_root, "data")

@@ -4,9 +4,9 @@ look like.
 The writers (engine.py, engine_pretrain.py, main_linear_probe.py, util/logs.py) format with the functions below; the
 readers (tools/summarize.py, tools/benchmark.py, the tests; tools/acc1.sh greps patterns that match both styles)
 parse with the regexes below. The formats are byte-compatible with the original linear-probe code (tab-separated
-fields, the same number formats; REFERENCE.md, "Exact details of the original code"), so old result folders and old
-scripts keep working; the parsers also accept this project's earlier space-separated lines. Depends on nothing of
-ours.
+fields, the same number formats; tests/test_protocol.py and tests/test_fidelity.py pin them against the original's
+lines), so old result folders and old scripts keep working; the parsers also accept this project's earlier
+space-separated lines. Depends on nothing of ours.
 """
 import datetime
 import re
@@ -34,9 +34,12 @@ EVAL_DATASET_RE = re.compile(r"Eval (\w+):" + _SEP + r"Loss (\S+)" + _SEP + r"Ac
                              + r"Acc@5 ([\d.]+)" + _SEP + r"Images (\d+)" + _SEP + r"Classes (\d+)")
 
 
-def iteration_line(epoch, i, n, time_val, time_avg, data_val, data_avg, loss_val, loss_avg, prec_val, prec_avg,
-                   lr):
-    """The training line written every --print_freq iterations (the original's: every 50)."""
+def iteration_line(epoch, i, n, averages, lr):
+    """The training line written every --print_freq iterations (the original's: every 50). averages: the last
+    value and running average of "time", "data" (seconds), "loss" and "prec" (top-1, %), each a (value, average)
+    pair."""
+    (time_val, time_avg), (data_val, data_avg) = averages["time"], averages["data"]
+    (loss_val, loss_avg), (prec_val, prec_avg) = averages["loss"], averages["prec"]
     return (f"Epoch[{epoch}] - Iter: [{i}/{n}]\tTime {time_val:.3f} ({time_avg:.3f})\t"
             f"Data {data_val:.3f} ({data_avg:.3f})\tLoss {loss_val:.4f} ({loss_avg:.4f})\t"
             f"Prec {prec_val:.4f} ({prec_avg:.4f})\tLR {lr}")
@@ -47,10 +50,20 @@ def epoch_banner(epoch):
     return f"============ Starting epoch {epoch} ... ============"
 
 
-def eval_iteration_line(i, n, time_val, time_avg, loss_val, loss_avg, prec_val, prec_avg):
-    """The original's line every 50 evaluation batches: always `Epoch[0]`, no Data and no LR field, a trailing tab."""
+def eval_iteration_line(i, n, averages):
+    """The original's line every 50 evaluation batches: always `Epoch[0]`, no Data and no LR field, a trailing tab.
+    averages: (value, running average) of "time", "loss" and "prec", as iteration_line's."""
+    (time_val, time_avg), (loss_val, loss_avg), (prec_val, prec_avg) = (averages[k] for k in ("time", "loss", "prec"))
     return (f"Epoch[0] - Iter: [{i}/{n}]\tTime {time_val:.3f} ({time_avg:.3f})\tLoss {loss_val:.4f} ({loss_avg:.4f})\t"
             f"Prec {prec_val:.4f} ({prec_avg:.4f})\t")
+
+
+def pretrain_step_line(epoch, step, loss, lr, rates):
+    """Pretraining's line every --print_freq steps; step: (steps done, --steps); rates: (images per second over
+    the steps since the last line, data-loading seconds per step). Its `Epoch[N]` is what training_epochs reads."""
+    (done, steps), (images_per_second, data_seconds) = step, rates
+    return (f"Epoch[{epoch}] - Step: [{done}/{steps}] Loss {loss:.4f} LR {lr:.6g} img/s {images_per_second:.1f} "
+            f"data {data_seconds:.3f}s/step")
 
 
 def eval_only_line(loss, top1):
