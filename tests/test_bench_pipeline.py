@@ -23,11 +23,11 @@ def test_e2e_on_cpu_records_step_and_extraction_rates(tmp_path, capsys):
     assert "pretraining step, JPEGs through 1 workers" in out and "Figure 2 from scratch" in out
 
 
-@pytest.mark.slow  # 40 s on 2 cores: 60 images through six paths
+@pytest.mark.slow  # 40 s on 2 cores: 60 images through seven paths
 def test_data_quick_records_a_row_per_path(tmp_path):
     text = run(tmp_path, "data", "--quick", "--no-probe", "--workers", "1")
     rows = [line for line in text.splitlines() if line.startswith("| 20")]
-    assert len(rows) == 6 and "pil (reference)" in rows[0]
+    assert len(rows) == 7 and "pil (reference)" in rows[0]
 
 
 def test_gpu_decode_code_runs_on_cpu(tmp_path):

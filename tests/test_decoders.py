@@ -20,7 +20,7 @@ def jpegs(tmp_path_factory):
 
 def transformed(paths, decoder, fast, family, train, seed=0, img_size=None):
     """The tensors a pipeline makes of the files, each image drawn from its own seed (as SeededSamples does)."""
-    load = image_loader_for(decoder, arrays=fast)
+    load = image_loader_for(decoder)
     transform = build_transform(family, "eval", train, img_size, pipeline=pipeline_of(decoder, fast))
     out = []
     for i, path in enumerate(paths):
@@ -42,6 +42,29 @@ def test_turbo_pipeline_is_bit_identical_to_the_reference(jpegs, family, train):
     turbo = transformed(jpegs, "turbo", False, family, train)
     assert reference.shape == (len(jpegs), 3, 224, 224)
     assert torch.equal(reference, turbo)
+
+
+def test_default_pipeline_is_torchvisions_pil_transforms(jpegs):
+    """The default (--decoder pil, no --fast_transforms) is the reference's code itself: PIL images through
+    torchvision's RandomResizedCrop, RandomHorizontalFlip, ToTensor, Normalize (test: Resize, CenterCrop)."""
+    from torchvision import transforms as T
+    norm = [T.ToTensor(), T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))]
+    for train, spelled in ((True, T.Compose([T.RandomResizedCrop(224), T.RandomHorizontalFlip()] + norm)),
+                           (False, T.Compose([T.Resize(256), T.CenterCrop(224)] + norm))):
+        assert image_loader_for("pil") is load_rgb
+        for i, path in enumerate(jpegs):
+            torch.manual_seed(i)
+            expected = spelled(Image.open(path).convert("RGB"))
+            assert torch.equal(transformed([path], "pil", False, "imagenet", train, seed=i)[0], expected)
+
+
+@pytest.mark.parametrize("img_size", [96, 224, 320])
+def test_turbo_train_crop_is_bit_identical_over_many_draws(jpegs, img_size):
+    """--decoder turbo cuts the training crop from the array before PIL resizes it and flips the tensor: the
+    reference's tensor for every draw (many seeds: small, large and border-touching crops, both flips)."""
+    for seed in range(0, 60, len(jpegs)):
+        reference = transformed(jpegs, "pil", False, "imagenet", True, seed, img_size)
+        assert torch.equal(reference, transformed(jpegs, "turbo", False, "imagenet", True, seed, img_size))
 
 
 @pytest.mark.parametrize("train", [True, False])
@@ -77,8 +100,7 @@ def test_the_flag_choices_are_the_decoders():
 def test_non_jpeg_files_and_unknown_decoders(tmp_path):
     png = tmp_path / "x.JPEG"  # a PNG named .JPEG, as one file of ImageNet
     Image.fromarray(np.full((9, 9, 3), 7, np.uint8)).save(png, format="PNG")
-    for arrays in (False, True):
-        assert np.array_equal(np.asarray(image_loader_for("turbo", arrays)(str(png))), np.full((9, 9, 3), 7, np.uint8))
+    assert np.array_equal(np.asarray(image_loader_for("turbo")(str(png))), np.full((9, 9, 3), 7, np.uint8))
     cmyk = tmp_path / "cmyk.JPEG"  # CMYK JPEGs (a few in ImageNet): PIL converts them, as the reference does
     Image.new("CMYK", (8, 8), (10, 20, 30, 40)).save(cmyk, quality=95)
     assert np.array_equal(np.asarray(image_loader_for("turbo")(str(cmyk))), np.asarray(load_rgb(str(cmyk))))

@@ -3,12 +3,12 @@
     python tools/benchmark.py data     # JPEG decode + transforms per core, per decoder; DataLoader workers 1 -> 2
     python tools/benchmark.py e2e      # JPEG -> pretraining step and JPEG -> feature extraction vs synthetic batches
     python tools/benchmark.py cost --train_rate R --forward_rate F   # Figure 2's cost from measured rates
+    python tools/benchmark.py cost --from_e2e FILE   # the same from each e2e row recorded in FILE
 
 The JPEGs are generated (datasets.synthetic.make_jpeg_folder: photo-like content, ImageNet-like sizes and
 quality 90) in a temporary folder that is removed at the end; their size distribution is printed with the rates.
 """
 import datetime
-import functools
 import os
 import shutil
 import tempfile
@@ -51,7 +51,38 @@ def cost_lines(rates, device_name):
     return lines
 
 
+def e2e_rates(path):
+    """The rates of each row of the e2e section of a benchmarks file (what `benchmark.py e2e --record` writes):
+    a list of (row label, step from JPEGs img/s, extraction from JPEGs img/s)."""
+    try:
+        with open(path) as f:
+            lines = f.read().splitlines()
+    except OSError as exc:
+        raise UserError(f"--from_e2e: cannot read {path}: {exc}") from None
+    columns = [c.strip() for c in E2E_HEADER.strip("|").split("|")]
+    section, out = None, []
+    for line in lines:
+        if line.startswith("## "):
+            section = line[3:].strip()
+        elif section == "e2e" and line.startswith("| 20"):
+            cells = dict(zip(columns, (c.strip() for c in line.strip("|").split("|"))))
+            label = f"{cells['machine']}, {cells['model']}, batch {cells['batch']}, {cells['setting']}"
+            out.append((label, float(cells["step JPEG img/s"]), float(cells["extraction JPEG img/s"])))
+    if not out:
+        raise UserError(f"--from_e2e: {path} has no row under '## e2e' (run `tools/benchmark.py e2e --record "
+                        f"{path}` first)")
+    return out
+
+
 def bench_cost(args):
+    if args.from_e2e:  # each measured row: the reference probes on its forward rate, and the cached layout
+        for label, step, extraction in e2e_rates(args.from_e2e):
+            rates = {"reference probes (per_wd)": (step, extraction, "per_wd", None),
+                     "cached one-pass probes": (step, extraction, "one_pass + feature_cache", extraction)}
+            print("\n".join(cost_lines(rates, label)))
+        return
+    if args.train_rate is None or args.forward_rate is None:
+        raise UserError("cost: give --train_rate and --forward_rate, or --from_e2e FILE")
     rates = {"given rates": (args.train_rate, args.forward_rate, args.layout, args.extraction_rate)}
     print("\n".join(cost_lines(rates, args.device_name)))
 
@@ -99,7 +130,7 @@ def decode_paths(crop):
     from PIL import Image
     from torchvision.io import decode_jpeg, read_file
 
-    from datasets.images import load_rgb, load_rgb_turbo
+    from datasets.images import image_loader_for, load_rgb
 
     def pil_draft(size):
         def load(path):  # reduce-on-decode: the largest DCT scaling that keeps both sides >= size
@@ -109,22 +140,49 @@ def decode_paths(crop):
                 return img.convert("RGB")
         return load
 
-    def torchvision_pil(path):
-        return Image.fromarray(decode_jpeg(read_file(path)).permute(1, 2, 0).numpy())
+    def torchvision_array(path):
+        return decode_jpeg(read_file(path)).permute(1, 2, 0).contiguous().numpy()
 
     def torchvision_tensor(path):
         return decode_jpeg(read_file(path))
 
+    def turbo_scaled(path, factor=2):  # libjpeg-turbo's DCT scaling: decode at 1/factor of each side
+        import simplejpeg
+        with open(path, "rb") as f:
+            data = f.read()
+        height, width = simplejpeg.decode_jpeg_header(data)[:2]
+        return simplejpeg.decode_jpeg(data, colorspace="RGB", min_height=-(-height // factor),
+                                      min_width=-(-width // factor))
+
     torch.set_num_threads(1)
-    return {
+    paths = {
         "pil (reference)": (load_rgb, "reference", True),
-        "turbo (--decoder turbo)": (load_rgb_turbo, "turbo", True),
-        "torchvision.io.decode_jpeg cpu + PIL transforms": (torchvision_pil, "turbo", True),
+        "torchvision.io.decode_jpeg cpu + turbo transforms": (torchvision_array, "turbo", True),
         "pil draft (reduce on decode)": (pil_draft(crop), "reference", False),
-        "turbo + uint8 transforms (--fast_transforms)": (functools.partial(load_rgb_turbo, array=True), "fast",
-                                                         False),
         "torchvision.io.decode_jpeg cpu + uint8 transforms": (torchvision_tensor, "fast", False),
     }
+    if not has_simplejpeg():
+        return paths
+    turbo = image_loader_for("turbo")  # the scripts' --decoder turbo loader: uint8 arrays
+    return {
+        "pil (reference)": (load_rgb, "reference", True),
+        "turbo (--decoder turbo)": (turbo, "turbo", True),
+        "torchvision.io.decode_jpeg cpu + turbo transforms": (torchvision_array, "turbo", True),
+        "pil draft (reduce on decode)": (pil_draft(crop), "reference", False),
+        "turbo + uint8 transforms (--fast_transforms)": (turbo, "fast", False),
+        "torchvision.io.decode_jpeg cpu + uint8 transforms": (torchvision_tensor, "fast", False),
+        "turbo at 1/2 scale (DCT scaling) + uint8 transforms": (turbo_scaled, "fast", False),
+    }
+
+
+def has_simplejpeg():
+    try:
+        import simplejpeg  # noqa: F401
+    except ImportError:
+        print("simplejpeg is not installed (`uv sync --extra fastjpeg`): the --decoder turbo and --fast_transforms "
+              "rows are skipped")
+        return False
+    return True
 
 
 def per_core_rates(paths, fns, rounds=3):
@@ -156,7 +214,7 @@ def loader_rate(root, pipeline, decoder, workers, batch_size, crop):
     """Images/s of a DataLoader over the train split with the train transform, after its first batch."""
     from datasets import WithTransform, build_dataset, image_loader
     from datasets.transforms import build_transform
-    dataset, _ = build_dataset("imagefolder", root, "train", decoder=decoder, arrays=pipeline == "fast")
+    dataset, _ = build_dataset("imagefolder", root, "train", decoder=decoder)
     data = WithTransform(dataset, build_transform("imagenet", "eval", True, crop, pipeline))
     loader = image_loader(data, batch_size=batch_size, shuffle=False, num_workers=workers, prefetch_factor=4)
     batches = iter(loader)
@@ -218,13 +276,16 @@ def bench_data(args):
         for name, pipeline, decoder in (("pil (reference)", "reference", "pil"), ("turbo (--decoder turbo)",
                                         "turbo", "turbo"), ("turbo + uint8 transforms (--fast_transforms)", "fast",
                                                             "turbo")):
+            if name not in results:
+                continue
             scaling[name] = [loader_rate(work, pipeline, decoder, w, 32, crop) for w in args.workers]
             counts = " -> ".join(f"{w} worker(s) {r:.0f} img/s" for w, r in zip(args.workers, scaling[name]))
             print(f"{name}: DataLoader {counts}")
         base = results["pil (reference)"]
         for name, row in results.items():
             print(f"  {name}: train x{row['train'] / base['train']:.2f}, test x{row['test'] / base['test']:.2f} "
-                  f"the reference per core")
+                  f"the reference per core; its decoding alone x{row['decode'] / base['train']:.2f} (the ceiling of "
+                  f"any path that decodes this way, were its transforms free)")
         top1 = probe_effect(work, crop, args) if args.probe else {}
         if not args.no_record:
             date = datetime.date.today().isoformat()
@@ -255,6 +316,8 @@ def probe_effect(root, crop, args):
     out = {}
     for name, extra in (("pil (reference)", []), ("turbo (--decoder turbo)", ["--decoder", "turbo"]),
                         ("turbo + uint8 transforms (--fast_transforms)", ["--decoder", "turbo", "--fast_transforms"])):
+        if extra and not has_simplejpeg():
+            break
         seconds, top1 = timed_probe(common + extra + ["--dump_path", os.path.join(root, "probe", str(len(out)))])
         if top1 is None:
             raise UserError(f"the probe through {name} did not finish (stopped by a signal?)")
@@ -339,8 +402,7 @@ def bench_e2e(args):
 
         step_synthetic = images_per_second(step_with(Synthetic()), warmup, steps, batch, device)
         print(f"pretraining step, synthetic batches: {step_synthetic:.1f} img/s")
-        train, _ = build_dataset("imagefolder", work, "train", download=False, decoder=args.decoder,
-                                 arrays=args.fast_transforms)
+        train, _ = build_dataset("imagefolder", work, "train", download=False, decoder=args.decoder)
         seeded = engine_pretrain.SeededSamples(WithTransform(train, build_transform("imagenet", "eval", True, size,
                                                                                     pipeline)))
         sampler = engine_pretrain.TrainBatches(len(seeded), 0, batch, batch, 1, 0, 0)
