@@ -175,6 +175,28 @@ def decode_paths(crop):
     }
 
 
+def reference_equal_floor(crop):
+    """simplejpeg's decode then PIL's crop + resize of RandomResizedCrop's box, nothing else: the work that any
+    path bit-identical to the reference does (None without simplejpeg)."""
+    if not has_simplejpeg():
+        return None
+    import torch
+    from PIL import Image
+    from torchvision import transforms as T
+    from torchvision.transforms import functional as F
+
+    from datasets.images import image_loader_for
+    load = image_loader_for("turbo")
+
+    def floor(path):
+        pixels = load(path)
+        top, left, height, width = T.RandomResizedCrop.get_params(torch.from_numpy(pixels).permute(2, 0, 1),
+                                                                  (0.08, 1.0), (3 / 4, 4 / 3))
+        return F.resize(Image.fromarray(pixels[top:top + height, left:left + width]), [crop, crop],
+                        T.InterpolationMode.BILINEAR, antialias=True)
+    return floor
+
+
 def has_simplejpeg():
     try:
         import simplejpeg  # noqa: F401
@@ -186,18 +208,24 @@ def has_simplejpeg():
 
 
 def per_core_rates(paths, fns, rounds=3):
-    """Images per CPU-second of each fn over the files, in this process with one thread: images / the process's
-    CPU time (time.process_time), so that other jobs sharing the cores do not count as this path's time (the
-    rate of one core given to it alone); the best of `rounds` passes, the functions taking turns in each."""
-    best = dict.fromkeys(fns, 0.0)
-    for name, fn in fns.items():
-        fn(paths[0])
+    """Images per CPU-second of each fn over the files, in this process with one thread: images / the CPU time
+    of its calls (time.process_time), so that other jobs sharing the cores do not count as this path's time (the
+    rate of one core given to it alone). The functions take turns on every file, in an order that rotates from
+    file to file, so that a load that changes during the run weighs on all of them alike; the best of `rounds`
+    passes."""
+    names = list(fns)
+    best = dict.fromkeys(names, 0.0)
+    for name in names:
+        fns[name](paths[0])
     for _ in range(rounds):
-        for name, fn in fns.items():
-            start = time.process_time()
-            for p in paths:
-                fn(p)
-            best[name] = max(best[name], len(paths) / (time.process_time() - start))
+        spent = dict.fromkeys(names, 0.0)
+        for i, p in enumerate(paths):
+            for name in names[i % len(names):] + names[:i % len(names)]:
+                start = time.process_time()
+                fns[name](p)
+                spent[name] += time.process_time() - start
+        for name in names:
+            best[name] = max(best[name], len(paths) / spent[name])
     return best
 
 
@@ -227,7 +255,8 @@ def loader_rate(root, pipeline, decoder, workers, batch_size, crop):
 
 DATA_INTRO = [
     "Images per CPU-second (one process, one thread: images / its CPU time, so other jobs on a shared machine do",
-    "not count) of JPEG decoding alone and of decoding + the",
+    "not count; the paths take turns on every file, so a changing load weighs on all alike) of JPEG decoding alone",
+    "and of decoding + the",
     "reference transforms (train: RandomResizedCrop 224 + flip + ToTensor + Normalize; test: Resize 256 + CenterCrop",
     "224), for each decoder, on generated ImageNet-like JPEGs (sizes and file sizes in the reading below); *max diff*",
     "is the largest absolute difference of the transformed tensor from the reference path's (same seeds);",
@@ -258,6 +287,9 @@ def bench_data(args):
             fns[name, "decode"] = loader
             fns[name, "train"] = lambda p, load=loader, tf=train_tf: tf(load(p))
             fns[name, "test"] = lambda p, load=loader, tf=test_tf: tf(load(p))
+        floor = reference_equal_floor(crop)
+        if floor:  # not a row: what a reference-equal path cannot avoid (libjpeg-turbo's decode, PIL's resampling)
+            fns["floor", "train"] = floor
         rates = per_core_rates(paths, fns, rounds=2 if args.quick else 3)
         for name, (loader, pipeline, _) in decode_paths(crop).items():
             train_tf = build_transform("imagenet", "eval", True, crop, pipeline)
@@ -286,6 +318,10 @@ def bench_data(args):
             print(f"  {name}: train x{row['train'] / base['train']:.2f}, test x{row['test'] / base['test']:.2f} "
                   f"the reference per core; its decoding alone x{row['decode'] / base['train']:.2f} (the ceiling of "
                   f"any path that decodes this way, were its transforms free)")
+        if floor:
+            print(f"reference-equal floor: simplejpeg's decode + PIL's crop and resize alone (no tensor conversion) "
+                  f"run at x{rates['floor', 'train'] / base['train']:.2f} the reference's decode + train transform: "
+                  f"the ceiling of any path that keeps the reference's pixels with Pillow's resampling")
         top1 = probe_effect(work, crop, args) if args.probe else {}
         if not args.no_record:
             date = datetime.date.today().isoformat()
