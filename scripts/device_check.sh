@@ -99,7 +99,7 @@ same = all(torch.equal(a, b) for a, b in zip(models[0].parameters(), models[1].p
 diff = max((a - b).abs().max().item() for a, b in zip(models[0].parameters(), models[1].parameters()))
 print(f"sfadamw foreach vs per-parameter on CUDA after 20 steps: bit-identical {same}, max abs diff {diff:.3g}")
 PY
-  turbo data 60 "${DATA[@]}"
+  step data 60 "${DATA[@]}"  # without simplejpeg it times the other paths and says so
   step gpu_decode 40 "${GPU_DECODE[@]}"
   step e2e_tf32_pil 60 "${E2E[@]}" --tf32
   turbo e2e_bf16_fast 40 "${E2E[@]}" --precision bf16 --decoder turbo --fast_transforms --sf_foreach
