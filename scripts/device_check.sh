@@ -16,8 +16,9 @@
 #     --python-version 3.12 --no-deps -d results/wheels
 # Without the folder (or a wheel that installs) the turbo rows are skipped and summary.txt says so.
 #
-# Each step has its own time limit and log ($OUT/<step>.log); $OUT/summary.txt gets one line per step and
-# $OUT/benchmarks.md the benchmark rows, to be copied into docs/benchmarks.md. Two ranks of NCCL need two GPUs:
+# Each step has its own time limit and log ($OUT/<step>.log, gathered into $OUT/logs.txt at the end: a device call
+# brings back 8 files at most); $OUT/summary.txt gets one line per step and $OUT/benchmarks.md the benchmark rows,
+# to be copied into docs/benchmarks.md (pipeline: also rates.txt, the rates and Figure 2's hours in short). Two ranks of NCCL need two GPUs:
 # on a one-GPU machine that check is reported as skipped.
 set -u
 cd "$(dirname "$(readlink -f "${BASH_SOURCE[0]}")")/.."
@@ -25,6 +26,11 @@ OUT=${OUT:-results/device_check}
 mkdir -p "$OUT"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
+
+bundle_logs() {  # a device call brings back 8 files at most: the step logs become one file, logs.txt
+  for f in "$OUT"/*.log; do [[ -e $f ]] && { echo "===== $(basename "$f")"; cat "$f"; }; done >"$OUT/logs.txt"
+  rm -f "$OUT"/*.log
+}
 
 step() {  # step NAME SECONDS COMMAND...: run with a limit, log to $OUT/NAME.log, one summary line
   local name=$1 limit=$2 start rc
@@ -111,6 +117,7 @@ PY
   step cost 20 "$PY" tools/benchmark.py cost --from_e2e "$OUT/benchmarks.md"
   grep -h "img/s\|h =\|GPU-hours\| h$" "$OUT"/e2e_*.log "$OUT/cost.log" >"$OUT/rates.txt" 2>/dev/null
   rm -rf "$JPEGS"
+  bundle_logs
   exit 0
 fi
 
@@ -126,3 +133,4 @@ if [[ $("$PY" -c "import torch; print(torch.cuda.device_count())") -ge 2 ]]; the
 else
   echo "nccl: skipped, one GPU (two NCCL ranks cannot share a GPU)" | tee -a "$OUT/summary.txt"
 fi
+bundle_logs
