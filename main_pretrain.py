@@ -225,7 +225,7 @@ def build_pretrain_data(args, logger):
     """The training and validation splits from the probe's dataset registry, with the pretraining transforms."""
     if args.data_name == "imagenet1k":
         logger.info(f"data: --data_path is {imagenet_root(args.data_path).found}")
-    read = dict(download=False, decoder=args.decoder, arrays=args.fast_transforms)
+    read = dict(download=False, decoder=args.decoder)
     train, num_classes = build_dataset(args.data_name, args.data_path, "train", **read)
     val, _ = build_dataset(args.data_name, args.data_path, "test", **read)
     if val.classes != train.classes:

@@ -75,12 +75,11 @@ def build_probe_data(args, dist_info, logger):
     family, world = family_of(args.data_name), dist_info.world_size
     if dist_info.is_main:  # one process downloads, the others wait
         train_base, num_classes = build_dataset(args.data_name, args.data_path, "train", args.download,
-                                                args.decoder, args.fast_transforms)
+                                                args.decoder)
     barrier()
     if not dist_info.is_main:
-        train_base, num_classes = build_dataset(args.data_name, args.data_path, "train", False, args.decoder,
-                                                args.fast_transforms)
-    test_base, _ = build_dataset(args.data_name, args.data_path, "test", False, args.decoder, args.fast_transforms)
+        train_base, num_classes = build_dataset(args.data_name, args.data_path, "train", False, args.decoder)
+    test_base, _ = build_dataset(args.data_name, args.data_path, "test", False, args.decoder)
     kept = subset_fraction(len(train_base), args.data_rate, args.seed)
     train_base = torch.utils.data.Subset(train_base, kept)
     recipe = backbones_recipe(args.data_name, args.arch, args.allow_mixed_transforms)

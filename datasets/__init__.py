@@ -162,12 +162,12 @@ def imagenet_root(data_path):
     return ImageNetRoot(nested, f"the README data root ({data_path} holds imagenet/)")
 
 
-def build_dataset(data_name, data_path, split, download=True, decoder="pil", arrays=False):
-    """(dataset of (PIL image, label), num_classes) for split 'train' or 'test'; image files are read with
-    --decoder's loader (datasets/images.py; CIFAR is in memory, nothing to decode); arrays (--fast_transforms):
-    --decoder turbo gives uint8 arrays instead of PIL images."""
+def build_dataset(data_name, data_path, split, download=True, decoder="pil"):
+    """(dataset of (image, label), num_classes) for split 'train' or 'test'; image files are read with
+    --decoder's loader (datasets/images.py: pil gives PIL images, turbo uint8 arrays; CIFAR is in memory, PIL
+    images, nothing to decode)."""
     base, percent = parse_data_name(data_name)
-    loader = image_loader_for(decoder, arrays)
+    loader = image_loader_for(decoder)
     train = split == "train"
     if base.startswith("cifar"):
         dataset = build_cifar(base, data_path, train, None, download)

@@ -48,8 +48,8 @@ def require_simplejpeg(what):
 
 
 def load_rgb_turbo(path, array=False):
-    """load_rgb through simplejpeg: the same pixels as PIL's decoder, as a PIL image sharing the decoded array,
-    or (array=True, for the uint8-tensor transforms) the H x W x 3 uint8 array itself."""
+    """load_rgb through simplejpeg: the same pixels as PIL's decoder, as a PIL image, or (array=True, what
+    --decoder turbo's transforms take) the H x W x 3 uint8 array itself."""
     import simplejpeg
     try:
         with open(path, "rb") as f:
@@ -68,15 +68,16 @@ def load_rgb_turbo(path, array=False):
     return pixels if array else Image.fromarray(pixels)
 
 
-def image_loader_for(decoder="pil", arrays=False):
-    """The file loader of --decoder (picklable, for DataLoader workers). arrays: turbo hands the uint8-tensor
-    transforms (--fast_transforms) its decoded array directly, without a PIL image around it."""
+def image_loader_for(decoder="pil"):
+    """The file loader of --decoder (picklable, for DataLoader workers): pil gives PIL images (the reference);
+    turbo gives the decoded H x W x 3 uint8 arrays themselves, which its transforms (the turbo and fast pipelines
+    of datasets/transforms.py) take without a PIL image around the whole picture."""
     if decoder not in DECODERS:
         raise UserError(f"unknown --decoder {decoder}: choose one of {', '.join(DECODERS)}")
     if decoder == "pil":
         return load_rgb
     require_simplejpeg("--decoder turbo")
-    return functools.partial(load_rgb_turbo, array=True) if arrays else load_rgb_turbo
+    return functools.partial(load_rgb_turbo, array=True)
 
 
 def build_image_folder(split_dir, dataset_label, hint, transform=None, loader=load_rgb):

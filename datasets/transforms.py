@@ -4,8 +4,9 @@
 
 Three pipelines compute them (--decoder, --fast_transforms; docs/benchmarks.md "data"):
 - reference (default): torchvision's PIL transforms, ToTensor, Normalize.
-- turbo (--decoder turbo): the same PIL transforms, then ToTensor + Normalize as one pass over the pixels
-  (ToNormalizedTensor): the same operations in the same order, so the same tensor bit for bit.
+- turbo (--decoder turbo): the same PIL operations on simplejpeg's uint8 array, in a cheaper order: the training
+  crop is cut from the array before PIL sees it (PIL copies only the crop, not the whole image), the flip is done on
+  the tensor, ToTensor + Normalize are one pass over the pixels (ToNormalizedTensor): the same tensor bit for bit.
 - fast (--fast_transforms, an opt-in recipe key): crop, resize and flip on uint8 tensors (torchvision's
   vectorised uint8 resampling), then ToNormalizedTensor; the same random draws (crop boxes, flips) as the
   reference; pixels within one level of PIL's resampling (tests/test_decoders.py).
@@ -14,7 +15,9 @@ import warnings
 
 import numpy as np
 import torch
+from PIL import Image
 from torchvision import transforms as T
+from torchvision.transforms import functional as F
 from torchvision.transforms.v2 import functional as F2
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -71,6 +74,34 @@ class ToNormalizedTensor:
 
     def __repr__(self):
         return f"{type(self).__name__}(mean={self.mean.flatten().tolist()}, std={self.std.flatten().tolist()})"
+
+
+class TurboRandomResizedCropFlip:
+    """The reference's RandomResizedCrop + RandomHorizontalFlip + ToTensor + Normalize, bit for bit, on an
+    H x W x 3 uint8 array (--decoder turbo's) or a PIL image: the same random draws in the same order; the crop box
+    is cut from the array, PIL resizes it with torchvision's PIL resize (the reference's crop then resize), and the
+    flip reverses the tensor's columns (a permutation: exact). tests/test_decoders.py checks the equality."""
+
+    def __init__(self, size, scale, ratio, interpolation, mean, std):
+        self.size, self.scale, self.ratio, self.interpolation = size, scale, ratio, interpolation
+        self.to_tensor = ToNormalizedTensor(mean, std)
+
+    def __call__(self, pic):
+        if not isinstance(pic, np.ndarray) and getattr(pic, "mode", None) != "RGB":
+            pic = pic.convert("RGB")  # what the reference's loader would have handed over
+        pixels = np.asarray(pic)
+        top, left, height, width = T.RandomResizedCrop.get_params(uint8_chw(pixels), self.scale, self.ratio)
+        crop = Image.fromarray(pixels[top:top + height, left:left + width])
+        crop = F.resize(crop, [self.size, self.size], self.interpolation, antialias=True)
+        out = uint8_chw(crop)
+        if torch.rand(1) < 0.5:  # RandomHorizontalFlip(0.5)'s draw, after the crop's as in the reference
+            out = out.flip(-1)
+        return self.to_tensor(out)
+
+
+def to_pil(pic):
+    """A uint8 array (--decoder turbo's) as the PIL image the reference's test transform resizes."""
+    return Image.fromarray(pic) if isinstance(pic, np.ndarray) else pic
 
 
 class Uint8RandomResizedCrop:
@@ -136,10 +167,14 @@ def build_transform(family, tf_name, train, img_size=None, pipeline="reference",
         geometry = Uint8RandomResizedCrop(crop, scale, ratio, interpolation) if train else \
             Uint8ResizeCenterCrop(resize, crop, interpolation)
         return T.Compose([geometry, ToNormalizedTensor(mean, std)])
+    if pipeline == "turbo":
+        if train:
+            return TurboRandomResizedCropFlip(crop, scale, ratio, interpolation, mean, std)
+        return T.Compose([to_pil, T.Resize(resize, interpolation=interpolation), T.CenterCrop(crop),
+                          ToNormalizedTensor(mean, std)])
     if train:
         steps = [T.RandomResizedCrop(crop, scale=scale, ratio=ratio, interpolation=interpolation),
                  T.RandomHorizontalFlip()]
     else:
         steps = [T.Resize(resize, interpolation=interpolation), T.CenterCrop(crop)]
-    tensor = [ToNormalizedTensor(mean, std)] if pipeline == "turbo" else [T.ToTensor(), T.Normalize(mean, std)]
-    return T.Compose(steps + tensor)
+    return T.Compose(steps + [T.ToTensor(), T.Normalize(mean, std)])

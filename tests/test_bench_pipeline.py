@@ -6,6 +6,7 @@ import subprocess
 import pytest
 
 from tools import bench_pipeline, benchmark
+from util.cli import UserError
 
 
 def run(tmp_path, *argv):
@@ -21,13 +22,25 @@ def test_e2e_on_cpu_records_step_and_extraction_rates(tmp_path, capsys):
     assert "## e2e" in text and row.count("|") == text.splitlines()[text.splitlines().index(row) - 2].count("|")
     out = capsys.readouterr().out
     assert "pretraining step, JPEGs through 1 workers" in out and "Figure 2 from scratch" in out
+    # scripts/device_check.sh's cost step: Figure 2's hours from each recorded e2e row's own rates
+    benchmark.main(benchmark.get_args_parser().parse_args(["cost", "--from_e2e", str(tmp_path / "benchmarks.md")]))
+    cost = capsys.readouterr().out
+    step, extraction = (float(row.split("|")[i]) for i in (9, 12))
+    expected = bench_pipeline.figure2_cost(step, extraction, "one_pass + feature_cache", extraction)[2]
+    assert "resnet18 32px, batch 4, fp32, channels_last, turbo pipeline" in cost
+    assert f"= {expected:,.0f} h" in cost.splitlines()[-1]
+    (tmp_path / "other.md").write_text("## data\n| 2026-12-03 | a row of another section |\n")
+    with pytest.raises(UserError, match="no row under '## e2e'"):
+        bench_pipeline.e2e_rates(str(tmp_path / "other.md"))
+    with pytest.raises(UserError, match="cannot read"):
+        bench_pipeline.e2e_rates(str(tmp_path / "missing.md"))
 
 
-@pytest.mark.slow  # 40 s on 2 cores: 60 images through six paths
+@pytest.mark.slow  # 40 s on 2 cores: 60 images through seven paths
 def test_data_quick_records_a_row_per_path(tmp_path):
     text = run(tmp_path, "data", "--quick", "--no-probe", "--workers", "1")
     rows = [line for line in text.splitlines() if line.startswith("| 20")]
-    assert len(rows) == 6 and "pil (reference)" in rows[0]
+    assert len(rows) == 7 and "pil (reference)" in rows[0]
 
 
 def test_gpu_decode_code_runs_on_cpu(tmp_path):

@@ -3,12 +3,12 @@
     python tools/benchmark.py data     # JPEG decode + transforms per core, per decoder; DataLoader workers 1 -> 2
     python tools/benchmark.py e2e      # JPEG -> pretraining step and JPEG -> feature extraction vs synthetic batches
     python tools/benchmark.py cost --train_rate R --forward_rate F   # Figure 2's cost from measured rates
+    python tools/benchmark.py cost --from_e2e FILE   # the same from each e2e row recorded in FILE
 
 The JPEGs are generated (datasets.synthetic.make_jpeg_folder: photo-like content, ImageNet-like sizes and
 quality 90) in a temporary folder that is removed at the end; their size distribution is printed with the rates.
 """
 import datetime
-import functools
 import os
 import shutil
 import tempfile
@@ -51,7 +51,38 @@ def cost_lines(rates, device_name):
     return lines
 
 
+def e2e_rates(path):
+    """The rates of each row of the e2e section of a benchmarks file (what `benchmark.py e2e --record` writes):
+    a list of (row label, step from JPEGs img/s, extraction from JPEGs img/s)."""
+    try:
+        with open(path) as f:
+            lines = f.read().splitlines()
+    except OSError as exc:
+        raise UserError(f"--from_e2e: cannot read {path}: {exc}") from None
+    columns = [c.strip() for c in E2E_HEADER.strip("|").split("|")]
+    section, out = None, []
+    for line in lines:
+        if line.startswith("## "):
+            section = line[3:].strip()
+        elif section == "e2e" and line.startswith("| 20"):
+            cells = dict(zip(columns, (c.strip() for c in line.strip("|").split("|"))))
+            label = f"{cells['machine']}, {cells['model']}, batch {cells['batch']}, {cells['setting']}"
+            out.append((label, float(cells["step JPEG img/s"]), float(cells["extraction JPEG img/s"])))
+    if not out:
+        raise UserError(f"--from_e2e: {path} has no row under '## e2e' (run `tools/benchmark.py e2e --record "
+                        f"{path}` first)")
+    return out
+
+
 def bench_cost(args):
+    if args.from_e2e:  # each measured row: the reference probes on its forward rate, and the cached layout
+        for label, step, extraction in e2e_rates(args.from_e2e):
+            rates = {"reference probes (per_wd)": (step, extraction, "per_wd", None),
+                     "cached one-pass probes": (step, extraction, "one_pass + feature_cache", extraction)}
+            print("\n".join(cost_lines(rates, label)))
+        return
+    if args.train_rate is None or args.forward_rate is None:
+        raise UserError("cost: give --train_rate and --forward_rate, or --from_e2e FILE")
     rates = {"given rates": (args.train_rate, args.forward_rate, args.layout, args.extraction_rate)}
     print("\n".join(cost_lines(rates, args.device_name)))
 
@@ -99,7 +130,7 @@ def decode_paths(crop):
     from PIL import Image
     from torchvision.io import decode_jpeg, read_file
 
-    from datasets.images import load_rgb, load_rgb_turbo
+    from datasets.images import image_loader_for, load_rgb
 
     def pil_draft(size):
         def load(path):  # reduce-on-decode: the largest DCT scaling that keeps both sides >= size
@@ -109,37 +140,92 @@ def decode_paths(crop):
                 return img.convert("RGB")
         return load
 
-    def torchvision_pil(path):
-        return Image.fromarray(decode_jpeg(read_file(path)).permute(1, 2, 0).numpy())
+    def torchvision_array(path):
+        return decode_jpeg(read_file(path)).permute(1, 2, 0).contiguous().numpy()
 
     def torchvision_tensor(path):
         return decode_jpeg(read_file(path))
 
+    def turbo_scaled(path, factor=2):  # libjpeg-turbo's DCT scaling: decode at 1/factor of each side
+        import simplejpeg
+        with open(path, "rb") as f:
+            data = f.read()
+        height, width = simplejpeg.decode_jpeg_header(data)[:2]
+        return simplejpeg.decode_jpeg(data, colorspace="RGB", min_height=-(-height // factor),
+                                      min_width=-(-width // factor))
+
     torch.set_num_threads(1)
+    paths = {
+        "pil (reference)": (load_rgb, "reference", True),
+        "torchvision.io.decode_jpeg cpu + turbo transforms": (torchvision_array, "turbo", True),
+        "pil draft (reduce on decode)": (pil_draft(crop), "reference", False),
+        "torchvision.io.decode_jpeg cpu + uint8 transforms": (torchvision_tensor, "fast", False),
+    }
+    if not has_simplejpeg():
+        return paths
+    turbo = image_loader_for("turbo")  # the scripts' --decoder turbo loader: uint8 arrays
     return {
         "pil (reference)": (load_rgb, "reference", True),
-        "turbo (--decoder turbo)": (load_rgb_turbo, "turbo", True),
-        "torchvision.io.decode_jpeg cpu + PIL transforms": (torchvision_pil, "turbo", True),
+        "turbo (--decoder turbo)": (turbo, "turbo", True),
+        "torchvision.io.decode_jpeg cpu + turbo transforms": (torchvision_array, "turbo", True),
         "pil draft (reduce on decode)": (pil_draft(crop), "reference", False),
-        "turbo + uint8 transforms (--fast_transforms)": (functools.partial(load_rgb_turbo, array=True), "fast",
-                                                         False),
+        "turbo + uint8 transforms (--fast_transforms)": (turbo, "fast", False),
         "torchvision.io.decode_jpeg cpu + uint8 transforms": (torchvision_tensor, "fast", False),
+        "turbo at 1/2 scale (DCT scaling) + uint8 transforms": (turbo_scaled, "fast", False),
     }
 
 
+def reference_equal_floor(crop):
+    """simplejpeg's decode then PIL's crop + resize of RandomResizedCrop's box, nothing else: the work that any
+    path bit-identical to the reference does (None without simplejpeg)."""
+    if not has_simplejpeg():
+        return None
+    import torch
+    from PIL import Image
+    from torchvision import transforms as T
+    from torchvision.transforms import functional as F
+
+    from datasets.images import image_loader_for
+    load = image_loader_for("turbo")
+
+    def floor(path):
+        pixels = load(path)
+        top, left, height, width = T.RandomResizedCrop.get_params(torch.from_numpy(pixels).permute(2, 0, 1),
+                                                                  (0.08, 1.0), (3 / 4, 4 / 3))
+        return F.resize(Image.fromarray(pixels[top:top + height, left:left + width]), [crop, crop],
+                        T.InterpolationMode.BILINEAR, antialias=True)
+    return floor
+
+
+def has_simplejpeg():
+    try:
+        import simplejpeg  # noqa: F401
+    except ImportError:
+        print("simplejpeg is not installed (`uv sync --extra fastjpeg`): the --decoder turbo and --fast_transforms "
+              "rows are skipped")
+        return False
+    return True
+
+
 def per_core_rates(paths, fns, rounds=3):
-    """Images per CPU-second of each fn over the files, in this process with one thread: images / the process's
-    CPU time (time.process_time), so that other jobs sharing the cores do not count as this path's time (the
-    rate of one core given to it alone); the best of `rounds` passes, the functions taking turns in each."""
-    best = dict.fromkeys(fns, 0.0)
-    for name, fn in fns.items():
-        fn(paths[0])
+    """Images per CPU-second of each fn over the files, in this process with one thread: images / the CPU time
+    of its calls (time.process_time), so that other jobs sharing the cores do not count as this path's time (the
+    rate of one core given to it alone). The functions take turns on every file, in an order that rotates from
+    file to file, so that a load that changes during the run weighs on all of them alike; the best of `rounds`
+    passes."""
+    names = list(fns)
+    best = dict.fromkeys(names, 0.0)
+    for name in names:
+        fns[name](paths[0])
     for _ in range(rounds):
-        for name, fn in fns.items():
-            start = time.process_time()
-            for p in paths:
-                fn(p)
-            best[name] = max(best[name], len(paths) / (time.process_time() - start))
+        spent = dict.fromkeys(names, 0.0)
+        for i, p in enumerate(paths):
+            for name in names[i % len(names):] + names[:i % len(names)]:
+                start = time.process_time()
+                fns[name](p)
+                spent[name] += time.process_time() - start
+        for name in names:
+            best[name] = max(best[name], len(paths) / spent[name])
     return best
 
 
@@ -153,27 +239,37 @@ def transformed(paths, load, transform, seed=0):
 
 
 def loader_rate(root, pipeline, decoder, workers, batch_size, crop):
-    """Images/s of a DataLoader over the train split with the train transform, after its first batch."""
+    """Images/s of a DataLoader over the train split with the train transform, once its workers are up: passes
+    over the files (persistent workers) until 8 batches per worker are timed, so that many workers on few files
+    are still measured at their steady rate."""
     from datasets import WithTransform, build_dataset, image_loader
     from datasets.transforms import build_transform
-    dataset, _ = build_dataset("imagefolder", root, "train", decoder=decoder, arrays=pipeline == "fast")
+    dataset, _ = build_dataset("imagefolder", root, "train", decoder=decoder)
     data = WithTransform(dataset, build_transform("imagenet", "eval", True, crop, pipeline))
-    loader = image_loader(data, batch_size=batch_size, shuffle=False, num_workers=workers, prefetch_factor=4)
-    batches = iter(loader)
-    next(batches)
-    start, count = time.perf_counter(), 0
-    for images, _ in batches:
-        count += len(images)
-    return count / (time.perf_counter() - start)
+    loader = image_loader(data, batch_size=batch_size, shuffle=False, num_workers=workers, prefetch_factor=4,
+                          persistent_workers=True)
+    next(iter(loader))  # the workers start
+    target = max(8 * workers, len(loader) - 1)
+    start, count, batches = time.perf_counter(), 0, 0
+    while batches < target:
+        for images, _ in loader:
+            count, batches = count + len(images), batches + 1
+            if batches == target:
+                break
+    rate = count / (time.perf_counter() - start)
+    del loader
+    return rate
 
 
 DATA_INTRO = [
     "Images per CPU-second (one process, one thread: images / its CPU time, so other jobs on a shared machine do",
-    "not count) of JPEG decoding alone and of decoding + the",
+    "not count; the paths take turns on every file, so a changing load weighs on all alike) of JPEG decoding alone",
+    "and of decoding + the",
     "reference transforms (train: RandomResizedCrop 224 + flip + ToTensor + Normalize; test: Resize 256 + CenterCrop",
     "224), for each decoder, on generated ImageNet-like JPEGs (sizes and file sizes in the reading below); *max diff*",
     "is the largest absolute difference of the transformed tensor from the reference path's (same seeds);",
-    "*x* = rate / the reference's rate in the same run. Workers: a DataLoader (batch 32) over the same files.",
+    "*x* = rate / the reference's rate in the same run. Workers: a DataLoader (batch 32) over the same files,",
+    "wall time once its workers are up (since 2026-12-03 noon: 8 batches per worker, passes repeated as needed).",
 ]
 DATA_HEADER = ("| date | machine | path | decode img/s | x | decode + train img/s | x | decode + test img/s | x "
                "| max diff train / test | DataLoader 1 -> 2 workers img/s |")
@@ -200,6 +296,9 @@ def bench_data(args):
             fns[name, "decode"] = loader
             fns[name, "train"] = lambda p, load=loader, tf=train_tf: tf(load(p))
             fns[name, "test"] = lambda p, load=loader, tf=test_tf: tf(load(p))
+        floor = reference_equal_floor(crop)
+        if floor:  # not a row: what a reference-equal path cannot avoid (libjpeg-turbo's decode, PIL's resampling)
+            fns["floor", "train"] = floor
         rates = per_core_rates(paths, fns, rounds=2 if args.quick else 3)
         for name, (loader, pipeline, _) in decode_paths(crop).items():
             train_tf = build_transform("imagenet", "eval", True, crop, pipeline)
@@ -218,13 +317,20 @@ def bench_data(args):
         for name, pipeline, decoder in (("pil (reference)", "reference", "pil"), ("turbo (--decoder turbo)",
                                         "turbo", "turbo"), ("turbo + uint8 transforms (--fast_transforms)", "fast",
                                                             "turbo")):
+            if name not in results:
+                continue
             scaling[name] = [loader_rate(work, pipeline, decoder, w, 32, crop) for w in args.workers]
             counts = " -> ".join(f"{w} worker(s) {r:.0f} img/s" for w, r in zip(args.workers, scaling[name]))
             print(f"{name}: DataLoader {counts}")
         base = results["pil (reference)"]
         for name, row in results.items():
             print(f"  {name}: train x{row['train'] / base['train']:.2f}, test x{row['test'] / base['test']:.2f} "
-                  f"the reference per core")
+                  f"the reference per core; its decoding alone x{row['decode'] / base['train']:.2f} (the ceiling of "
+                  f"any path that decodes this way, were its transforms free)")
+        if floor:
+            print(f"reference-equal floor: simplejpeg's decode + PIL's crop and resize alone (no tensor conversion) "
+                  f"run at x{rates['floor', 'train'] / base['train']:.2f} the reference's decode + train transform: "
+                  f"the ceiling of any path that keeps the reference's pixels with Pillow's resampling")
         top1 = probe_effect(work, crop, args) if args.probe else {}
         if not args.no_record:
             date = datetime.date.today().isoformat()
@@ -255,6 +361,8 @@ def probe_effect(root, crop, args):
     out = {}
     for name, extra in (("pil (reference)", []), ("turbo (--decoder turbo)", ["--decoder", "turbo"]),
                         ("turbo + uint8 transforms (--fast_transforms)", ["--decoder", "turbo", "--fast_transforms"])):
+        if extra and not has_simplejpeg():
+            break
         seconds, top1 = timed_probe(common + extra + ["--dump_path", os.path.join(root, "probe", str(len(out)))])
         if top1 is None:
             raise UserError(f"the probe through {name} did not finish (stopped by a signal?)")
@@ -339,8 +447,7 @@ def bench_e2e(args):
 
         step_synthetic = images_per_second(step_with(Synthetic()), warmup, steps, batch, device)
         print(f"pretraining step, synthetic batches: {step_synthetic:.1f} img/s")
-        train, _ = build_dataset("imagefolder", work, "train", download=False, decoder=args.decoder,
-                                 arrays=args.fast_transforms)
+        train, _ = build_dataset("imagefolder", work, "train", download=False, decoder=args.decoder)
         seeded = engine_pretrain.SeededSamples(WithTransform(train, build_transform("imagenet", "eval", True, size,
                                                                                     pipeline)))
         sampler = engine_pretrain.TrainBatches(len(seeded), 0, batch, batch, 1, 0, 0)

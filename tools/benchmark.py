@@ -10,6 +10,7 @@ run; every run appends a dated row to its section of docs/benchmarks.md.
     python tools/benchmark.py e2e              # JPEG -> pretraining step and JPEG -> extraction vs synthetic batches
     python tools/benchmark.py gpu_decode       # torchvision.io.decode_jpeg on the GPU in batches (nvJPEG)
     python tools/benchmark.py cost --train_rate R --forward_rate F   # Figure 2's GPU-hours from measured rates
+    python tools/benchmark.py cost --from_e2e FILE   # the same for every e2e row recorded in FILE
 
 Sections are subcommands; each writes under its own `## <section>` heading of results/benchmarks.md (ignored by
 git), or of the file given with --record (`--record docs/benchmarks.md` adds the row to the published table).
@@ -393,12 +394,15 @@ def add_pipeline_sections(sections, common):
     gpu.set_defaults(func=bench_pipeline.bench_gpu_decode)
     cost = sections.add_parser("cost", help="Figure 2's cost from scratch (pretraining + probes) in GPU-hours, "
                                "from measured rates", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    cost.add_argument("--train_rate", type=float, required=True, help="img/s of the pretraining step from JPEGs")
-    cost.add_argument("--forward_rate", type=float, required=True, help="img/s of the frozen forward from JPEGs")
+    cost.add_argument("--train_rate", type=float, default=None, help="img/s of the pretraining step from JPEGs")
+    cost.add_argument("--forward_rate", type=float, default=None, help="img/s of the frozen forward from JPEGs")
     cost.add_argument("--extraction_rate", type=float, default=None, help="img/s of the feature-cache extraction")
     cost.add_argument("--layout", default="per_wd", choices=sorted(bench_pipeline.PROBE_FORWARD_IMAGES),
                       help="the probes' layout (tools/submit.py lineareval --layout; reference: per_wd)")
     cost.add_argument("--device_name", default="GPU", help="the GPU the rates were measured on")
+    cost.add_argument("--from_e2e", default=None, metavar="FILE", help="instead of the rates: each row of FILE's e2e "
+                      "section (written by `benchmark.py e2e --record FILE`), with the reference and the cached "
+                      "probe layouts")
     cost.set_defaults(func=bench_pipeline.bench_cost)
 
 
