@@ -234,7 +234,7 @@ def build_eval_sets(args, train_base, test_transform):
     if not args.eval_datasets:
         return []
     head_wnids = base_dataset(train_base).classes  # ImageFolder's sorted wnids: head output k is head_wnids[k]
-    loader = image_loader_for(args.decoder, args.fast_transforms)
+    loader = image_loader_for(args.decoder)
     imagenet_folder = imagenet_root(args.data_path).folder
     out = []
     for name in args.eval_datasets:
