@@ -19,7 +19,7 @@ from models.heads import block_spans
 from util import log_lines
 from util.cli import UserError
 from util.distributed import all_reduce_sum
-from util.misc import AverageMeter
+from util.misc import AverageMeter, Meters
 from util.progress import Progress
 
 
@@ -218,13 +218,14 @@ def batch_scores(stacked, labels):
                         hits.any(dim=2).sum(dim=1).double()], dim=1)
 
 
-class EpochMeters:
-    """Per-head loss and top-1 meters of one epoch, plus the batch and data-loading times."""
+class EpochMeters(Meters):
+    """Per-head loss and top-1 meters of one epoch, plus the batch and data-loading times (util.misc.Meters, as
+    pretraining's loop keeps its own)."""
 
     def __init__(self, heads):
+        super().__init__(batch_time=AverageMeter(), data_time=AverageMeter())
         self.loss = [AverageMeter() for _ in range(heads)]
         self.top1 = [AverageMeter() for _ in range(heads)]
-        self.batch_time, self.data_time = AverageMeter(), AverageMeter()
         self.last_n = 0  # samples of the last batch on this process
 
     def update(self, values, stacked, labels):

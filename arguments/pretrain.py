@@ -1,6 +1,7 @@
 """Command line of main_pretrain.py, and the run -> seed convention. Imports nothing heavy (no torch), so that
 `--help` and a mistyped flag answer at once; main_pretrain.py and tools/plan_timecat.py import from here."""
 import argparse
+import dataclasses
 import os
 
 from arguments.common import (
@@ -11,6 +12,8 @@ from arguments.common import (
     add_launcher_args,
     add_wandb_arg,
 )
+from arguments.recipe import Recipe, recipe_key
+from util import layout
 from util.cli import ArgumentParser, add_alias
 from util.flags import add_bool
 
@@ -18,17 +21,61 @@ PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RELEASED_SEEDS = (2, 550, 23, 477, 8529)  # seeds of the released runs 0..4
 EXTRA_RUN_SEED = 10000  # run i >= 5 defaults to seed 10000 + i, clear of the released ones
 BN_BATCH = 128  # images per forward pass and process (AlgoPerf: 1024 over 8 devices); the rest is accumulation
-SCHEDULE_FREE = ("sfadamw", "sfadamw_package")
+SCHEDULE_FREE = (layout.SFADAMW_ALGOPERF, layout.SCHEDULEFREE_ADAMW)
+# --optimizer spellings accepted for a canonical name: sfadamw as the original's pretraining meant it, and this
+# script's earlier name of the package's optimizer; args.json and checkpoints hold the canonical name
+OPTIMIZER_ALIASES = {"sfadamw": layout.SFADAMW_ALGOPERF, "sfadamw_package": layout.SCHEDULEFREE_ADAMW}
 PRETRAIN_DATA = ("imagenet1k", "imagefolder")
 # --optimizer sgd: the predecessor paper's recipe (arXiv 2212.07346, its ImageNet recipe): 90 epochs
 # at batch 256, lr 0.1, momentum 0.9, wd 1e-4, lr x0.1 at epochs 30 and 60 (and 90, the end)
 SGD_EPOCHS, SGD_BATCH = 90, 256
 SFADAMW_BATCH, SFADAMW_STEPS, SFADAMW_SAVE_STEPS = 1024, 450000, [80000, 100000, 200000]
-# A run resumed from its folder must follow the same weight trajectory; these flags define it (compared on resume).
-RECIPE_KEYS = ("arch", "img_size", "global_batch", "optimizer", "lr", "wd", "betas", "eps", "sf_r",
-               "weight_lr_power", "warmup_steps", "label_smoothing", "momentum", "schedule", "decay_epochs",
-               "gamma", "seed", "batch_size", "precision", "init", "sf_moment_dtype", "init_from",
-               "fast_transforms")
+
+
+@dataclasses.dataclass(frozen=True)
+class PretrainRecipe(Recipe):
+    """The flags that define a run's weight trajectory: a run resumed from its folder (or its checkpoints) must
+    have the same values (main_pretrain.check_previous_run)."""
+    arch: str = recipe_key()
+    img_size: int = recipe_key()
+    global_batch: int = recipe_key()
+    optimizer: str = recipe_key()
+    lr: float = recipe_key()
+    wd: float = recipe_key()
+    betas: list = recipe_key()
+    eps: float = recipe_key()
+    sf_r: float = recipe_key()
+    weight_lr_power: float = recipe_key()
+    warmup_steps: int = recipe_key()
+    label_smoothing: float = recipe_key()
+    momentum: float = recipe_key()
+    schedule: str = recipe_key()
+    decay_epochs: list = recipe_key()
+    gamma: float = recipe_key()
+    seed: int = recipe_key()
+    batch_size: int = recipe_key()
+    precision: str = recipe_key()
+    # keys added after the first runs, with their value in those runs
+    init: str = recipe_key(legacy="torchvision")
+    sf_moment_dtype: str = recipe_key(legacy="bfloat16")
+    init_from: str = recipe_key(legacy=None)
+    fast_transforms: bool = recipe_key(legacy=False)
+    # the budget is run-only (a schedule-free run has no horizon), except where a cosine schedule ends at it
+    steps: int = recipe_key(compare=False)
+
+    @classmethod
+    def canonical(cls, fields, values):
+        # before --init existed, sfadamw was the package's optimizer
+        return dict(fields, optimizer=canonical_optimizer(fields["optimizer"], legacy="init" not in values))
+
+    def compared_keys(self):
+        return self.keys() + (("steps",) if self.optimizer == "sgd" and self.schedule == "cosine" else ())
+
+    def check(self, saved_args, path, skip=(), hint="another --dump_path/--output_dir"):
+        super().check(saved_args, path, skip, hint)
+
+
+RECIPE_KEYS = PretrainRecipe.keys()
 # Flags that do not change the weight trajectory (where the run reads and writes, how often it logs, evaluates and
 # saves, how it is launched); every flag of get_args_parser is in exactly one of the two lists
 # (tests/faults/test_flag_classes.py).
@@ -36,10 +83,6 @@ RUN_ONLY_KEYS = ("data_name", "data_path", "workers", "accum_steps", "steps", "s
                  "bn_refresh_batches", "bn_refresh_every", "run", "output_dir", "dump_path", "start_over", "compile",
                  "max_time", "print_freq", "debug", "dist_timeout", "skip_bad_images", "device", "local_rank",
                  "tensorboard", "wandb", "cuda_deterministic", "tf32", "checkpoint_root", "decoder", "sf_foreach")
-# The value a recipe key had in run folders written before the key existed (before --init, "sfadamw" was the
-# package's optimizer).
-LEGACY_RECIPE = {"init": "torchvision", "sf_moment_dtype": "bfloat16", "init_from": None,
-                 "fast_transforms": False}
 # Choices shown by --help, spelled here so that --help needs no torch; tests/test_cli.py checks that they equal
 # their owners' (models.backbones.RESNET_ARCHS, models.init.INITS, util.sfadamw.MOMENT_DTYPES).
 ARCH_NAMES = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnext50_32x4d", "resnext101_32x8d",
@@ -99,10 +142,11 @@ def add_batch_args(p):
 
 def add_optimisation_args(p):
     g = p.add_argument_group("optimisation (unset values follow --optimizer's reference recipe)")
-    g.add_argument("--optimizer", default="sfadamw", choices=[*SCHEDULE_FREE, "sgd"],
-                   help="sfadamw: schedule-free AdamW as AlgoPerf's submission updates it (the released "
-                   "checkpoints; reference); sfadamw_package: the schedulefree package's AdamWScheduleFree (decay "
-                   "at y); sgd: the predecessor paper's recipe (arXiv 2212.07346): 90 epochs at batch 256, lr 0.1, "
+    g.add_argument("--optimizer", default=layout.SFADAMW_ALGOPERF, choices=[*SCHEDULE_FREE, "sgd", *OPTIMIZER_ALIASES],
+                   help="sfadamw_algoperf (alias sfadamw): schedule-free AdamW as AlgoPerf's submission updates it "
+                   "(the released checkpoints; reference); schedulefree_adamw (alias sfadamw_package): the "
+                   "schedulefree package's AdamWScheduleFree (decay at y), another trajectory; sgd: the "
+                   "predecessor paper's recipe (arXiv 2212.07346): 90 epochs at batch 256, lr 0.1, "
                    "momentum 0.9, wd 1e-4, lr x0.1 at epochs 30 and 60, no warmup, no label smoothing; each value "
                    "given on the command line replaces its default")
     g.add_argument("--lr", type=float, default=None, help="peak learning rate (reference: sfadamw 0.0025 at any "
@@ -184,6 +228,14 @@ def add_run_args(p):
     add_wandb_arg(g)
     add_bool(g, "skip_bad_images", False, "skip unreadable image files (counted and "
                    "reported in the log) instead of stopping at the first one")
+
+
+def canonical_optimizer(name, legacy=False):
+    """The canonical name of an --optimizer spelling (OPTIMIZER_ALIASES). legacy: a name read from a run written
+    before --init existed, when sfadamw meant the package's optimizer."""
+    if legacy and name == "sfadamw":
+        return layout.SCHEDULEFREE_ADAMW
+    return OPTIMIZER_ALIASES.get(name, name)
 
 
 def default_seed(run):

@@ -288,7 +288,7 @@ def test_recipe_defaults_and_batch_resolution():
          450000, [80000, 100000, 200000])
     assert args.output_dir.endswith(os.path.join("checkpoints", "supervised_pretrain", "resnet50_sfadamw"))
     assert (args.precision, args.init, args.optimizer, args.sf_moment_dtype) == \
-        ("fp32", "algoperf", "sfadamw", "bfloat16")
+        ("fp32", "algoperf", "sfadamw_algoperf", "bfloat16")
     # the same global batch and BatchNorm batch (AlgoPerf: 128 per device) at 1, 2, 4 and 8 processes
     for world, accum in ((1, 8), (2, 4), (4, 2), (8, 1)):
         args.batch_size = args.accum_steps = None
