@@ -26,8 +26,9 @@ from util.checkpoint import save_atomic
 from util.cli import UserError
 from util.distributed import all_reduce_sum, any_process, barrier
 from util.logs import append_jsonl
-from util.misc import AverageMeter, Meters, requeue_slurm_job, seed_torch, stop_outcome
+from util.misc import AverageMeter, Meters, seed_torch
 from util.progress import Progress
+from util.run import report_stop
 from util.sfadamw import AlgoPerfAdamWScheduleFree
 
 STOP_POLL_STEPS = 10  # steps between the (synchronising) checks of a stop signal across processes
@@ -378,10 +379,8 @@ class Pretraining:
         self.check_finite(loss_sum, "training loss summed since the last evaluation", done)
         if dist_info.is_main:
             save_atomic(self.resume_state(done, (loss_sum, since_eval.loss.count)), self.resume_path)
-        self.logger.info(f"Stopped by {reason} at step {done}; a rerun resumes from step {done} ({self.resume_path}); "
-                         + stop_outcome(requeue))
-        if dist_info.is_main and requeue:
-            requeue_slurm_job(self.logger)
+        report_stop([self.logger], reason, f"at step {done}", f"from step {done} ({self.resume_path})", requeue,
+                    dist_info.is_main)
         return True
 
     def evaluate_and_save(self, step, record, since):

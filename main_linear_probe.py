@@ -26,7 +26,6 @@ if __name__ == "__main__":  # before the heavy imports: --help and a mistyped fl
 # ruff: noqa: E402  (the imports below come after the parse above on purpose)
 import math
 import os
-import shutil
 import time
 
 from analysis.knn import knn_per_head
@@ -52,8 +51,8 @@ from util.checkpoint import save_atomic
 from util.cli import UserError, run_main
 from util.distributed import all_reduce_sum, any_process, barrier
 from util.logs import append_jsonl, log_startup, truncate_jsonl, use_progress_bar
-from util.misc import requeue_slurm_job, set_seed, stop_outcome
-from util.run import configure_cuda_numerics, open_run, restart_from_checkpoint, start_processes
+from util.misc import set_seed
+from util.run import configure_cuda_numerics, open_run, report_stop, restart_from_checkpoint, start_processes
 
 
 def main(args):
@@ -281,17 +280,11 @@ def report(heads, logger, has_val):
 
 
 def stopped(stop, dist_info, loggers, where, resumes):
-    """After a stop signal: requeue the slurm job when a process got SIGUSR1 (slurm's warning), not on SIGTERM
-    (scontrol missing on a slurm node: a one-line error, not a crash). loggers: the run's log first."""
+    """After a stop signal: the `Stopped by` line in every log (the run's first), and the slurm job's requeue when a
+    process got SIGUSR1."""
     again = any_process(stop.requeue, dist_info.device)  # a collective: every process calls it here
-    for lg in loggers:
-        lg.info(f"Stopped by {stop.received or 'a stop signal to another process'} {where}; "
-                f"a rerun resumes {resumes}; {stop_outcome(again)}")
-    if dist_info.is_main and again:
-        if (os.environ.get("SLURM_JOB_ID") or os.environ.get("SLURM_ARRAY_JOB_ID")) and not shutil.which("scontrol"):
-            raise UserError("the run stopped cleanly (a rerun resumes) but cannot requeue its slurm job: scontrol is "
-                            "not on the PATH of this node; requeue it by hand or fix the PATH in the job script")
-        requeue_slurm_job(loggers[0])
+    report_stop(loggers, stop.received or "a stop signal to another process", where, resumes, again,
+                dist_info.is_main)
 
 
 def last_good_state(epoch, checkpoint_path):

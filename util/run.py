@@ -10,6 +10,7 @@ A rerun of the same command resumes: restart_from_checkpoint checks the recipe o
 each object's state (DINO's restart_from_checkpoint); --start_over instead removes what the previous run left.
 Depends on nothing of ours but util."""
 import os
+import shutil
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 
@@ -17,8 +18,10 @@ import torch
 
 from util import layout
 from util.checkpoint import load_file
+from util.cli import UserError
 from util.distributed import cleanup, init_distributed, require_cuda_if_requested
 from util.logs import claim_run_folder, close_logger, create_logger, write_json_atomic
+from util.misc import requeue_slurm_job, stop_outcome
 from util.signals import StopSignal
 from util.tensorboard import MetricsBoard, require_tensorboard
 from util.wandb_log import WandbRun, require_wandb
@@ -62,6 +65,19 @@ def restart_from_checkpoint(path, check_recipe, run_variables=None, what="run ch
         if name in state:
             run_variables[name] = state[name]
     return state
+
+
+def report_stop(loggers, reason, where, resumes, requeue, is_main):
+    """After a clean stop (the state to resume from is saved): the `Stopped by` line in each log, then on rank 0
+    the slurm job's requeue when a process got SIGUSR1 (slurm's warning) or ran out of --max_time, not on a plain
+    SIGTERM (scancel). scontrol missing on a slurm node is a one-line error, not a crash."""
+    for logger in loggers:
+        logger.info(f"Stopped by {reason} {where}; a rerun resumes {resumes}; {stop_outcome(requeue)}")
+    if is_main and requeue:
+        if (os.environ.get("SLURM_JOB_ID") or os.environ.get("SLURM_ARRAY_JOB_ID")) and not shutil.which("scontrol"):
+            raise UserError("the run stopped cleanly (a rerun resumes) but cannot requeue its slurm job: scontrol is "
+                            "not on the PATH of this node; requeue it by hand or fix the PATH in the job script")
+        requeue_slurm_job(loggers[0])
 
 
 @dataclass
