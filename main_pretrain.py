@@ -14,18 +14,12 @@ Toy CPU run:     python main_pretrain.py --arch resnet18 --img_size 32 --global_
 
 from arguments.common import apply_device_choice, device_request
 from arguments.pretrain import (
-    BN_BATCH,
-    PROJECT_ROOT,
     SCHEDULE_FREE,
-    SFADAMW_BATCH,
-    SFADAMW_SAVE_STEPS,
-    SFADAMW_STEPS,
-    SGD_BATCH,
     SGD_EPOCHS,
     PretrainRecipe,
-    canonical_optimizer,
-    default_seed,
+    check_args,
     get_args_parser,
+    resolve_batch,
 )
 from util.cpu_runtime import configure_cpu_runtime
 
@@ -38,7 +32,6 @@ if __name__ == "__main__":  # before the heavy imports: --help and a mistyped fl
 # ruff: noqa: E402  (the imports below come after the parse above on purpose)
 import inspect
 import json
-import math
 import os
 import time
 from typing import NamedTuple
@@ -62,100 +55,14 @@ from engine_pretrain import (
     metrics_path_of,
     resume_path_of,
 )
-from models import RESNET_ARCHS, build_backbone
+from models import build_backbone
 from models.checkpoint_keys import load_backbone_weights
 from models.init import algoperf_init
 from util import layout
 from util.checkpoint import load_file
 from util.cli import UserError, run_main
-from util.cpu_runtime import default_workers
 from util.logs import log_startup, truncate_jsonl, use_progress_bar
 from util.run import configure_cuda_numerics, open_run, start_processes
-
-# The recipe of the released checkpoints (AlgoPerf imagenet_resnet + schedule-free AdamW), and the
-# predecessor paper's SGD recipe; flags left unset take these values.
-SFADAMW = dict(lr=0.0025, wd=0.08121616522670176, warmup_steps=2799, label_smoothing=0.2)
-SGD = dict(lr_per_256=0.1, wd=1e-4, warmup_steps=0, label_smoothing=0.0)
-
-
-def parse_duration(text):
-    """'90', '1:30', '2:00:00' or '1-12:00:00' -> seconds."""
-    try:
-        days, _, clock = text.rpartition("-") if "-" in text else ("0", "", text)
-        seconds = 0.0
-        for part in clock.split(":"):
-            seconds = seconds * 60 + float(part)
-        seconds += 86400 * int(days)
-    except ValueError:
-        raise UserError(f"--max_time {text}: expected seconds or [[D-]H:]M:S") from None
-    if seconds <= 0:
-        raise UserError(f"--max_time {text} must be positive")
-    return seconds
-
-
-def check_args(args):
-    """Fill the recipe defaults and refuse inconsistent flags, before any process group or data."""
-    if args.arch not in RESNET_ARCHS:
-        raise UserError(f"unknown --arch '{args.arch}': choose one of {', '.join(RESNET_ARCHS)}")
-    args.optimizer = canonical_optimizer(args.optimizer)  # args.json, the recipe check and the log: one name
-    fill_schedule_defaults(args)
-    for name in ("steps", "global_batch", "print_freq"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            raise UserError(f"--{name} must be at least 1")
-    if args.workers is None:
-        args.workers = default_workers()
-    for name in ("eval_every", "workers", "bn_refresh_batches", "bn_refresh_every", "run"):
-        if getattr(args, name) < 0:
-            raise UserError(f"--{name} must be 0 or more")
-    for name in ("batch_size", "accum_steps"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            raise UserError(f"--{name} must be at least 1")
-    if args.img_size < 8:
-        raise UserError("--img_size must be at least 8")
-    if not 0 < args.dist_timeout < math.inf:
-        raise UserError("--dist_timeout must be a positive number of minutes")
-    beyond = [s for s in args.save_steps if not 0 < s <= (args.steps or math.inf)]
-    if beyond:
-        raise UserError(f"--save_steps {beyond[0]} is beyond --steps {args.steps} (milestones must be in 1..steps)")
-    args.save_steps = sorted(set(args.save_steps))
-    if args.seed is None:
-        args.seed = default_seed(args.run)
-    if args.seed < 0:
-        raise UserError("--seed must be 0 or more")
-    recipe = SFADAMW if args.optimizer in SCHEDULE_FREE else SGD
-    if args.lr is None:
-        args.lr = recipe["lr"] if args.optimizer in SCHEDULE_FREE else recipe["lr_per_256"] * args.global_batch / 256
-    for name in ("wd", "warmup_steps", "label_smoothing"):
-        if getattr(args, name) is None:
-            setattr(args, name, recipe[name])
-    if not (args.lr > 0 and math.isfinite(args.lr)) or not (0 <= args.wd < math.inf):
-        raise UserError("--lr must be positive and --wd non-negative")
-    if args.warmup_steps < 0 or not 0 <= args.label_smoothing < 1:
-        raise UserError("--warmup_steps must be 0 or more and --label_smoothing in [0, 1)")
-    if not (0 < args.betas[0] < 1 and 0 <= args.betas[1] < 1):  # schedule-free divides by beta1
-        raise UserError("--betas: the first must be in (0, 1), the second in [0, 1)")
-    for name in ("eps", "sf_r", "weight_lr_power", "momentum", "gamma"):
-        if not 0 <= getattr(args, name) < math.inf:
-            raise UserError(f"--{name} must be a finite number, 0 or more")
-    name = layout.run_dir_name(args.arch, args.optimizer)
-    if args.output_dir is None:
-        args.output_dir = os.path.join(layout.pretrain_root(args.checkpoint_root), name)
-    if args.dump_path is None:
-        args.dump_path = os.path.join(PROJECT_ROOT, "results", "pretrain", name, f"run{args.run}")
-    args.max_seconds = parse_duration(args.max_time) if args.max_time else None
-
-
-def fill_schedule_defaults(args):
-    """The batch, budget and milestones of --optimizer's reference recipe, where not given: sfadamw 1024 images,
-    450000 steps, milestones 80k/100k/200k; sgd (the predecessor's) 256 images and 90 epochs (args.steps stays
-    None until the training set is counted: resolve_epoch_steps), no milestones."""
-    sgd = args.optimizer == "sgd"
-    if args.global_batch is None:
-        args.global_batch = SGD_BATCH if sgd else SFADAMW_BATCH
-    if args.steps is None and not sgd:
-        args.steps = SFADAMW_STEPS
-    if args.save_steps is None:
-        args.save_steps = [] if sgd else list(SFADAMW_SAVE_STEPS)
 
 
 def resolve_epoch_steps(args, num_train, logger):
@@ -168,30 +75,6 @@ def resolve_epoch_steps(args, num_train, logger):
                         f"(milestones must be in 1..steps)")
     logger.info(f"--optimizer sgd: {SGD_EPOCHS} epochs of {num_train} images at batch {args.global_batch} = "
                 f"{args.steps} steps (the predecessor's recipe; --steps sets another budget)")
-
-
-def resolve_batch(args, world_size):
-    """batch_size x world_size x accum_steps = global_batch: the recipe does not depend on the GPU count."""
-    per_process, rest = divmod(args.global_batch, world_size)
-    if rest:
-        raise UserError(f"--global_batch {args.global_batch} is not divisible by the {world_size} processes")
-    if args.batch_size is None and args.accum_steps is None:
-        args.batch_size = min(BN_BATCH, per_process)  # the BatchNorm batch of the recipe, whatever the GPU count
-        if per_process % args.batch_size:
-            raise UserError(f"--global_batch {args.global_batch} over {world_size} process(es) is {per_process} "
-                            f"images per process, not a multiple of the {BN_BATCH}-image BatchNorm batch; set "
-                            f"--batch_size (a divisor of {per_process}) or another --global_batch")
-    if args.batch_size is None:
-        args.batch_size = per_process // args.accum_steps
-    if args.accum_steps is None:
-        args.accum_steps = max(1, per_process // args.batch_size)
-    if args.batch_size * world_size * args.accum_steps != args.global_batch:
-        raise UserError(f"--global_batch {args.global_batch} must equal --batch_size {args.batch_size} x "
-                        f"{world_size} processes x --accum_steps {args.accum_steps} "
-                        f"(= {args.batch_size * world_size * args.accum_steps})")
-    if args.batch_size * math.ceil(args.img_size / 32) ** 2 < 2:  # a ResNet's last feature map: img_size / 32
-        raise UserError(f"--batch_size 1 at --img_size {args.img_size} leaves BatchNorm one value per channel in the "
-                        f"last stage; use 2 images or more per process and micro-step, or --img_size 33 or more")
 
 
 # ---------------------------------------------------------------- data

@@ -14,6 +14,7 @@ import yaml
 
 import engine_pretrain
 import main_pretrain as pretrain
+from arguments import pretrain as pretrain_flags
 from helpers import ROOT, make_imagenet, run_script
 from models import build_backbone
 from models.init import algoperf_init
@@ -295,7 +296,7 @@ def test_recipe_defaults_and_batch_resolution():
         pretrain.resolve_batch(args, world)
         assert (args.batch_size, args.accum_steps) == (128, accum)
         assert args.batch_size * world * args.accum_steps == 1024
-    assert [pretrain.default_seed(i) for i in range(6)] == [2, 550, 23, 477, 8529, 10005]
+    assert [pretrain_flags.default_seed(i) for i in range(6)] == [2, 550, 23, 477, 8529, 10005]
 
     sgd = pretrain.get_args_parser().parse_args(["--optimizer", "sgd", "--global_batch", "256"])
     pretrain.check_args(sgd)
