@@ -76,6 +76,7 @@ class ProbeRecipe(Recipe):
         return dict(fields, optimizer=OPTIMIZER_ALIASES.get(fields["optimizer"], fields["optimizer"]))
 
 
+# derived from the record: a new recipe flag is a new field of ProbeRecipe (with its legacy value), nothing else
 RECIPE_KEYS = ProbeRecipe.keys()
 DERIVED_RECIPE_KEYS = ProbeRecipe.keys_where("derived")
 TRAINING_ONLY_KEYS = ProbeRecipe.keys_where("training_only")

@@ -78,6 +78,7 @@ class PretrainRecipe(Recipe):
         super().check(saved_args, path, skip, hint)
 
 
+# derived from the record: a new recipe flag is a new field of PretrainRecipe (with its legacy value), nothing else
 RECIPE_KEYS = PretrainRecipe.keys()
 # Flags that do not change the weight trajectory (where the run reads and writes, how often it logs, evaluates and
 # saves, how it is launched); every flag of get_args_parser is in exactly one of the two lists
