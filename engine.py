@@ -18,7 +18,7 @@ from models.heads import batch_scores, sample_losses, stacked_logits
 from util import log_lines
 from util.cli import UserError
 from util.distributed import all_reduce_sum
-from util.misc import AverageMeter
+from util.misc import AverageMeter, Meters
 from util.progress import Progress
 
 
@@ -198,13 +198,14 @@ def mean_losses(stacked, labels):
     return sample_losses(stacked, labels).mean(dim=1)
 
 
-class EpochMeters:
-    """Per-head loss and top-1 meters of one epoch, plus the batch and data-loading times."""
+class EpochMeters(Meters):
+    """Per-head loss and top-1 meters of one epoch, plus the batch and data-loading times (util.misc.Meters, as
+    pretraining's loop keeps its own)."""
 
     def __init__(self, heads):
+        super().__init__(batch_time=AverageMeter(), data_time=AverageMeter())
         self.loss = [AverageMeter() for _ in range(heads)]
         self.top1 = [AverageMeter() for _ in range(heads)]
-        self.batch_time, self.data_time = AverageMeter(), AverageMeter()
         self.last_n = 0  # samples of the last batch on this process
 
     def update(self, values, stacked, labels):

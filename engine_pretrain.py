@@ -9,7 +9,7 @@ import math
 import os
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import numpy as np
@@ -26,8 +26,9 @@ from util.checkpoint import save_atomic
 from util.cli import UserError
 from util.distributed import all_reduce_sum, any_process, barrier
 from util.logs import append_jsonl
-from util.misc import requeue_slurm_job, seed_torch, stop_outcome
+from util.misc import AverageMeter, Meters, seed_torch
 from util.progress import Progress
+from util.run import report_stop
 from util.sfadamw import AlgoPerfAdamWScheduleFree
 
 STOP_POLL_STEPS = 10  # steps between the (synchronising) checks of a stop signal across processes
@@ -119,11 +120,13 @@ class RefreshBatches(torch.utils.data.Sampler):
 def build_optimizer(model, args):
     if args.optimizer == "sgd":
         return torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.wd)
-    if args.optimizer == "sfadamw":  # AlgoPerf's update: decay at x, bf16 second moment (util/sfadamw.py)
+    if args.optimizer == layout.SFADAMW_ALGOPERF:  # AlgoPerf's update: decay at x, bf16 second moment (util/sfadamw.py)
         return AlgoPerfAdamWScheduleFree(model.parameters(), lr=args.lr, betas=tuple(args.betas), eps=args.eps,
                                          weight_decay=args.wd, warmup_steps=args.warmup_steps, r=args.sf_r,
                                          weight_lr_power=args.weight_lr_power, moment_dtype=args.sf_moment_dtype,
                                          foreach=getattr(args, "sf_foreach", False))
+    if args.optimizer != layout.SCHEDULEFREE_ADAMW:
+        raise ValueError(f"unknown optimizer {args.optimizer!r} (arguments.pretrain.canonical_optimizer names them)")
     import schedulefree
     return schedulefree.AdamWScheduleFree(model.parameters(), lr=args.lr, betas=tuple(args.betas), eps=args.eps,
                                           weight_decay=args.wd, warmup_steps=args.warmup_steps, r=args.sf_r,
@@ -255,20 +258,15 @@ class Start(NamedTuple):
     steps_since_eval: int = 0
 
 
-@dataclass
-class Window:
-    """The steps since the last log line: their count and seconds spent waiting for data."""
-    start: float = field(default_factory=time.time)
-    steps: int = 0
-    data: float = 0.0
+def window_meters():
+    """The steps since the last log line: seconds spent waiting for data (its count: the steps)."""
+    return Meters(data=AverageMeter())
 
 
-@dataclass
-class SinceEval:
-    """The training loss (summed on the device, no synchronisation) of the steps since the last evaluation."""
-    loss: torch.Tensor
-    steps: int = 0
-    start: float = field(default_factory=time.time)
+def since_eval_meters(device, loss_sum=0.0, steps=0):
+    """The training loss of the steps since the last evaluation, summed on the device (no synchronisation per
+    step; its count: the steps)."""
+    return Meters(loss=AverageMeter(torch.tensor(loss_sum, device=device), steps))
 
 
 @dataclass
@@ -308,10 +306,10 @@ class Pretraining:
         schedule_free = args.optimizer in SCHEDULE_FREE
         if schedule_free:
             self.optimizer.train()  # schedule-free trains at y; evaluation switches to x (at_average)
-        window = Window()
+        window = window_meters()
         # the resumed loss sum lives on rank 0 only: the all-reduce at the next evaluation adds it once
-        since_eval = SinceEval(torch.tensor(start.loss_since_eval if self.dist_info.is_main else 0.0, device=device),
-                               start.steps_since_eval)
+        since_eval = since_eval_meters(device, start.loss_since_eval if self.dist_info.is_main else 0.0,
+                                       start.steps_since_eval)
         bar = tqdm(total=args.steps, initial=start.step, desc="pretrain", disable=not self.show_bar)
         progress = Progress("pretrain", args.steps, "steps", bar=self.show_bar, start=start.step)  # logs: no tqdm
         if start.step >= args.steps:
@@ -332,18 +330,16 @@ class Pretraining:
                 with torch.no_grad(), at_average(self.model, self.optimizer, schedule_free), \
                         autocast(device, args.precision):
                     self.model(images)
-            since_eval.loss += loss  # stays on the device: no synchronisation per step
-            since_eval.steps += 1
-            window.steps += 1
-            window.data += data_wait
+            since_eval.loss.update(loss)  # stays on the device: no synchronisation per step
+            window.data.update(data_wait)
             bar.update(1)
             progress.update()
             if done % args.print_freq == 0 or done == args.steps or done == start.step + 1:
                 self.log_step(step, lr, loss, window)
-                window = Window()
+                window = window_meters()
             if done == args.steps or done in args.save_steps or (args.eval_every and done % args.eval_every == 0):
                 self.evaluate_and_save(done, self.train_record(step, lr, since_eval), since_eval.start)
-                since_eval, window = SinceEval(torch.zeros((), device=device)), Window()
+                since_eval, window = since_eval_meters(device), window_meters()
             # preemption and time limit: every process must stop at the same step
             if done < args.steps and self.should_stop(done, stop, started, since_eval):
                 bar.close()
@@ -356,19 +352,19 @@ class Pretraining:
         args = self.args
         loss_value = loss.item()  # synchronises, so the timing covers the device work
         self.check_finite(loss_value, "training loss", step + 1)
-        elapsed = time.time() - window.start
+        elapsed = window.seconds()
         self.logger.info(log_lines.pretrain_step_line(step // self.loaders.steps_per_epoch, (step + 1, args.steps),
-                                                      loss_value, lr, (window.steps * args.global_batch / elapsed,
-                                                                       window.data / window.steps)))
+                                                      loss_value, lr, (window.data.count * args.global_batch / elapsed,
+                                                                       window.data.avg)))
 
     def train_record(self, step, lr, since_eval):
         """The metrics line's training part: the mean loss over processes and steps since the last evaluation."""
-        train_seconds = time.time() - since_eval.start
+        train_seconds, steps = since_eval.seconds(), since_eval.loss.count
         world = self.dist_info.world_size
-        train_loss = all_reduce_sum([since_eval.loss.item() / since_eval.steps], self.dist_info.device)[0] / world
+        train_loss = all_reduce_sum([since_eval.loss.sum.item() / steps], self.dist_info.device)[0] / world
         self.check_finite(train_loss, "mean training loss since the last evaluation", step + 1)
         return {"step": step + 1, "epoch": step // self.loaders.steps_per_epoch, "train_loss": train_loss,
-                "lr": lr, "img_per_s": round(since_eval.steps * self.args.global_batch / train_seconds, 2)}
+                "lr": lr, "img_per_s": round(steps * self.args.global_batch / train_seconds, 2)}
 
     def should_stop(self, done, stop, started, since_eval):
         """On a stop signal (any process) or --max_time: save the resume state at `done`; requeue the slurm job when
@@ -383,14 +379,12 @@ class Pretraining:
                                    "a stop signal to another process")
         # a collective too: every process calls it here; --max_time is a budget set to end before the time limit
         requeue = any_process(stop.requeue or out_of_time, device)
-        loss_sum = all_reduce_sum([since_eval.loss.item()], device)[0]
+        loss_sum = all_reduce_sum([since_eval.loss.sum.item()], device)[0]
         self.check_finite(loss_sum, "training loss summed since the last evaluation", done)
         if dist_info.is_main:
-            save_atomic(self.resume_state(done, (loss_sum, since_eval.steps)), self.resume_path)
-        self.logger.info(f"Stopped by {reason} at step {done}; a rerun resumes from step {done} ({self.resume_path}); "
-                         + stop_outcome(requeue))
-        if dist_info.is_main and requeue:
-            requeue_slurm_job(self.logger)
+            save_atomic(self.resume_state(done, (loss_sum, since_eval.loss.count)), self.resume_path)
+        report_stop([self.logger], reason, f"at step {done}", f"from step {done} ({self.resume_path})", requeue,
+                    dist_info.is_main)
         return True
 
     def evaluate_and_save(self, step, record, since):

@@ -10,8 +10,8 @@ from arguments.common import apply_device_choice, device_request
 from arguments.linear_probe import (
     SCHEDULE_FREE,
     TRAINING_ONLY_KEYS,
+    ProbeRecipe,
     check_args,
-    check_same_recipe,
     get_args_parser,
     resolve_batch,
 )
@@ -26,10 +26,7 @@ if __name__ == "__main__":  # before the heavy imports: --help and a mistyped fl
 # ruff: noqa: E402  (the imports below come after the parse above on purpose)
 import math
 import os
-import shutil
 import time
-
-import torch
 
 from analysis.diagnostics import log_diagnostics
 from analysis.knn import knn_per_head
@@ -52,64 +49,35 @@ from models.heads import build_optimizer, head_specs, lr_at_epoch, param_groups
 from probe_setup import build_probe_data, build_probe_model, build_sources, evaluate_eval_sets
 from timecat import resolve_backbones
 from util import layout, log_lines
-from util.checkpoint import load_file, save_atomic
+from util.checkpoint import save_atomic
 from util.cli import UserError, run_main
-from util.distributed import all_reduce_sum, any_process, barrier, cleanup, init_distributed, require_cuda_if_requested
-from util.logs import (
-    append_jsonl,
-    claim_run_folder,
-    close_logger,
-    create_logger,
-    log_startup,
-    truncate_jsonl,
-    use_progress_bar,
-    write_json_atomic,
-)
-from util.misc import requeue_slurm_job, set_seed, stop_outcome
-from util.signals import StopSignal
-from util.tensorboard import MetricsBoard, require_tensorboard
-from util.wandb_log import WandbRun, require_wandb
+from util.distributed import all_reduce_sum, any_process, barrier
+from util.logs import append_jsonl, log_startup, truncate_jsonl, use_progress_bar
+from util.misc import set_seed
+from util.run import configure_cuda_numerics, open_run, report_stop, restart_from_checkpoint, start_processes
 
 
 def main(args):
-    """Check the flags, start the processes, claim the run folder and open the logs, then probe()."""
+    """Check the flags, start the processes, open the run folder (util/run.py), then probe()."""
     resolve_backbones(args)  # --tag or --arch/--pretrained (and --data_name) first, then every other flag
     check_args(args)
-    if args.tensorboard:
-        require_tensorboard()
-    if args.wandb:
-        require_wandb()
     apply_device_choice(args)  # --device cpu when main() is called directly (as a script: before torch loaded)
-    require_cuda_if_requested(device_request(args))  # a GPU job on a CPU-only torch stops here, in one line
-    dist_info = init_distributed(debug=args.debug, timeout_minutes=args.dist_timeout)
+    dist_info = start_processes(args, device_request(args))
     resolve_batch(args, dist_info.world_size)
     args.precision = resolve_precision(args.precision, dist_info.device)
     specs = head_specs(args)
     sweep = len(specs) > 1  # a single head writes to --dump_path itself, several to <dump_path>/<name>/
     heads = [Head(spec, os.path.join(args.dump_path, spec.name) if sweep else args.dump_path) for spec in specs]
-    for head in heads:
-        os.makedirs(head.folder, exist_ok=True)
-    lock = claim_run_folder(args.dump_path, dist_info, [h.folder for h in heads])  # a refused run writes no line
-    logger = create_logger(args.dump_path, dist_info.rank, layout.SWEEP_LOG if sweep else layout.PROBE_LOG)
-    if CPU_RUNTIME is not None:
-        logger.info(CPU_RUNTIME.line)
-    for head in heads:
-        head.logger = create_logger(head.folder, dist_info.rank, console=False) if sweep else logger
-    try:
-        wandb_run = (WandbRun(args.dump_path, args.wandb, vars(args), "epoch", logger)
-                     if args.wandb and dist_info.is_main else None)
-        with StopSignal() as stop, MetricsBoard(args.tensorboard and dist_info.is_main, "epoch", wandb_run) as board:
-            probe(args, dist_info, heads, logger, stop, board)
-    finally:
-        for lg in {id(lg): lg for lg in [logger] + [head.logger for head in heads]}.values():
-            close_logger(lg)
-        if lock is not None:
-            lock.close()
-        cleanup()
+    with open_run(args, dist_info, "epoch", layout.SWEEP_LOG if sweep else layout.PROBE_LOG,
+                  [h.folder for h in heads], CPU_RUNTIME and CPU_RUNTIME.line) as run:
+        for head in heads:
+            head.logger = run.open_log(head.folder) if sweep else run.logger
+        probe(args, run, heads)
 
 
-def probe(args, dist_info, heads, logger, stop, board):
+def probe(args, run, heads):
     """The probe from its first log line to its report: set up, then train, evaluate, log and save every epoch."""
+    dist_info, logger, stop, board = run.dist_info, run.logger, run.stop, run.board
     device, sweep, show_bar = dist_info.device, len(heads) > 1, use_progress_bar(dist_info.is_main)
     loggers = list({id(lg): lg for lg in [logger] + [head.logger for head in heads]}.values())  # each log once
     checkpoint = os.path.join(args.dump_path, layout.PROBE_CHECKPOINT)
@@ -122,9 +90,7 @@ def probe(args, dist_info, heads, logger, stop, board):
         logger.info("ignored (flags of the original with no effect here): "
                     + ", ".join(f"--{name} {getattr(args, name)}" for name in args.ignored))
     set_seed(args.seed)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = not args.cuda_deterministic
-        torch.backends.cudnn.deterministic = args.cuda_deterministic
+    configure_cuda_numerics(device, args.cuda_deterministic)
 
     data = build_probe_data(args, dist_info, logger)
     model = build_probe_model(args, dist_info, [head.spec for head in heads], data.num_classes, logger)
@@ -145,7 +111,7 @@ def probe(args, dist_info, heads, logger, stop, board):
     if args.mode == "eval_only":  # the saved heads on the test set, then on the --eval_datasets sets
         records = evaluate_saved_heads(args, model, optimizer, heads, sources, log)
         return evaluate_eval_sets(data, model, heads, args, dist_info, records)
-    start_epoch = resume_or_start(args, dist_info, model, optimizer, heads)
+    start_epoch = resume_or_start(args, run, model, optimizer, heads)
     # the processes agree on a stop at every iteration, so they all stop at the same one (slurm signals them at
     # different moments)
     stop_agreed = lambda: any_process(stop(), device)
@@ -238,33 +204,25 @@ def save_epoch(args, model, optimizer, heads, records, board):
         save_atomic(state, os.path.join(args.dump_path, layout.probe_epoch_checkpoint(next_epoch)))
 
 
-def resume_or_start(args, dist_info, model, optimizer, heads):
-    """Resume from checkpoint.pth.tar (same recipe only), or clear a previous run's files; then args.json. Returns
-    the epoch to start at."""
+def resume_or_start(args, run, model, optimizer, heads):
+    """Resume from checkpoint.pth.tar (same recipe only), or clear a previous run's files; then args.json (the
+    run's and each head's). Returns the epoch to start at."""
     checkpoint = os.path.join(args.dump_path, layout.PROBE_CHECKPOINT)
     metrics = [os.path.join(head.folder, layout.METRICS) for head in heads]
+    stale = [os.path.join(h.folder, layout.BEST_HEAD) for h in heads] + metrics
+    state = run.resume_or_start(checkpoint, ProbeRecipe.of(vars(args)).check, stale, heads=model.heads,
+                                optimizer=optimizer, encoder=model.encoder)
     start_epoch = 0
-    if os.path.exists(checkpoint) and not args.start_over:
-        state = load_file(checkpoint, "run checkpoint")
-        check_same_recipe(state["args"], args, checkpoint)
-        model.heads.load_state_dict(state["heads"])
-        optimizer.load_state_dict(state["optimizer"])
-        if "encoder" in state:
-            model.encoder.load_state_dict(state["encoder"])
+    if state is not None:
         start_epoch = load_heads_state(heads, state)
         for head in heads:
             head.logger.info(f"Resumed from {checkpoint} at epoch {start_epoch}")
-        if dist_info.is_main:  # records of epochs the checkpoint does not hold (a crash before it was saved)
+        if run.dist_info.is_main:  # records of epochs the checkpoint does not hold (a crash before it was saved)
             for path in metrics:
                 truncate_jsonl(path, lambda r: r["epoch"] < start_epoch)
-    elif dist_info.is_main:
-        for stale in [checkpoint] + [os.path.join(h.folder, layout.BEST_HEAD) for h in heads] + metrics:
-            if os.path.exists(stale):
-                os.remove(stale)
-    if dist_info.is_main:
-        write_json_atomic(vars(args), os.path.join(args.dump_path, layout.ARGS_JSON))
-        for head in heads:
-            write_json_atomic(head_args(args, head.spec), os.path.join(head.folder, layout.ARGS_JSON))
+    run.write_args(vars(args))
+    for head in heads:
+        run.write_args(head_args(args, head.spec), head.folder)
     return start_epoch
 
 
@@ -282,23 +240,17 @@ def evaluate_saved_heads(args, model, optimizer, heads, sources, log):
     """--mode eval_only: every head on the test set, from the last epoch's checkpoint.pth.tar (the original's) or,
     with --eval_checkpoint best, from each head's best.pth.tar; the original's lines (`Found checkpoint at`, the
     validation lines, `Test:`). Returns each head's eval-only record for --eval_datasets (its epoch)."""
+    recipe = ProbeRecipe.of(vars(args))
+    check = lambda saved_args, path: recipe.check(saved_args, path, skip=TRAINING_ONLY_KEYS)  # any process count
     if args.eval_checkpoint == "last":
         path = os.path.join(args.dump_path, layout.PROBE_CHECKPOINT)
-        state = load_file(path, "run checkpoint")
-        check_same_recipe(state["args"], args, path, skip=TRAINING_ONLY_KEYS)
-        model.heads.load_state_dict(state["heads"])
-        if "encoder" in state:
-            model.encoder.load_state_dict(state["encoder"])
+        state = restart_from_checkpoint(path, check, heads=model.heads, encoder=model.encoder)
         found = [(path, state["epoch"] - 1)] * len(heads)
     else:
         found = []
         for head in heads:
             path = os.path.join(head.folder, layout.BEST_HEAD)
-            state = load_file(path, "saved head")
-            check_same_recipe(state["args"], args, path, skip=TRAINING_ONLY_KEYS)
-            head.module.load_state_dict(state["head"])
-            if "encoder" in state:
-                model.encoder.load_state_dict(state["encoder"])
+            state = restart_from_checkpoint(path, check, what="saved head", head=head.module, encoder=model.encoder)
             found.append((path, state["epoch"] - 1))
     for head, (path, _) in zip(heads, found):
         head.logger.info(f"Found checkpoint at {path}")
@@ -329,17 +281,11 @@ def report(heads, logger, has_val):
 
 
 def stopped(stop, dist_info, loggers, where, resumes):
-    """After a stop signal: requeue the slurm job when a process got SIGUSR1 (slurm's warning), not on SIGTERM
-    (scontrol missing on a slurm node: a one-line error, not a crash). loggers: the run's log first."""
+    """After a stop signal: the `Stopped by` line in every log (the run's first), and the slurm job's requeue when a
+    process got SIGUSR1."""
     again = any_process(stop.requeue, dist_info.device)  # a collective: every process calls it here
-    for lg in loggers:
-        lg.info(f"Stopped by {stop.received or 'a stop signal to another process'} {where}; "
-                f"a rerun resumes {resumes}; {stop_outcome(again)}")
-    if dist_info.is_main and again:
-        if (os.environ.get("SLURM_JOB_ID") or os.environ.get("SLURM_ARRAY_JOB_ID")) and not shutil.which("scontrol"):
-            raise UserError("the run stopped cleanly (a rerun resumes) but cannot requeue its slurm job: scontrol is "
-                            "not on the PATH of this node; requeue it by hand or fix the PATH in the job script")
-        requeue_slurm_job(loggers[0])
+    report_stop(loggers, stop.received or "a stop signal to another process", where, resumes, again,
+                dist_info.is_main)
 
 
 def last_good_state(epoch, checkpoint_path):

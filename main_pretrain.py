@@ -14,18 +14,12 @@ Toy CPU run:     python main_pretrain.py --arch resnet18 --img_size 32 --global_
 
 from arguments.common import apply_device_choice, device_request
 from arguments.pretrain import (
-    BN_BATCH,
-    LEGACY_RECIPE,
-    PROJECT_ROOT,
-    RECIPE_KEYS,
     SCHEDULE_FREE,
-    SFADAMW_BATCH,
-    SFADAMW_SAVE_STEPS,
-    SFADAMW_STEPS,
-    SGD_BATCH,
     SGD_EPOCHS,
-    default_seed,
+    PretrainRecipe,
+    check_args,
     get_args_parser,
+    resolve_batch,
 )
 from util.cpu_runtime import configure_cpu_runtime
 
@@ -38,7 +32,6 @@ if __name__ == "__main__":  # before the heavy imports: --help and a mistyped fl
 # ruff: noqa: E402  (the imports below come after the parse above on purpose)
 import inspect
 import json
-import math
 import os
 import time
 from typing import NamedTuple
@@ -62,110 +55,14 @@ from engine_pretrain import (
     metrics_path_of,
     resume_path_of,
 )
-from models import RESNET_ARCHS, build_backbone
+from models import build_backbone
 from models.checkpoint_keys import load_backbone_weights
 from models.init import algoperf_init
 from util import layout
 from util.checkpoint import load_file
 from util.cli import UserError, run_main
-from util.cpu_runtime import default_workers
-from util.distributed import barrier, cleanup, init_distributed, require_cuda_if_requested
-from util.logs import (
-    claim_run_folder,
-    close_logger,
-    create_logger,
-    log_startup,
-    truncate_jsonl,
-    use_progress_bar,
-    write_json_atomic,
-)
-from util.signals import StopSignal
-from util.tensorboard import MetricsBoard, require_tensorboard
-from util.wandb_log import WandbRun, require_wandb
-
-# The recipe of the released checkpoints (AlgoPerf imagenet_resnet + schedule-free AdamW), and the
-# predecessor paper's SGD recipe; flags left unset take these values.
-SFADAMW = dict(lr=0.0025, wd=0.08121616522670176, warmup_steps=2799, label_smoothing=0.2)
-SGD = dict(lr_per_256=0.1, wd=1e-4, warmup_steps=0, label_smoothing=0.0)
-
-
-def parse_duration(text):
-    """'90', '1:30', '2:00:00' or '1-12:00:00' -> seconds."""
-    try:
-        days, _, clock = text.rpartition("-") if "-" in text else ("0", "", text)
-        seconds = 0.0
-        for part in clock.split(":"):
-            seconds = seconds * 60 + float(part)
-        seconds += 86400 * int(days)
-    except ValueError:
-        raise UserError(f"--max_time {text}: expected seconds or [[D-]H:]M:S") from None
-    if seconds <= 0:
-        raise UserError(f"--max_time {text} must be positive")
-    return seconds
-
-
-def check_args(args):
-    """Fill the recipe defaults and refuse inconsistent flags, before any process group or data."""
-    if args.arch not in RESNET_ARCHS:
-        raise UserError(f"unknown --arch '{args.arch}': choose one of {', '.join(RESNET_ARCHS)}")
-    fill_schedule_defaults(args)
-    for name in ("steps", "global_batch", "print_freq"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            raise UserError(f"--{name} must be at least 1")
-    if args.workers is None:
-        args.workers = default_workers()
-    for name in ("eval_every", "workers", "bn_refresh_batches", "bn_refresh_every", "run"):
-        if getattr(args, name) < 0:
-            raise UserError(f"--{name} must be 0 or more")
-    for name in ("batch_size", "accum_steps"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            raise UserError(f"--{name} must be at least 1")
-    if args.img_size < 8:
-        raise UserError("--img_size must be at least 8")
-    if not 0 < args.dist_timeout < math.inf:
-        raise UserError("--dist_timeout must be a positive number of minutes")
-    beyond = [s for s in args.save_steps if not 0 < s <= (args.steps or math.inf)]
-    if beyond:
-        raise UserError(f"--save_steps {beyond[0]} is beyond --steps {args.steps} (milestones must be in 1..steps)")
-    args.save_steps = sorted(set(args.save_steps))
-    if args.seed is None:
-        args.seed = default_seed(args.run)
-    if args.seed < 0:
-        raise UserError("--seed must be 0 or more")
-    recipe = SFADAMW if args.optimizer in SCHEDULE_FREE else SGD
-    if args.lr is None:
-        args.lr = recipe["lr"] if args.optimizer in SCHEDULE_FREE else recipe["lr_per_256"] * args.global_batch / 256
-    for name in ("wd", "warmup_steps", "label_smoothing"):
-        if getattr(args, name) is None:
-            setattr(args, name, recipe[name])
-    if not (args.lr > 0 and math.isfinite(args.lr)) or not (0 <= args.wd < math.inf):
-        raise UserError("--lr must be positive and --wd non-negative")
-    if args.warmup_steps < 0 or not 0 <= args.label_smoothing < 1:
-        raise UserError("--warmup_steps must be 0 or more and --label_smoothing in [0, 1)")
-    if not (0 < args.betas[0] < 1 and 0 <= args.betas[1] < 1):  # schedule-free divides by beta1
-        raise UserError("--betas: the first must be in (0, 1), the second in [0, 1)")
-    for name in ("eps", "sf_r", "weight_lr_power", "momentum", "gamma"):
-        if not 0 <= getattr(args, name) < math.inf:
-            raise UserError(f"--{name} must be a finite number, 0 or more")
-    name = layout.run_dir_name(args.arch, args.optimizer)
-    if args.output_dir is None:
-        args.output_dir = os.path.join(layout.pretrain_root(args.checkpoint_root), name)
-    if args.dump_path is None:
-        args.dump_path = os.path.join(PROJECT_ROOT, "results", "pretrain", name, f"run{args.run}")
-    args.max_seconds = parse_duration(args.max_time) if args.max_time else None
-
-
-def fill_schedule_defaults(args):
-    """The batch, budget and milestones of --optimizer's reference recipe, where not given: sfadamw 1024 images,
-    450000 steps, milestones 80k/100k/200k; sgd (the predecessor's) 256 images and 90 epochs (args.steps stays
-    None until the training set is counted: resolve_epoch_steps), no milestones."""
-    sgd = args.optimizer == "sgd"
-    if args.global_batch is None:
-        args.global_batch = SGD_BATCH if sgd else SFADAMW_BATCH
-    if args.steps is None and not sgd:
-        args.steps = SFADAMW_STEPS
-    if args.save_steps is None:
-        args.save_steps = [] if sgd else list(SFADAMW_SAVE_STEPS)
+from util.logs import log_startup, truncate_jsonl, use_progress_bar
+from util.run import configure_cuda_numerics, open_run, start_processes
 
 
 def resolve_epoch_steps(args, num_train, logger):
@@ -178,40 +75,6 @@ def resolve_epoch_steps(args, num_train, logger):
                         f"(milestones must be in 1..steps)")
     logger.info(f"--optimizer sgd: {SGD_EPOCHS} epochs of {num_train} images at batch {args.global_batch} = "
                 f"{args.steps} steps (the predecessor's recipe; --steps sets another budget)")
-
-
-def configure_cuda_numerics(args):
-    """As AlgoPerf's workload: cuDNN autotuning (off with --cuda_deterministic), and PyTorch's default TF32 settings
-    (matrix products in full fp32) unless --tf32."""
-    # autotuning picks kernels by timing, and cuDNN's fastest backward kernels sum in a varying order: both make
-    # two identical runs differ in the last bits, which then grow; --cuda_deterministic rules both out
-    torch.backends.cudnn.benchmark = not args.cuda_deterministic
-    torch.backends.cudnn.deterministic = args.cuda_deterministic
-    torch.backends.cuda.matmul.allow_tf32 = bool(args.tf32)  # only matters with --precision fp32
-
-
-def resolve_batch(args, world_size):
-    """batch_size x world_size x accum_steps = global_batch: the recipe does not depend on the GPU count."""
-    per_process, rest = divmod(args.global_batch, world_size)
-    if rest:
-        raise UserError(f"--global_batch {args.global_batch} is not divisible by the {world_size} processes")
-    if args.batch_size is None and args.accum_steps is None:
-        args.batch_size = min(BN_BATCH, per_process)  # the BatchNorm batch of the recipe, whatever the GPU count
-        if per_process % args.batch_size:
-            raise UserError(f"--global_batch {args.global_batch} over {world_size} process(es) is {per_process} "
-                            f"images per process, not a multiple of the {BN_BATCH}-image BatchNorm batch; set "
-                            f"--batch_size (a divisor of {per_process}) or another --global_batch")
-    if args.batch_size is None:
-        args.batch_size = per_process // args.accum_steps
-    if args.accum_steps is None:
-        args.accum_steps = max(1, per_process // args.batch_size)
-    if args.batch_size * world_size * args.accum_steps != args.global_batch:
-        raise UserError(f"--global_batch {args.global_batch} must equal --batch_size {args.batch_size} x "
-                        f"{world_size} processes x --accum_steps {args.accum_steps} "
-                        f"(= {args.batch_size * world_size * args.accum_steps})")
-    if args.batch_size * math.ceil(args.img_size / 32) ** 2 < 2:  # a ResNet's last feature map: img_size / 32
-        raise UserError(f"--batch_size 1 at --img_size {args.img_size} leaves BatchNorm one value per channel in the "
-                        f"last stage; use 2 images or more per process and micro-step, or --img_size 33 or more")
 
 
 # ---------------------------------------------------------------- data
@@ -241,35 +104,26 @@ def build_pretrain_data(args, logger):
 
 
 # ---------------------------------------------------------------- state on disk
-def check_same_recipe(saved_args, args, path):
-    keys = RECIPE_KEYS + (("steps",) if args.optimizer == "sgd" and args.schedule == "cosine" else ())
-    saved = {k: saved_args.get(k, LEGACY_RECIPE.get(k)) for k in keys}
-    if "init" not in saved_args and saved["optimizer"] == "sfadamw":
-        saved["optimizer"] = "sfadamw_package"
-    changed = [k for k in keys if saved[k] != getattr(args, k)]
-    if changed:
-        k = changed[0]
-        raise UserError(f"{path} was written by a run with --{k} {saved[k]} (now {getattr(args, k)}); "
-                        f"use another --dump_path/--output_dir, or --start_over to overwrite it")
-
-
 def check_previous_run(args, resume_path):
-    """A run folder (or this run's checkpoints) left by another recipe is refused unless --start_over."""
+    """The run's recipe record; a run folder (or this run's checkpoints) left by another recipe is refused unless
+    --start_over."""
+    recipe = PretrainRecipe.of(vars(args))
     if args.start_over:
-        return
+        return recipe
     if os.path.exists(resume_path):
-        check_same_recipe(load_file(resume_path, "resume state")["args"], args, resume_path)
-        return
+        recipe.check(load_file(resume_path, "resume state")["args"], resume_path)
+        return recipe
     args_json = os.path.join(args.dump_path, layout.ARGS_JSON)
     if os.path.exists(args_json):
         with open(args_json) as f:
-            check_same_recipe(json.load(f), args, args_json)
+            recipe.check(json.load(f), args_json)
     if os.path.isdir(args.output_dir):
         for folder in sorted(os.listdir(args.output_dir)):
             path = os.path.join(args.output_dir, folder, layout.run_file_name(args.run))
             if layout.parse_step_folder(folder) and os.path.isfile(path):
-                check_same_recipe(load_file(path, "checkpoint")["args"], args, path)
-                return
+                recipe.check(load_file(path, "checkpoint")["args"], path)
+                return recipe
+    return recipe
 
 
 def build_model(args, num_classes, logger):
@@ -297,62 +151,47 @@ def load_initial_weights(model, args, logger):
 
 # ---------------------------------------------------------------- main
 def main(args):
+    """Check the flags, start the processes, open the run folder (util/run.py), then pretrain()."""
     check_args(args)
-    if args.tensorboard:
-        require_tensorboard()
-    if args.wandb:
-        require_wandb()
     apply_device_choice(args)  # --device cpu when main() is called directly (as a script: before torch loaded)
-    require_cuda_if_requested(device_request(args))  # a GPU job on a CPU-only torch stops here, in one line
-    dist_info = init_distributed(debug=args.debug, timeout_minutes=args.dist_timeout)
-    if dist_info.is_main:
-        os.makedirs(args.dump_path, exist_ok=True)
-    barrier()
-    lock = claim_run_folder(args.dump_path, dist_info)  # before any log line: a refused run writes nothing
-    logger = create_logger(args.dump_path, dist_info.rank)
-    if CPU_RUNTIME is not None:
-        logger.info(CPU_RUNTIME.line)
-    try:
-        # early: a signal during the (long) dataset scan still ends in a clean stop
-        wandb_run = (WandbRun(args.dump_path, args.wandb, vars(args), "step", logger)
-                     if args.wandb and dist_info.is_main else None)
-        with StopSignal() as stop, MetricsBoard(args.tensorboard and dist_info.is_main, "step", wandb_run) as board:
-            pretrain(args, dist_info, logger, stop, board)
-    finally:
-        close_logger(logger)
-        if lock is not None:
-            lock.close()
-        cleanup()
+    dist_info = start_processes(args, device_request(args))
+    with open_run(args, dist_info, "step", first_line=CPU_RUNTIME and CPU_RUNTIME.line) as run:
+        pretrain(args, run)
 
 
-def pretrain(args, dist_info, logger, stop, board):
+def pretrain(args, run):
     """The stages of one run, in order; the loop itself is engine_pretrain.Pretraining."""
     started = time.time()
-    prepare_run(args, dist_info, logger)
+    dist_info, logger = run.dist_info, run.logger
+    recipe = prepare_run(args, dist_info, logger)
     data = build_pretrain_data(args, logger)
     if args.steps is None:  # --optimizer sgd without --steps: the predecessor's 90 epochs of this training set
         resolve_epoch_steps(args, len(data.train_set), logger)
-        check_previous_run(args, resume_path_of(args.dump_path))
+        recipe = check_previous_run(args, resume_path_of(args.dump_path))
     seeded = SeededSamples(data.train_set)
     loaders = build_eval_loaders(args, data, seeded, dist_info, logger)
     model, optimizer, train_model = build_training_model(args, data.num_classes, dist_info, logger)
-    start = resume_or_start(args, model, optimizer, dist_info, logger)
+    start = resume_or_start(args, run, recipe, model, optimizer)
     log_recipe(args, dist_info.world_size, loaders.steps_per_epoch, start.step, logger)
     loaders = loaders._replace(train=build_train_loader(args, seeded, start.step, dist_info))
-    run = Pretraining(args, dist_info, logger, model, optimizer, train_model, loaders, best_acc=start.best_acc,
-                      show_bar=use_progress_bar(dist_info.is_main), board=board)
-    run.train(start, stop, started)
+    loop = Pretraining(args, dist_info, logger, model, optimizer, train_model, loaders, best_acc=start.best_acc,
+                       show_bar=use_progress_bar(dist_info.is_main), board=run.board)
+    loop.train(start, run.stop, started)
 
 
 def prepare_run(args, dist_info, logger):
-    """The batch split over processes, the precision, the recipe check against the run folder, the banner."""
+    """The batch split over processes, the precision, the recipe check against the run folder, the banner.
+    Returns the run's recipe record (None until the training set is counted, when --steps is)."""
     resolve_batch(args, dist_info.world_size)
     args.precision = resolve_precision(args.precision, dist_info.device)
+    recipe = None
     if args.steps is not None:  # else checked once the training set is counted (resolve_epoch_steps)
-        check_previous_run(args, resume_path_of(args.dump_path))
+        recipe = check_previous_run(args, resume_path_of(args.dump_path))
     log_startup(logger, args, dist_info, args.global_batch, args.lr)
-    if dist_info.device.type == "cuda":
-        configure_cuda_numerics(args)
+    # as AlgoPerf's workload: cuDNN autotuning (off with --cuda_deterministic), and PyTorch's default TF32 settings
+    # (matrix products in full fp32) unless --tf32
+    configure_cuda_numerics(dist_info.device, args.cuda_deterministic, args.tf32)
+    return recipe
 
 
 def loader_options(args, dist_info):
@@ -398,25 +237,18 @@ def build_training_model(args, num_classes, dist_info, logger):
     return model, optimizer, train_model
 
 
-def resume_or_start(args, model, optimizer, dist_info, logger):
+def resume_or_start(args, run, recipe, model, optimizer):
     """Load the resume state of --dump_path (unless --start_over), or clear what a previous run left; args.json."""
     resume_path, metrics_path = resume_path_of(args.dump_path), metrics_path_of(args.dump_path)
-    start = Start()
-    if os.path.exists(resume_path) and not args.start_over:
-        state = load_file(resume_path, "resume state")
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        # the training loss of the steps since the last evaluation, summed over processes (a stop mid-interval)
-        start = Start(state["step"], state["best_acc"], *state.get("since_eval", (0.0, 0)))
-        logger.info(f"Resumed from step {start.step} ({resume_path}), best Acc@1 so far {start.best_acc:.2f}")
-        if dist_info.is_main:  # records of steps the resume state does not hold (a crash before it was saved)
+    # the training loss of the steps since the last evaluation, summed over processes (a stop mid-interval)
+    saved = {"step": 0, "best_acc": 0.0, "since_eval": (0.0, 0)}
+    state = run.resume_or_start(resume_path, recipe.check, [metrics_path], saved, model=model, optimizer=optimizer)
+    start = Start(saved["step"], saved["best_acc"], *saved["since_eval"])
+    if state is not None:
+        run.logger.info(f"Resumed from step {start.step} ({resume_path}), best Acc@1 so far {start.best_acc:.2f}")
+        if run.dist_info.is_main:  # records of steps the resume state does not hold (a crash before it was saved)
             truncate_jsonl(metrics_path, lambda r: r["step"] <= start.step)
-    elif dist_info.is_main:
-        for stale in (resume_path, metrics_path):
-            if os.path.exists(stale):
-                os.remove(stale)
-    if dist_info.is_main:
-        write_json_atomic(vars(args), os.path.join(args.dump_path, layout.ARGS_JSON))
+    run.write_args(vars(args))
     return start
 
 

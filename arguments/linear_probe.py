@@ -1,6 +1,7 @@
 """Command line of main_linear_probe.py. Imports nothing heavy (no torch), so that `--help` and a mistyped flag
 answer at once; main_linear_probe.py imports its parser from here."""
 import argparse
+import dataclasses
 import hashlib
 import json
 import math
@@ -14,12 +15,13 @@ from arguments.common import (
     add_launcher_args,
     add_wandb_arg,
 )
+from arguments.recipe import Recipe, recipe_key
 from util import layout
 from util.cli import ArgumentParser, UserError, add_alias
 from util.cpu_runtime import default_workers
 from util.flags import add_bool, bool_flag
 from util.subsets import SUBSET_MODES, subsets_for
-from util.sweeps import GLOBAL_BATCH, WD_GRIDS
+from util.sweeps import WD_GRIDS, reference_batch
 
 PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_TAG_FILE = os.path.join(PROJECT_ROOT, layout.TAG_FILE)
@@ -29,20 +31,58 @@ TF_NAMES = ("eval", "224px", "32px", "384px", "vit384px")  # datasets/transforms
 # --eval_datasets: the evaluation-only sets of an ImageNet1k probe (datasets/eval_sets.py reads them)
 EVAL_DATASETS = ("imagenet_v2", "imagenet_sketch", "imagenet_r", "imagenet_a")
 RESULTS_ROOT = os.path.join(PROJECT_ROOT, "results", "probe")  # under the git-ignored results/
-# A resumed run must have been started with the same recipe; these arguments define it (compared on resume, and
-# hashed into the default --dump_path). global_batch and batch_semantics are derived from --batch_size and the
-# process count (DERIVED_RECIPE_KEYS); the rest are flags.
-RECIPE_KEYS = ("arch", "pretrained", "data_name", "exp_mode", "use_bn", "headinit", "optimizer", "lr", "wd",
-               "momentum", "nesterov", "wd_skip_bn", "epochs", "scheduler_type", "decay_epochs", "gamma",
-               "final_lr", "seed", "tf_name", "img_size", "data_rate", "precision", "feature_cache", "cache_views",
-               "val_split", "lr_last_layer", "beta2", "global_batch", "batch_semantics", "sync_bn", "subsets",
-               "head_impl", "fast_transforms")
-DERIVED_RECIPE_KEYS = ("global_batch", "batch_semantics")  # set by resolve_batch below, not flags
-# the value a recipe key had in runs written before the key existed; at that value a key stays out of the default
-# --dump_path's hash, so adding a recipe key moves no existing run's folder
-RECIPE_DEFAULTS = {"subsets": "none", "head_impl": "separate", "fast_transforms": False}
-# what only training depends on: --mode eval_only may evaluate saved heads with another process count
-TRAINING_ONLY_KEYS = ("global_batch", "batch_semantics", "sync_bn")
+
+
+@dataclasses.dataclass(frozen=True)
+class ProbeRecipe(Recipe):
+    """What a probe computes: a resumed or evaluated run must have been started with the same values (checked on
+    resume), and they are hashed into the default --dump_path. Flags, except global_batch and batch_semantics
+    (resolve_batch derives them from --batch_size and the process count)."""
+    arch: list = recipe_key()
+    pretrained: list = recipe_key()
+    data_name: str = recipe_key()
+    exp_mode: str = recipe_key()
+    use_bn: bool = recipe_key()
+    headinit: str = recipe_key()
+    optimizer: str = recipe_key()
+    lr: list = recipe_key()
+    wd: list = recipe_key()
+    momentum: float = recipe_key()
+    nesterov: bool = recipe_key()
+    wd_skip_bn: bool = recipe_key()
+    epochs: int = recipe_key()
+    scheduler_type: str = recipe_key()
+    decay_epochs: list = recipe_key()
+    gamma: float = recipe_key()
+    final_lr: float = recipe_key()
+    seed: int = recipe_key()
+    tf_name: str = recipe_key()
+    img_size: int = recipe_key()
+    data_rate: float = recipe_key()
+    precision: str = recipe_key()
+    feature_cache: str = recipe_key()
+    cache_views: int = recipe_key()
+    val_split: float = recipe_key()
+    lr_last_layer: float = recipe_key()
+    beta2: float = recipe_key()
+    # what only training depends on: --mode eval_only may evaluate saved heads with another process count
+    global_batch: int = recipe_key(derived=True, training_only=True)
+    batch_semantics: str = recipe_key(derived=True, training_only=True)
+    sync_bn: bool = recipe_key(training_only=True)
+    # keys added after the first runs: their value in those runs (so adding one moves no existing run's folder)
+    subsets: str = recipe_key(legacy="none")
+    head_impl: str = recipe_key(legacy="separate")
+    fast_transforms: bool = recipe_key(legacy=False)
+
+    @classmethod
+    def canonical(cls, fields, values):
+        return dict(fields, optimizer=OPTIMIZER_ALIASES.get(fields["optimizer"], fields["optimizer"]))
+
+
+# derived from the record: a new recipe flag is a new field of ProbeRecipe (with its legacy value), nothing else
+RECIPE_KEYS = ProbeRecipe.keys()
+DERIVED_RECIPE_KEYS = ProbeRecipe.keys_where("derived")
+TRAINING_ONLY_KEYS = ProbeRecipe.keys_where("training_only")
 # The original's slurm flags (its add_slurm_params, in the original release's code): name -> (type,
 # default, help). Where the job runs, never what it computes: run-only, out of the recipe and the folder hash.
 SLURM_FLAGS = {
@@ -60,6 +100,9 @@ SLURM_FLAGS = {
     "server": (str, "nyu", "the original's cluster name"),
 }
 SLURM_KEYS = tuple(SLURM_FLAGS)
+SCHEDULE_FREE = layout.SCHEDULEFREE_ADAMW  # the `schedulefree` package's AdamWScheduleFree
+# --optimizer spellings of a canonical name (the original's sfadamw); args.json and checkpoints hold the canonical
+OPTIMIZER_ALIASES = {"sfadamw": SCHEDULE_FREE}
 # Flags not compared on resume: where the run reads and writes, what it logs, how it is launched, and flags whose
 # effect the recipe records through another key (--tag/--tag_file as arch/pretrained, --batch_size as
 # global_batch); the original's flags with no effect here. Every flag of get_args_parser is in exactly one of
@@ -121,9 +164,10 @@ def add_head_args(g):
     g.add_argument("--headinit", default="normal", choices=["normal", "none", "cat_weights"],
                    help="normal: N(0, 0.01^2) weights, zero bias (reference); none: PyTorch default; "
                    "cat_weights: the backbones' own classifiers, averaged")
-    g.add_argument("--optimizer", default="sgd", choices=["sgd", "adam", "schedulefree_adamw", "sfadamw"],
-                   help="reference: sgd; schedulefree_adamw (alias sfadamw) is schedule-free AdamW with betas "
-                   "(--momentum, 0.999); adam uses betas (--momentum, --beta2)")
+    g.add_argument("--optimizer", default="sgd", choices=["sgd", "adam", SCHEDULE_FREE, *OPTIMIZER_ALIASES],
+                   help="reference: sgd; schedulefree_adamw (alias sfadamw, as the original spelled it) is the "
+                   "schedulefree package's schedule-free AdamW with betas (--momentum, 0.999); adam uses betas "
+                   "(--momentum, --beta2)")
     g.add_argument("--lr", nargs="+", default=["0.01"], help="learning rate(s), not scaled with the batch "
                    "(reference: 0.01); several values train one head each in the same pass")
     g.add_argument("--lr_last_layer", type=float, default=None, help="learning rate of the head's Linear layer "
@@ -266,24 +310,21 @@ def config_name(args):
     return f"{len(args.pretrained or [])}x{'+'.join(archs) or 'backbone'}-{digest}"
 
 
-def default_dump_path(args, recipe_keys, root=None):
+def default_dump_path(args, recipe_keys=RECIPE_KEYS, root=None):
     """results/probe/{data_name}/{config}/wd{values}-{hash}: the weight decays (in increasing order, so the
-    order they were typed in does not matter) and a hash of every recipe argument (recipe_keys, as the probe
-    checks them on resume); the same command always gives the same folder, any recipe change another one."""
+    order they were typed in does not matter) and a hash of the recipe record (the recipe_keys of ProbeRecipe, as
+    the probe checks them on resume; before resolve_batch, the derived keys are None); the same command always
+    gives the same folder, any recipe change another one."""
     wds = sorted(float(w) for w in args.wd)
-    recipe = {key: getattr(args, key, None) for key in recipe_keys
-              if key != "wd" and not (key in RECIPE_DEFAULTS and getattr(args, key, None) == RECIPE_DEFAULTS[key])}
+    record, legacy = vars(ProbeRecipe.of(vars(args))), ProbeRecipe.legacy_values()
+    recipe = {key: record[key] for key in recipe_keys
+              if key != "wd" and not (key in legacy and record[key] == legacy[key])}
     digest = hashlib.sha256(json.dumps([recipe, wds, args.tag], sort_keys=True, default=str).encode()).hexdigest()
     folder = "wd" + "_".join(format(w, "g") for w in wds) + "-" + digest[:8]
     return os.path.join(root or RESULTS_ROOT, args.data_name, config_name(args), folder)
 
 
 # ---------------------------------------------------------------- flag checks (torch-free, beside the parser)
-# The reference scripts' batch (they ran as one process): the default GLOBAL batch here (util/sweeps.py owns it).
-REFERENCE_BATCH = {"cifar": GLOBAL_BATCH["cifar10"], "imagenet": GLOBAL_BATCH["imagenet1k"]}
-SCHEDULE_FREE = "schedulefree_adamw"  # the `schedulefree` package's AdamWScheduleFree (--optimizer sfadamw: alias)
-
-
 def is_cifar(data_name):
     """The CIFAR family (its transforms and reference batch); the name was checked by timecat.resolve_backbones."""
     return data_name.startswith("cifar")
@@ -321,7 +362,7 @@ def check_args(args):
     if args.eval_freq != 1:
         raise UserError("--eval_freq: only 1 (evaluate after every epoch, the reference's) is supported")
     if args.dump_path is None:  # the run's own folder under results/probe/ (README "Where results go")
-        args.dump_path = default_dump_path(args, RECIPE_KEYS)
+        args.dump_path = default_dump_path(args)
     check_dump_path(args.dump_path)
     args.ignored = check_legacy(args)
 
@@ -371,8 +412,8 @@ def check_numbers(args):
 
 def check_optimizer(args):
     """The reference's rules: Nesterov with SGD only (on by default), Adam's beta2 below 1."""
-    if args.optimizer == "sfadamw":  # the alias: one name in args.json, the recipe check and the loop's tests
-        args.optimizer = SCHEDULE_FREE
+    # the alias: one name in args.json, the recipe check and the loop's tests
+    args.optimizer = OPTIMIZER_ALIASES.get(args.optimizer, args.optimizer)
     if args.nesterov is None:
         args.nesterov = args.optimizer == "sgd"
     if args.nesterov and args.optimizer != "sgd":
@@ -405,7 +446,7 @@ def resolve_batch(args, world):
     """--batch_size is per process; without it the reference's batch is the global batch, split across the
     processes, so N processes see the batches of the reference's single process."""
     if args.batch_size is None:
-        reference = REFERENCE_BATCH["cifar" if is_cifar(args.data_name) else "imagenet"]
+        reference = reference_batch(args.data_name)  # the reference ran one process: this is the global batch
         if reference % world:
             raise UserError(f"the reference batch {reference} does not split over {world} processes: use a "
                             f"process count that divides it, or give --batch_size (per process)")
@@ -416,14 +457,3 @@ def resolve_batch(args, world):
     # on by default with several processes; with one, synchronising is a no-op (as the reference's --debug runs
     # with --sync_bn True), recorded as off so such a run's recipe equals the plain one
     args.sync_bn = world > 1 and args.sync_bn is not False
-
-
-def check_same_recipe(saved_args, args, path, skip=()):
-    """A resumed or evaluated run must have the saved run's recipe (RECIPE_KEYS; a key missing from an older run
-    has its RECIPE_DEFAULTS value)."""
-    changed = [k for k in RECIPE_KEYS
-               if k not in skip and saved_args.get(k, RECIPE_DEFAULTS.get(k)) != getattr(args, k)]
-    if changed:
-        k = changed[0]
-        raise UserError(f"{path} was written by a run with --{k} {saved_args.get(k)} (now {getattr(args, k)}); "
-                        f"use another --dump_path, or --start_over to overwrite it")

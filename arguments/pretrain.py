@@ -1,6 +1,9 @@
-"""Command line of main_pretrain.py, and the run -> seed convention. Imports nothing heavy (no torch), so that
-`--help` and a mistyped flag answer at once; main_pretrain.py and tools/plan_timecat.py import from here."""
+"""Command line of main_pretrain.py, its flag checks and recipe record, and the run -> seed convention. Imports
+nothing heavy (no torch), so that `--help` and a mistyped flag answer at once; main_pretrain.py and
+tools/plan_timecat.py import from here."""
 import argparse
+import dataclasses
+import math
 import os
 
 from arguments.common import (
@@ -11,24 +14,72 @@ from arguments.common import (
     add_launcher_args,
     add_wandb_arg,
 )
-from util.cli import ArgumentParser, add_alias
+from arguments.recipe import Recipe, recipe_key
+from util import layout
+from util.cli import ArgumentParser, UserError, add_alias
+from util.cpu_runtime import default_workers
 from util.flags import add_bool
 
 PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RELEASED_SEEDS = (2, 550, 23, 477, 8529)  # seeds of the released runs 0..4
 EXTRA_RUN_SEED = 10000  # run i >= 5 defaults to seed 10000 + i, clear of the released ones
 BN_BATCH = 128  # images per forward pass and process (AlgoPerf: 1024 over 8 devices); the rest is accumulation
-SCHEDULE_FREE = ("sfadamw", "sfadamw_package")
+SCHEDULE_FREE = (layout.SFADAMW_ALGOPERF, layout.SCHEDULEFREE_ADAMW)
+# --optimizer spellings accepted for a canonical name: sfadamw as the original's pretraining meant it, and this
+# script's earlier name of the package's optimizer; args.json and checkpoints hold the canonical name
+OPTIMIZER_ALIASES = {"sfadamw": layout.SFADAMW_ALGOPERF, "sfadamw_package": layout.SCHEDULEFREE_ADAMW}
 PRETRAIN_DATA = ("imagenet1k", "imagefolder")
 # --optimizer sgd: the predecessor paper's recipe (arXiv 2212.07346, its ImageNet recipe): 90 epochs
 # at batch 256, lr 0.1, momentum 0.9, wd 1e-4, lr x0.1 at epochs 30 and 60 (and 90, the end)
 SGD_EPOCHS, SGD_BATCH = 90, 256
 SFADAMW_BATCH, SFADAMW_STEPS, SFADAMW_SAVE_STEPS = 1024, 450000, [80000, 100000, 200000]
-# A run resumed from its folder must follow the same weight trajectory; these flags define it (compared on resume).
-RECIPE_KEYS = ("arch", "img_size", "global_batch", "optimizer", "lr", "wd", "betas", "eps", "sf_r",
-               "weight_lr_power", "warmup_steps", "label_smoothing", "momentum", "schedule", "decay_epochs",
-               "gamma", "seed", "batch_size", "precision", "init", "sf_moment_dtype", "init_from",
-               "fast_transforms")
+
+
+@dataclasses.dataclass(frozen=True)
+class PretrainRecipe(Recipe):
+    """The flags that define a run's weight trajectory: a run resumed from its folder (or its checkpoints) must
+    have the same values (main_pretrain.check_previous_run)."""
+    arch: str = recipe_key()
+    img_size: int = recipe_key()
+    global_batch: int = recipe_key()
+    optimizer: str = recipe_key()
+    lr: float = recipe_key()
+    wd: float = recipe_key()
+    betas: list = recipe_key()
+    eps: float = recipe_key()
+    sf_r: float = recipe_key()
+    weight_lr_power: float = recipe_key()
+    warmup_steps: int = recipe_key()
+    label_smoothing: float = recipe_key()
+    momentum: float = recipe_key()
+    schedule: str = recipe_key()
+    decay_epochs: list = recipe_key()
+    gamma: float = recipe_key()
+    seed: int = recipe_key()
+    batch_size: int = recipe_key()
+    precision: str = recipe_key()
+    # keys added after the first runs, with their value in those runs
+    init: str = recipe_key(legacy="torchvision")
+    sf_moment_dtype: str = recipe_key(legacy="bfloat16")
+    init_from: str = recipe_key(legacy=None)
+    fast_transforms: bool = recipe_key(legacy=False)
+    # the budget is run-only (a schedule-free run has no horizon), except where a cosine schedule ends at it
+    steps: int = recipe_key(compare=False)
+
+    @classmethod
+    def canonical(cls, fields, values):
+        # before --init existed, sfadamw was the package's optimizer
+        return dict(fields, optimizer=canonical_optimizer(fields["optimizer"], legacy="init" not in values))
+
+    def compared_keys(self):
+        return self.keys() + (("steps",) if self.optimizer == "sgd" and self.schedule == "cosine" else ())
+
+    def check(self, saved_args, path, skip=(), hint="another --dump_path/--output_dir"):
+        super().check(saved_args, path, skip, hint)
+
+
+# derived from the record: a new recipe flag is a new field of PretrainRecipe (with its legacy value), nothing else
+RECIPE_KEYS = PretrainRecipe.keys()
 # Flags that do not change the weight trajectory (where the run reads and writes, how often it logs, evaluates and
 # saves, how it is launched); every flag of get_args_parser is in exactly one of the two lists
 # (tests/faults/test_flag_classes.py).
@@ -36,10 +87,6 @@ RUN_ONLY_KEYS = ("data_name", "data_path", "workers", "accum_steps", "steps", "s
                  "bn_refresh_batches", "bn_refresh_every", "run", "output_dir", "dump_path", "start_over", "compile",
                  "max_time", "print_freq", "debug", "dist_timeout", "skip_bad_images", "device", "local_rank",
                  "tensorboard", "wandb", "cuda_deterministic", "tf32", "checkpoint_root", "decoder", "sf_foreach")
-# The value a recipe key had in run folders written before the key existed (before --init, "sfadamw" was the
-# package's optimizer).
-LEGACY_RECIPE = {"init": "torchvision", "sf_moment_dtype": "bfloat16", "init_from": None,
-                 "fast_transforms": False}
 # Choices shown by --help, spelled here so that --help needs no torch; tests/test_cli.py checks that they equal
 # their owners' (models.backbones.RESNET_ARCHS, models.init.INITS, util.sfadamw.MOMENT_DTYPES).
 ARCH_NAMES = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnext50_32x4d", "resnext101_32x8d",
@@ -99,10 +146,11 @@ def add_batch_args(p):
 
 def add_optimisation_args(p):
     g = p.add_argument_group("optimisation (unset values follow --optimizer's reference recipe)")
-    g.add_argument("--optimizer", default="sfadamw", choices=[*SCHEDULE_FREE, "sgd"],
-                   help="sfadamw: schedule-free AdamW as AlgoPerf's submission updates it (the released "
-                   "checkpoints; reference); sfadamw_package: the schedulefree package's AdamWScheduleFree (decay "
-                   "at y); sgd: the predecessor paper's recipe (arXiv 2212.07346): 90 epochs at batch 256, lr 0.1, "
+    g.add_argument("--optimizer", default=layout.SFADAMW_ALGOPERF, choices=[*SCHEDULE_FREE, "sgd", *OPTIMIZER_ALIASES],
+                   help="sfadamw_algoperf (alias sfadamw): schedule-free AdamW as AlgoPerf's submission updates it "
+                   "(the released checkpoints; reference); schedulefree_adamw (alias sfadamw_package): the "
+                   "schedulefree package's AdamWScheduleFree (decay at y), another trajectory; sgd: the "
+                   "predecessor paper's recipe (arXiv 2212.07346): 90 epochs at batch 256, lr 0.1, "
                    "momentum 0.9, wd 1e-4, lr x0.1 at epochs 30 and 60, no warmup, no label smoothing; each value "
                    "given on the command line replaces its default")
     g.add_argument("--lr", type=float, default=None, help="peak learning rate (reference: sfadamw 0.0025 at any "
@@ -186,5 +234,124 @@ def add_run_args(p):
                    "reported in the log) instead of stopping at the first one")
 
 
+def canonical_optimizer(name, legacy=False):
+    """The canonical name of an --optimizer spelling (OPTIMIZER_ALIASES). legacy: a name read from a run written
+    before --init existed, when sfadamw meant the package's optimizer."""
+    if legacy and name == "sfadamw":
+        return layout.SCHEDULEFREE_ADAMW
+    return OPTIMIZER_ALIASES.get(name, name)
+
+
 def default_seed(run):
     return RELEASED_SEEDS[run] if run < len(RELEASED_SEEDS) else EXTRA_RUN_SEED + run
+
+
+# ---------------------------------------------------------------- flag checks (torch-free, beside the parser)
+# The recipe of the released checkpoints (AlgoPerf imagenet_resnet + schedule-free AdamW), and the
+# predecessor paper's SGD recipe; flags left unset take these values.
+SFADAMW = dict(lr=0.0025, wd=0.08121616522670176, warmup_steps=2799, label_smoothing=0.2)
+SGD = dict(lr_per_256=0.1, wd=1e-4, warmup_steps=0, label_smoothing=0.0)
+
+
+def parse_duration(text):
+    """'90', '1:30', '2:00:00' or '1-12:00:00' -> seconds."""
+    try:
+        days, _, clock = text.rpartition("-") if "-" in text else ("0", "", text)
+        seconds = 0.0
+        for part in clock.split(":"):
+            seconds = seconds * 60 + float(part)
+        seconds += 86400 * int(days)
+    except ValueError:
+        raise UserError(f"--max_time {text}: expected seconds or [[D-]H:]M:S") from None
+    if seconds <= 0:
+        raise UserError(f"--max_time {text} must be positive")
+    return seconds
+
+
+def check_args(args):
+    """Fill the recipe defaults and refuse inconsistent flags, before any process group or data."""
+    if args.arch not in ARCH_NAMES:
+        raise UserError(f"unknown --arch '{args.arch}': choose one of {', '.join(ARCH_NAMES)}")
+    args.optimizer = canonical_optimizer(args.optimizer)  # args.json, the recipe check and the log: one name
+    fill_schedule_defaults(args)
+    for name in ("steps", "global_batch", "print_freq"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise UserError(f"--{name} must be at least 1")
+    if args.workers is None:
+        args.workers = default_workers()
+    for name in ("eval_every", "workers", "bn_refresh_batches", "bn_refresh_every", "run"):
+        if getattr(args, name) < 0:
+            raise UserError(f"--{name} must be 0 or more")
+    for name in ("batch_size", "accum_steps"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise UserError(f"--{name} must be at least 1")
+    if args.img_size < 8:
+        raise UserError("--img_size must be at least 8")
+    if not 0 < args.dist_timeout < math.inf:
+        raise UserError("--dist_timeout must be a positive number of minutes")
+    beyond = [s for s in args.save_steps if not 0 < s <= (args.steps or math.inf)]
+    if beyond:
+        raise UserError(f"--save_steps {beyond[0]} is beyond --steps {args.steps} (milestones must be in 1..steps)")
+    args.save_steps = sorted(set(args.save_steps))
+    if args.seed is None:
+        args.seed = default_seed(args.run)
+    if args.seed < 0:
+        raise UserError("--seed must be 0 or more")
+    recipe = SFADAMW if args.optimizer in SCHEDULE_FREE else SGD
+    if args.lr is None:
+        args.lr = recipe["lr"] if args.optimizer in SCHEDULE_FREE else recipe["lr_per_256"] * args.global_batch / 256
+    for name in ("wd", "warmup_steps", "label_smoothing"):
+        if getattr(args, name) is None:
+            setattr(args, name, recipe[name])
+    if not (args.lr > 0 and math.isfinite(args.lr)) or not (0 <= args.wd < math.inf):
+        raise UserError("--lr must be positive and --wd non-negative")
+    if args.warmup_steps < 0 or not 0 <= args.label_smoothing < 1:
+        raise UserError("--warmup_steps must be 0 or more and --label_smoothing in [0, 1)")
+    if not (0 < args.betas[0] < 1 and 0 <= args.betas[1] < 1):  # schedule-free divides by beta1
+        raise UserError("--betas: the first must be in (0, 1), the second in [0, 1)")
+    for name in ("eps", "sf_r", "weight_lr_power", "momentum", "gamma"):
+        if not 0 <= getattr(args, name) < math.inf:
+            raise UserError(f"--{name} must be a finite number, 0 or more")
+    name = layout.run_dir_name(args.arch, args.optimizer)
+    if args.output_dir is None:
+        args.output_dir = os.path.join(layout.pretrain_root(args.checkpoint_root), name)
+    if args.dump_path is None:
+        args.dump_path = os.path.join(PROJECT_ROOT, "results", "pretrain", name, f"run{args.run}")
+    args.max_seconds = parse_duration(args.max_time) if args.max_time else None
+
+
+def fill_schedule_defaults(args):
+    """The batch, budget and milestones of --optimizer's reference recipe, where not given: sfadamw 1024 images,
+    450000 steps, milestones 80k/100k/200k; sgd (the predecessor's) 256 images and 90 epochs (args.steps stays
+    None until the training set is counted: resolve_epoch_steps), no milestones."""
+    sgd = args.optimizer == "sgd"
+    if args.global_batch is None:
+        args.global_batch = SGD_BATCH if sgd else SFADAMW_BATCH
+    if args.steps is None and not sgd:
+        args.steps = SFADAMW_STEPS
+    if args.save_steps is None:
+        args.save_steps = [] if sgd else list(SFADAMW_SAVE_STEPS)
+
+
+def resolve_batch(args, world_size):
+    """batch_size x world_size x accum_steps = global_batch: the recipe does not depend on the GPU count."""
+    per_process, rest = divmod(args.global_batch, world_size)
+    if rest:
+        raise UserError(f"--global_batch {args.global_batch} is not divisible by the {world_size} processes")
+    if args.batch_size is None and args.accum_steps is None:
+        args.batch_size = min(BN_BATCH, per_process)  # the BatchNorm batch of the recipe, whatever the GPU count
+        if per_process % args.batch_size:
+            raise UserError(f"--global_batch {args.global_batch} over {world_size} process(es) is {per_process} "
+                            f"images per process, not a multiple of the {BN_BATCH}-image BatchNorm batch; set "
+                            f"--batch_size (a divisor of {per_process}) or another --global_batch")
+    if args.batch_size is None:
+        args.batch_size = per_process // args.accum_steps
+    if args.accum_steps is None:
+        args.accum_steps = max(1, per_process // args.batch_size)
+    if args.batch_size * world_size * args.accum_steps != args.global_batch:
+        raise UserError(f"--global_batch {args.global_batch} must equal --batch_size {args.batch_size} x "
+                        f"{world_size} processes x --accum_steps {args.accum_steps} "
+                        f"(= {args.batch_size * world_size * args.accum_steps})")
+    if args.batch_size * math.ceil(args.img_size / 32) ** 2 < 2:  # a ResNet's last feature map: img_size / 32
+        raise UserError(f"--batch_size 1 at --img_size {args.img_size} leaves BatchNorm one value per channel in the "
+                        f"last stage; use 2 images or more per process and micro-step, or --img_size 33 or more")

@@ -8,14 +8,15 @@ import torch
 import engine_pretrain
 from engine import compile_module
 from models import build_backbone
+from util import layout
 
 pytestmark = pytest.mark.slow  # about a minute of compilation on 2 cores; tools/benchmark.py e2e --compile covers it
 
 
 def recipe(foreach=False):
-    return argparse.Namespace(optimizer="sfadamw", lr=0.01, betas=(0.9, 0.99), eps=1e-8, wd=0.05, warmup_steps=2,
-                              sf_r=0.75, weight_lr_power=2.0, sf_moment_dtype="bfloat16", sf_foreach=foreach,
-                              accum_steps=1, precision="fp32", label_smoothing=0.1)
+    return argparse.Namespace(optimizer=layout.SFADAMW_ALGOPERF, lr=0.01, betas=(0.9, 0.99), eps=1e-8, wd=0.05,
+                              warmup_steps=2, sf_r=0.75, weight_lr_power=2.0, sf_moment_dtype="bfloat16",
+                              sf_foreach=foreach, accum_steps=1, precision="fp32", label_smoothing=0.1)
 
 
 def test_compiled_pretraining_step_follows_the_eager_one():

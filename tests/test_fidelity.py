@@ -134,13 +134,14 @@ def test_cached_training_features_follow_the_fixed_order(tmp_path):
 def test_pretraining_leaves_tf32_matmuls_at_pytorchs_default_unless_asked():
     """AlgoPerf sets only cudnn.benchmark: fp32 matrix products stay full fp32 unless --tf32."""
     import main_pretrain as pretrain
+    from util.run import configure_cuda_numerics
     saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.benchmark,
              torch.backends.cudnn.deterministic, torch.backends.cudnn.allow_tf32)
     try:
         torch.backends.cuda.matmul.allow_tf32 = False
         for argv, tf32 in (([], False), (["--tf32"], True)):
             args = pretrain.get_args_parser().parse_args(argv)
-            pretrain.configure_cuda_numerics(args)
+            configure_cuda_numerics(torch.device("cuda"), args.cuda_deterministic, args.tf32)  # what a GPU run sets
             assert torch.backends.cuda.matmul.allow_tf32 is tf32 and torch.backends.cudnn.benchmark is True
             assert torch.backends.cudnn.allow_tf32 == saved[3]  # cuDNN's TF32 left at PyTorch's default
     finally:

@@ -14,6 +14,7 @@ import yaml
 
 import engine_pretrain
 import main_pretrain as pretrain
+from arguments import pretrain as pretrain_flags
 from helpers import ROOT, make_imagenet, run_script
 from models import build_backbone
 from models.init import algoperf_init
@@ -288,14 +289,14 @@ def test_recipe_defaults_and_batch_resolution():
          450000, [80000, 100000, 200000])
     assert args.output_dir.endswith(os.path.join("checkpoints", "supervised_pretrain", "resnet50_sfadamw"))
     assert (args.precision, args.init, args.optimizer, args.sf_moment_dtype) == \
-        ("fp32", "algoperf", "sfadamw", "bfloat16")
+        ("fp32", "algoperf", "sfadamw_algoperf", "bfloat16")
     # the same global batch and BatchNorm batch (AlgoPerf: 128 per device) at 1, 2, 4 and 8 processes
     for world, accum in ((1, 8), (2, 4), (4, 2), (8, 1)):
         args.batch_size = args.accum_steps = None
         pretrain.resolve_batch(args, world)
         assert (args.batch_size, args.accum_steps) == (128, accum)
         assert args.batch_size * world * args.accum_steps == 1024
-    assert [pretrain.default_seed(i) for i in range(6)] == [2, 550, 23, 477, 8529, 10005]
+    assert [pretrain_flags.default_seed(i) for i in range(6)] == [2, 550, 23, 477, 8529, 10005]
 
     sgd = pretrain.get_args_parser().parse_args(["--optimizer", "sgd", "--global_batch", "256"])
     pretrain.check_args(sgd)

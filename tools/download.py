@@ -31,7 +31,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_URL = ("https://dl.fbaipublicfiles.com/richreps-timecat/"
                "ckpt_resnet50_sfadamw_imagenet1k_supervised.tar.gz")
 TAG_FILE = os.path.join(REPO, layout.TAG_FILE)
-ARCH_DIR = layout.run_dir_name("resnet50", "sfadamw")
+ARCH_DIR = layout.run_dir_name("resnet50", layout.SFADAMW_ALGOPERF)
 UNRECOGNIZED_DIR = "unrecognized_from_archive"
 # Optional top folders of the archive: the release's own name, the original script's rename, the README's.
 TOP_FOLDERS = {"ckpt_resnet50_sfadamw_imagenet1k_supervised", "resnet50_sfadamw_imagenet1k_supervised", ARCH_DIR}

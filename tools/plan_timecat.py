@@ -101,7 +101,8 @@ def checkpoint_path(args, run, steps, runs):
     """The milestone folder of `steps`, or checkpoints_stepfull for a baseline that is the run's last step
     (the released layout)."""
     final = steps == max(runs[run]) and steps == args.baseline_steps
-    output_dir = args.output_dir or os.path.join(layout.CHECKPOINT_ROOT, layout.run_dir_name(args.arch, "sfadamw"))
+    released = layout.run_dir_name(args.arch, layout.SFADAMW_ALGOPERF)
+    output_dir = args.output_dir or os.path.join(layout.CHECKPOINT_ROOT, released)
     return layout.checkpoint_path(output_dir, steps, run, final)
 
 

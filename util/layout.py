@@ -43,9 +43,18 @@ def probe_epoch_checkpoint(epoch):
     return f"checkpoint_epoch{epoch}.pth.tar"
 
 
+# The optimizer names of both scripts. Two schedule-free AdamW updates that give different trajectories
+# (util/sfadamw.py says how), each named for what it is; `--optimizer sfadamw` of the original command lines means
+# the first in pretraining and the second in the probe (arguments/{pretrain,linear_probe}.py map it).
+SFADAMW_ALGOPERF = "sfadamw_algoperf"  # AlgoPerf's submission, util/sfadamw.py (the released checkpoints)
+SCHEDULEFREE_ADAMW = "schedulefree_adamw"  # the `schedulefree` package's AdamWScheduleFree
+# A recipe's checkpoint folder keeps the optimizer spelling it was first written with (resnet50_sfadamw).
+OPTIMIZER_FOLDER_NAMES = {SFADAMW_ALGOPERF: "sfadamw", SCHEDULEFREE_ADAMW: "sfadamw_package"}
+
+
 def run_dir_name(arch, optimizer):
-    """The folder of one recipe's runs under CHECKPOINT_ROOT: resnet50_sfadamw."""
-    return f"{arch}_{optimizer}"
+    """The folder of one recipe's runs under CHECKPOINT_ROOT: resnet50_sfadamw (optimizer: its canonical name)."""
+    return f"{arch}_{OPTIMIZER_FOLDER_NAMES.get(optimizer, optimizer)}"
 
 
 def step_label(steps):

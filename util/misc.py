@@ -6,6 +6,7 @@ import fcntl
 import os
 import random
 import subprocess
+import time
 
 
 def lock_file(file, wait=False):
@@ -51,19 +52,39 @@ def git_revision():
 
 
 class AverageMeter:
-    """Running sum and count of a scalar (weighted by batch size)."""
+    """Running sum and count of a scalar (weighted by batch size). A value may be a device tensor: it is then summed
+    on the device, without a host synchronisation per update (total: the starting sum, e.g. a zero tensor)."""
 
-    def __init__(self):
-        self.sum, self.count, self.val = 0.0, 0, 0.0
+    def __init__(self, total=0.0, count=0):
+        self.sum, self.count, self.val = total, count, 0.0
 
     def update(self, val, n=1):
-        self.val = float(val)
-        self.sum += float(val) * n
+        self.val = val if hasattr(val, "device") else float(val)
+        self.sum += self.val if n == 1 else self.val * n
         self.count += n
 
     @property
     def avg(self):
         return self.sum / max(self.count, 1)
+
+
+class Meters:
+    """The meters of one stretch of a training loop and its start time (MAE's MetricLogger): the probe's epoch
+    (engine.EpochMeters), pretraining's steps since the last log line and since the last evaluation
+    (engine_pretrain). meters: name -> AverageMeter, each readable as an attribute."""
+
+    def __init__(self, **meters):
+        self.start = time.time()
+        self.meters = meters
+
+    def __getattr__(self, name):
+        try:
+            return self.__dict__["meters"][name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def seconds(self):
+        return time.time() - self.start
 
 
 def requeue_slurm_job(logger):

@@ -37,6 +37,13 @@ HOURS = {("cifar10", "cat"): 5, ("cifar10", "single"): 6, ("cifar100", "cat"): 5
          ("inaturalist18", "cat"): 5, ("inaturalist18", "single"): 12}
 
 
+def reference_batch(data_name):
+    """The global batch of the reference's probe on data_name (the probe's default --batch_size, split over the
+    processes): its sweep's (GLOBAL_BATCH); the CIFAR subsets take CIFAR's, any other dataset ImageNet's."""
+    family = "cifar10" if data_name.startswith("cifar") else "imagenet1k"
+    return GLOBAL_BATCH.get(data_name, GLOBAL_BATCH[family])
+
+
 @dataclass(frozen=True)
 class ProbeTask:
     """One slurm array task of a sweep."""
