@@ -14,7 +14,7 @@ two runs from writing the same one. The backbones missing for one split are extr
 each concatenation loaded (its entries in order, for tools/analyze_features.py).
 
 The per-concatenation entries written before (key version 1) are never read: they are other folders, and can
-be deleted (tools/analyze_features.py --stale lists them).
+be deleted (`python tools/analyze_features.py CACHE_DIR --stale` lists them).
 """
 import hashlib
 import json
@@ -369,16 +369,38 @@ def _finish(directory, key):
     write_json_atomic({"key": key, "files": files}, os.path.join(directory, "manifest.json"))
 
 
+class Concatenation:
+    """Per-backbone N x D_b feature tensors read as their N x sum(D_b) concatenation, lazily: indexing rows (a
+    slice, or a tensor or array of positions) gathers those rows of each part and concatenates them, the same
+    bits as one concatenated array; nothing else of the memory maps is read (as the per-concatenation cache's
+    one memory map was read)."""
+
+    def __init__(self, parts):
+        self.parts = parts
+        self.shape = torch.Size([len(parts[0]), sum(p.shape[1] for p in parts)])
+        self.dtype, self.device = parts[0].dtype, parts[0].device
+
+    def __len__(self):
+        return self.shape[0]
+
+    def __getitem__(self, rows):
+        rows = torch.from_numpy(rows) if isinstance(rows, np.ndarray) else rows
+        return torch.cat([part[rows] for part in self.parts], dim=1)
+
+    def materialize(self, device):
+        """The whole concatenation as one tensor on `device`, built column block by column block (the peak
+        memory there is the result plus one part)."""
+        out = torch.empty(self.shape, dtype=self.dtype, device=device)
+        column = 0
+        for part in self.parts:
+            out[:, column:column + part.shape[1]].copy_(part)
+            column += part.shape[1]
+        return out
+
+
 def assemble(parts, device=None):
-    """The concatenation of per-backbone features (N x sum D_b), built on `device` (default: where the parts
-    are) column block by column block, so the peak memory is the result plus one part; one part is returned
-    as it is (a memory map stays on disk)."""
-    if len(parts) == 1 and (device is None or parts[0].device == torch.device(device)):
-        return parts[0]
-    out = torch.empty(len(parts[0]), sum(p.shape[1] for p in parts), dtype=parts[0].dtype,
-                      device=device or parts[0].device)
-    column = 0
-    for part in parts:
-        out[:, column:column + part.shape[1]].copy_(part)
-        column += part.shape[1]
-    return out
+    """The concatenation of per-backbone features (N x sum D_b) in the given order: on a GPU `device` one tensor
+    there; else one part as it is (its memory map), several as a lazy Concatenation of their memory maps."""
+    if device is not None and torch.device(device).type == "cuda":
+        return Concatenation(parts).materialize(device)
+    return parts[0] if len(parts) == 1 else Concatenation(parts)

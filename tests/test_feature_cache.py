@@ -52,6 +52,11 @@ def forward(encoder, dataset, precision):
     return np.concatenate(rows)
 
 
+def rows_of(parts):
+    """Every row of the assembled concatenation, gathered as the cached batches gather theirs."""
+    return assemble(parts)[torch.arange(len(parts[0]))].numpy()
+
+
 def cache(tmp_path, precision="fp32", should_stop=None):
     return FeatureCache(str(tmp_path / "cache"), inputs(precision), DistInfo(), LOG, False, should_stop)
 
@@ -65,14 +70,14 @@ def test_concatenations_share_entries_and_equal_the_forward_bit_for_bit(world, t
     encoder, members = backbones(world, "ab")
     parts, labels = first.load(members, world["data"], "test", -1)
     assert [c for _, c, _, _ in first.extracted] == [world["ckpts"]["a"], world["ckpts"]["b"]]
-    assert np.array_equal(assemble(parts).numpy(), forward(encoder, world["data"], precision))
+    assert np.array_equal(rows_of(parts), forward(encoder, world["data"], precision))
     assert torch.equal(labels, world["data"].tensors[1])
 
     second = cache(tmp_path, precision)
     for names in ("ac", "ca"):
         encoder, members = backbones(world, names)
         parts, _ = second.load(members, world["data"], "test", -1)
-        assert np.array_equal(assemble(parts).numpy(), forward(encoder, world["data"], precision))
+        assert np.array_equal(rows_of(parts), forward(encoder, world["data"], precision))
     assert second.extracted == [("resnet18", world["ckpts"]["c"], "test", -1)]  # a and c: reused
     assert len(first.extracted) + len(second.extracted) == 3  # 3 backbones, 3 concatenations: 3 extractions
 
@@ -92,7 +97,7 @@ def test_a_changed_checkpoint_invalidates_only_its_backbone(world, tmp_path):
     encoder, members = backbones(mine, "ab")
     parts, _ = retrained.load(members, world["data"], "train", -1)
     assert retrained.extracted == [("resnet18", ckpts["a"], "train", -1)]
-    assert np.array_equal(assemble(parts).numpy(), forward(encoder, world["data"], "fp32"))
+    assert np.array_equal(rows_of(parts), forward(encoder, world["data"], "fp32"))
 
 
 def test_a_stopped_extraction_resumes_backbone_by_backbone(world, tmp_path, monkeypatch, caplog):
@@ -115,10 +120,14 @@ def test_a_stopped_extraction_resumes_backbone_by_backbone(world, tmp_path, monk
     assert caplog.text.count("resuming resnet18 at chunk 3 of 5") == 2
     assert "for 3 of 3 backbone(s), in one pass" in caplog.text
     assert len(resumed.extracted) == 3
-    assert np.array_equal(assemble(parts).numpy(), forward(encoder, world["data"], "fp32"))
+    assert np.array_equal(rows_of(parts), forward(encoder, world["data"], "fp32"))
 
 
-def test_assemble_builds_the_concatenation_on_the_asked_device():
-    parts = [torch.arange(6, dtype=torch.float16).reshape(3, 2), torch.ones(3, 1, dtype=torch.float16)]
-    assert torch.equal(assemble(parts), torch.cat(parts, 1))
+def test_a_concatenation_reads_the_rows_asked_for():
+    parts = [torch.arange(8, dtype=torch.float16).reshape(4, 2), torch.ones(4, 1, dtype=torch.float16)]
+    whole = torch.cat(parts, 1)
+    lazy = assemble(parts)
+    assert lazy.shape == whole.shape and len(lazy) == 4 and lazy.dtype == torch.float16
+    assert torch.equal(lazy[1:3], whole[1:3]) and torch.equal(lazy[np.array([3, 0])], whole[[3, 0]])
+    assert torch.equal(lazy.materialize("cpu"), whole)
     assert assemble(parts[:1]) is parts[0]  # one backbone: its memory map, not a copy

@@ -122,8 +122,9 @@ def archs_of(key):
 
 
 def describe(key):
+    names = [os.path.basename(c["path"] if isinstance(c, dict) else str(c)) for c in key.get("checkpoints", [])]
     return f"{key.get('data_name')} {key.get('split')} view {key.get('view')}, {len(archs_of(key))} x " \
-           f"{'/'.join(sorted(set(archs_of(key))))}"
+           f"{'/'.join(sorted(set(archs_of(key))))}{': ' + ' '.join(names) if names else ''}"
 
 
 def choose_entry(path, split):
