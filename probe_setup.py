@@ -22,7 +22,7 @@ from datasets import (
 from datasets.eval_sets import build_eval_set, restrict_logits
 from datasets.transforms import build_transform, crop_size, pipeline_of
 from engine import CachedBatches, Classifier, EncodedBatches, ImageBatches, ShardSampler, compile_module, evaluate
-from feature_cache import load_or_build
+from feature_cache import Backbone, FeatureCache, assemble, cache_inputs
 from models import ConcatEncoder
 from models.heads import build_heads
 from timecat import backbones_recipe
@@ -193,16 +193,18 @@ def build_sources(args, dist_info, data, model, logger, stop):
             sources = [EncodedBatches(lo, model.encoder, device, args.precision) for lo in loaders]
         return Sources(*sources, len(data.test_set), len(data.val_positions), None)
 
-    def cached(dataset, split, view):  # computed once by feature_cache, then reused by every later run
-        return load_or_build(model.encoder, dataset, args.feature_cache, args, dist_info, split, view, logger,
-                             use_progress_bar(dist_info.is_main), stop)
-
-    plain_features, plain_labels = cached(data.train_plain, "train", -1)
-    test_features, test_labels = cached(data.test_set, "test", -1)
-    views = [plain_features]
+    # one entry per backbone, computed once by feature_cache, then reused by every later run and concatenation
+    inputs = cache_inputs(args, backbones_recipe(args.data_name, args.arch, args.allow_mixed_transforms))
+    cache = FeatureCache(args.feature_cache, inputs, dist_info, logger, use_progress_bar(dist_info.is_main), stop)
+    nets = getattr(model.encoder, "_orig_mod", model.encoder).backbones  # under --compile: each one compiled
+    backbones = [Backbone(arch, path, compile_module(net, device) if args.compile else net, net.out_dim)
+                 for arch, path, net in zip(args.arch, args.pretrained, nets)]
+    plain_parts, plain_labels = cache.load(backbones, data.train_plain, "train", -1)
+    test_parts, test_labels = cache.load(backbones, data.test_set, "test", -1)
+    views = [plain_parts]
     if args.cache_views:
-        views = [cached(data.train_aug, "train", k)[0] for k in range(args.cache_views)]
-    views, plain_features, test_features = place_features(views, plain_features, test_features, device, logger)
+        views = [cache.load(backbones, data.train_aug, "train", k)[0] for k in range(args.cache_views)]
+    views, plain_features, test_features = place_features(views, plain_parts, test_parts, device, logger)
     val_rows = torch.tensor(data.val_positions, dtype=torch.long)
     train = CachedBatches(views, plain_labels, data.train_sampler, args.batch_size, device, data.drop_last,
                           data.generator)
@@ -214,16 +216,18 @@ def build_sources(args, dist_info, data, model, logger, stop):
 
 
 def place_features(views, plain, test, device, logger):
-    """Cached features go to the GPU when they fit in half its free memory; else they stay memory-mapped."""
-    if device.type != "cuda":
-        return views, plain, test
-    unique = {id(t): t for t in views + [plain, test]}
-    needed = sum(t.numel() * t.element_size() for t in unique.values())
-    if needed > 0.5 * torch.cuda.mem_get_info(device)[0]:
-        logger.info(f"feature cache: {needed / 1e9:.1f} GB stay in host memory (too large for the GPU)")
-        return views, plain, test
-    moved = {key: t.to(device) for key, t in unique.items()}
-    return [moved[id(v)] for v in views], moved[id(plain)], moved[id(test)]
+    """The concatenations of the cached per-backbone features (lists of parts): one tensor on the GPU when they
+    fit in half its free memory; else read from the memory-mapped entries as batches need their rows."""
+    unique = {id(parts): parts for parts in views + [plain, test]}
+    target = None
+    if device.type == "cuda":
+        needed = sum(p.numel() * p.element_size() for parts in unique.values() for p in parts)
+        if needed <= 0.5 * torch.cuda.mem_get_info(device)[0]:
+            target = device
+        else:
+            logger.info(f"feature cache: {needed / 1e9:.1f} GB stay in host memory (too large for the GPU)")
+    placed = {key: assemble(parts, target) for key, parts in unique.items()}
+    return [placed[id(v)] for v in views], placed[id(plain)], placed[id(test)]
 
 
 # ---------------------------------------------------------------- evaluation-only sets (--eval_datasets)

@@ -232,7 +232,8 @@ def add_data_args(g):
 
 def add_speed_args(g):
     g.add_argument("--feature_cache", default=None, help="folder of cached backbone features: computed once "
-                   "with the test transform, reused by every later run with the same backbones and data "
+                   "per backbone with the test transform, reused by every later run (and concatenation) with that "
+                   "backbone and data "
                    "(recommended for sweeps; reference: off, features recomputed every epoch)")
     g.add_argument("--cache_views", type=int, default=0, help="with --feature_cache: also cache K augmented "
                    "views of the training set and train on a random one per sample (0: test-transform features)")

@@ -251,6 +251,8 @@ def test_analyze_features_streams_a_cache_entry(tmp_path, capsys):
     share = report["weight_share"][f"{tmp_path / 'best.pth.tar'}:head.linear.weight"]["share"]
     assert share == pytest.approx([0.75, 0.25], abs=1e-6)
     assert (tmp_path / "out" / "cka.png").stat().st_size > 0
+    run_tool(tmp_path / "cache", "--stale")  # entries of the per-concatenation cache of before issue 22
+    assert capsys.readouterr().out.split() == [str(tmp_path / "cache" / "aaa"), str(tmp_path / "cache" / "bbb")]
 
 
 def test_analyze_features_user_errors(tmp_path):
@@ -280,6 +282,8 @@ def test_analyze_features_on_a_real_probe_cache(tmp_path, capsys):
     run_tool(tmp_path / "cache", "--knn", "20", "--out", tmp_path / "out", "--device", "cpu",
              "--head", tmp_path / "run" / "checkpoint.pth.tar", tmp_path / "run" / "wd1e-4_lr0.01" / "best.pth.tar")
     assert "kNN Acc@1" in capsys.readouterr().out
+    run_tool(tmp_path / "cache", "--stale")
+    assert capsys.readouterr().out.startswith("no per-concatenation entries")
     with open(tmp_path / "out" / "analysis.json") as f:
         report = json.load(f)
     assert report["rows"] == 30 and report["dims"] == [512, 512] and report["knn"]["count"] == 30

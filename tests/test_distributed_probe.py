@@ -113,3 +113,20 @@ def test_sigterm_to_the_process_group_with_workers_stops_cleanly(world, tmp_path
     assert again.returncode == 0, again.stderr[-2000:]
     log = (dump / "train.log").read_text()
     assert "Resumed from" in log and "Top-1 test accuracy:" in log
+
+
+def test_two_processes_write_the_one_process_cache(world, tmp_path):
+    """Each rank writes its shard's rows of every backbone's entry (both backbones in one pass, chunk by chunk):
+    the entries of a 2-process extraction equal a 1-process one's, byte for byte (the same batch per process)."""
+    common = ["--workers", "0", "--epochs", "1", "--batch_size", "16", "--precision", "fp32"]
+    env = dict(RUN_ENV, TIMECAT_CACHE_CHUNK="2")
+    one = run_script(argv(world, tmp_path / "one", *common, "--feature_cache", str(tmp_path / "c1")), env=env)
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = run_script(torchrun(*argv(world, tmp_path / "two", *common, "--feature_cache", str(tmp_path / "c2"))),
+                     env=env)
+    assert two.returncode == 0, two.stderr[-2000:]
+    entries = sorted(d.name for d in (tmp_path / "c1").iterdir() if d.is_dir())
+    assert len(entries) == 4 and entries == sorted(d.name for d in (tmp_path / "c2").iterdir() if d.is_dir())
+    for entry in entries:
+        for name in ("features.npy", "labels.npy"):
+            assert (tmp_path / "c1" / entry / name).read_bytes() == (tmp_path / "c2" / entry / name).read_bytes()

@@ -49,10 +49,10 @@ def test_cache_is_built_once_reused_and_invalidated(world, tmp_path):
     cache = tmp_path / "cache"
     first = run_probe(world, tmp_path / "r1", "--epochs", "2", "--feature_cache", str(cache))
     assert first.count("feature cache: computing") == 2  # train and test
-    entries = sorted(os.listdir(cache))
-    assert len(entries) == 2 and all(os.path.isfile(cache / e / "manifest.json") for e in entries)
+    entries = entry_folders(cache)  # one per backbone and split
+    assert len(entries) == 4 and all(os.path.isfile(cache / e / "manifest.json") for e in entries)
     feats = np.load(cache / entries[0] / "features.npy")
-    assert feats.dtype == np.float16 and feats.shape[1] == 1024
+    assert feats.dtype == np.float16 and feats.shape[1] == 512
 
     second = run_probe(world, tmp_path / "r2", "--epochs", "2", "--feature_cache", str(cache))
     assert second.count("feature cache: reusing") == 2 and "computing" not in second
@@ -76,6 +76,24 @@ def test_cache_is_built_once_reused_and_invalidated(world, tmp_path):
                                                str(cache))
 
 
+def entry_folders(cache):
+    return sorted(e for e in os.listdir(cache) if os.path.isdir(cache / e))
+
+
+def test_concatenations_share_their_backbones_entries(world, tmp_path):
+    """cat2 {a, b} then {a, c}: the second probe extracts c only (train and test), in its one pass per split."""
+    cache = tmp_path / "cache"
+    run_probe(world, tmp_path / "r1", "--epochs", "1", "--feature_cache", str(cache))
+    c = str(tmp_path / "c.pth")
+    make_checkpoint(c, "resnet18", "raw", seed=5)
+    probe.main(probe.get_args_parser().parse_args([
+        "--arch", "resnet18", "--pretrained", world["ckpts"][0], c, "--data_path", world["data"], "--dump_path",
+        str(tmp_path / "r2"), *TINY, "--epochs", "1", "--feature_cache", str(cache)]))
+    log = open(tmp_path / "r2" / "train.log").read()
+    assert log.count("feature cache: extracting") == 2 and log.count("extracting resnet18 c.pth") == 2
+    assert log.count("for 1 of 2 backbone(s)") == 2 and len(entry_folders(cache)) == 6
+
+
 def test_a_changed_checkpoint_invalidates_the_cache(world, tmp_path):
     cache = tmp_path / "cache"
     ckpts = [str(tmp_path / "a.pth"), world["ckpts"][1]]
@@ -85,7 +103,8 @@ def test_a_changed_checkpoint_invalidates_the_cache(world, tmp_path):
     probe.main(probe.get_args_parser().parse_args(args + ["--dump_path", str(tmp_path / "r1")]))
     make_checkpoint(ckpts[0], "resnet18", "raw", seed=9)  # retrained in place
     probe.main(probe.get_args_parser().parse_args(args + ["--dump_path", str(tmp_path / "r2")]))
-    assert open(tmp_path / "r2" / "train.log").read().count("feature cache: computing") == 2
+    log = open(tmp_path / "r2" / "train.log").read()
+    assert log.count("feature cache: computing") == 2 and log.count("for 1 of 2 backbone(s)") == 2  # a only
 
 
 def test_full_disk_during_caching_stops_cleanly(world, tmp_path, monkeypatch, capsys):
@@ -181,7 +200,7 @@ def test_bf16_features_keep_top1_within_a_point(tmp_path):
     head.load_state_dict({key.split(".", 1)[1]: value for key, value in saved.items()})
     head.eval()
     accuracy = {}
-    for entry in os.listdir(cache):
+    for entry in entry_folders(cache):
         key = json.load(open(cache / entry / "manifest.json"))["key"]
         if key["split"] == "test":
             features = torch.from_numpy(np.load(cache / entry / "features.npy")).float()

@@ -109,7 +109,7 @@ def test_inat_data_rate_is_refused_in_one_line(tmp_path):
 def test_cached_training_features_follow_the_fixed_order(tmp_path):
     """The feature cache's training entry holds the images in the probe's (fixed) order: its labels equal the
     generated set's labels read through the order file; a full-CIFAR key differs from the raw-order key of old."""
-    from feature_cache import entry_key
+    from feature_cache import cache_inputs, entry_key
     from helpers import make_checkpoint, make_cifar
     data, cache = str(tmp_path / "data"), tmp_path / "cache"
     make_cifar(data, "cifar10", n_train=60, n_test=20)
@@ -126,7 +126,8 @@ def test_cached_training_features_follow_the_fixed_order(tmp_path):
     args = probe.get_args_parser().parse_args(argv)
     check_probe_args(args)
     args.precision = "fp32"
-    assert entry_key(args, "train", -1, 60)["subset"]["order"] == "cifar_subset_order"
+    key = entry_key(cache_inputs(args), args.arch[0], args.pretrained[0], "train", -1, 60)
+    assert key["subset"]["order"] == "cifar_subset_order"
     assert os.path.isdir(cache)
 
 

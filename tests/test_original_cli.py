@@ -132,7 +132,7 @@ def test_fail_fast_errors_are_one_line(tmp_path, capsys):
 
 
 def test_feature_cache_key_holds_the_training_subset(tmp_path):
-    from feature_cache import entry_key
+    from feature_cache import cache_inputs, entry_key
     ckpt = tmp_path / "x.pth"
     ckpt.write_bytes(b"placeholder")
     keys = []
@@ -140,7 +140,7 @@ def test_feature_cache_key_holds_the_training_subset(tmp_path):
         args = probe.get_args_parser().parse_args(["--arch", "resnet50", "--pretrained", str(ckpt), "--data_rate",
                                                    "0.5", "--seed", seed])
         check_probe_args(args)
-        keys.append(entry_key(args, "train", -1, 100))
+        keys.append(entry_key(cache_inputs(args), args.arch[0], args.pretrained[0], "train", -1, 100))
     assert keys[0] != keys[1]
 
 

@@ -1,9 +1,11 @@
 """Why does concatenation help? Look at the cached features of a concatenated encoder.
 
-    python tools/analyze_features.py CACHE_DIR                       # the test-split entry of a --feature_cache
-    python tools/analyze_features.py CACHE_DIR/<entry> --head RUN/best.pth.tar --knn 20
+    python tools/analyze_features.py CACHE_DIR                       # the test-split concatenation of a --feature_cache
+    python tools/analyze_features.py CACHE_DIR/cat-<hash>.json --head RUN/best.pth.tar --knn 20
 
-For the backbones of one feature-cache entry (main_linear_probe.py --feature_cache) it reports:
+For the backbones of one concatenation in a feature cache (main_linear_probe.py --feature_cache: one entry per
+backbone, and a cat-<hash>.json record of each concatenation a probe loaded, its entries in order; an entry folder
+of the per-concatenation cache of before issue 22 is read too) it reports:
 - linear CKA between every pair of backbones (table and heat map PNG): 1 = the same features up to a rotation and
   scale, near 0 = unrelated features;
 - the effective rank (participation ratio of the covariance eigenvalues, (sum l)^2 / sum l^2) of each
@@ -12,6 +14,7 @@ For the backbones of one feature-cache entry (main_linear_probe.py --feature_cac
   the reference's feature_importance, and the same normalised);
 - with --knn K, the k-nearest-neighbour accuracy (cosine similarity, DINO's exp(sim/T) votes) of the test
   entry against the training entry of the same configuration in the same cache.
+--stale lists the entry folders of the per-concatenation cache of before (never read by the probe: delete them).
 
 Rows are streamed in --chunk row blocks from the memory-mapped fp16 files: memory is bounded by the D x D
 statistics, 12 D^2 bytes (1.26 GB for cat5 ResNet50s, D = 10,240), plus one chunk of rows (4 x chunk x D bytes);
@@ -51,24 +54,83 @@ def read_entry(directory):
         np.load(os.path.join(directory, "labels.npy"))
 
 
+class ConcatRows:
+    """The concatenation of per-backbone N x D_b memory maps, read row block by row block (never whole)."""
+
+    def __init__(self, parts):
+        self.parts = parts
+        self.shape = (len(parts[0]), sum(p.shape[1] for p in parts))
+
+    def __len__(self):
+        return self.shape[0]
+
+    def __getitem__(self, rows):
+        import numpy as np
+        return np.concatenate([p[rows] for p in self.parts], axis=1)
+
+
+def read_concatenation(path):
+    """(key, features, labels) of a cat-<hash>.json record whose entries are all complete, or None. The key: the
+    record's (archs, checkpoints, dims, split, view) and its first entry's data fields."""
+    try:
+        with open(path) as f:
+            record = json.load(f)
+        root = os.path.dirname(os.path.abspath(path))
+        entries = [read_entry(os.path.join(root, name)) for name in record["entries"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if not entries or any(e is None for e in entries):
+        return None
+    first = entries[0][0]
+    key = {**{f: first.get(f) for f in ("data_name", "data_path", "data_rate", "length", "seed", "subset",
+                                        "tf_name", "img_size", "precision")},
+           **{f: record[f] for f in ("version", "split", "view", "arch", "checkpoints", "dims")}}
+    return key, ConcatRows([e[1] for e in entries]), entries[0][2]
+
+
+def read_any(path):
+    """A concatenation record, or an entry folder (one backbone; or a whole concatenation of before)."""
+    return read_concatenation(path) if path.endswith(".json") else read_entry(path)
+
+
 def entries_in(root):
-    """{entry folder: key} of every complete entry directly below a cache root."""
+    """{path: key} of every concatenation record, and of every complete entry of before issue 22 (one per
+    concatenation), directly below a cache root."""
     found = {}
     for name in sorted(os.listdir(root)):
-        entry = read_entry(os.path.join(root, name)) if os.path.isdir(os.path.join(root, name)) else None
+        path = os.path.join(root, name)
+        entry = None
+        if name.startswith("cat-") and name.endswith(".json"):
+            entry = read_concatenation(path)
+        elif os.path.isdir(path):
+            entry = read_entry(path)
+            entry = entry if entry is not None and entry[0].get("version") == 1 else None
         if entry is not None:
-            found[os.path.join(root, name)] = entry[0]
+            found[path] = entry[0]
     return found
 
 
+def stale_entries(root):
+    """The entry folders of the per-concatenation cache of before issue 22 (key version 1) below a cache root."""
+    return [d for d in sorted(os.listdir(root)) if os.path.isdir(os.path.join(root, d))
+            and (read_entry(os.path.join(root, d)) or ({},))[0].get("version") == 1]
+
+
+def archs_of(key):
+    arch = key.get("arch", [])
+    return [arch] if isinstance(arch, str) else arch  # a per-backbone entry's key holds one
+
+
 def describe(key):
-    return f"{key.get('data_name')} {key.get('split')} view {key.get('view')}, {len(key.get('arch', []))} x " \
-           f"{'/'.join(sorted(set(key.get('arch', []))))}"
+    names = [os.path.basename(c["path"] if isinstance(c, dict) else str(c)) for c in key.get("checkpoints", [])]
+    return f"{key.get('data_name')} {key.get('split')} view {key.get('view')}, {len(archs_of(key))} x " \
+           f"{'/'.join(sorted(set(archs_of(key))))}{': ' + ' '.join(names) if names else ''}"
 
 
 def choose_entry(path, split):
-    """The entry folder to analyse: `path` itself, or the one plain entry of `split` below a cache root."""
-    if read_entry(path) is not None:
+    """What to analyse: `path` itself (a concatenation record or an entry folder), or the one plain
+    concatenation of `split` below a cache root."""
+    if read_any(path) is not None:
         return path
     if not os.path.isdir(path):
         raise UserError(f"{path} is neither a feature-cache entry nor a cache folder")
@@ -78,11 +140,13 @@ def choose_entry(path, split):
     if not plain:
         raise UserError(f"no complete {split} entry in {path}: run main_linear_probe.py with --feature_cache {path}")
     listing = "; ".join(f"{os.path.basename(d)} ({describe(k)})" for d, k in plain.items())
-    raise UserError(f"{len(plain)} {split} entries in {path} ({listing}): pass the entry folder itself")
+    raise UserError(f"{len(plain)} {split} concatenations in {path} ({listing}): pass the one to analyse "
+                    f"(its cat-<hash>.json record, or an entry folder)")
 
 
 def sibling_entry(directory, key, split):
-    """The plain entry of `split` with the same backbones, data and transform, in the same cache."""
+    """The plain concatenation (or entry) of `split` with the same backbones, data and transform, in the same
+    cache."""
     same = lambda other: all(other.get(f) == key.get(f) for f in set(key) | set(other) if f not in SPLIT_KEYS)
     for other_dir, other in entries_in(os.path.dirname(os.path.abspath(directory))).items():
         if other.get("split") == split and other.get("view") == -1 and same(other):
@@ -91,19 +155,22 @@ def sibling_entry(directory, key, split):
                     f"{os.path.dirname(os.path.abspath(directory))}: run the probe with --feature_cache there first")
 
 
-def entry_dims(directory, key):
-    """Per-backbone widths: the manifest's 'dims' where a cache writer records them, else from the archs."""
+def entry_dims(key, width):
+    """Per-backbone widths: the key's 'dims' where the cache records them, a single backbone's width, else from
+    the archs."""
     from analysis.features import backbone_dims
-    with open(os.path.join(directory, "manifest.json")) as f:
-        dims = json.load(f).get("dims")
-    return dims if isinstance(dims, list) and len(dims) == len(key["arch"]) else backbone_dims(key["arch"])
+    dims, archs = key.get("dims"), archs_of(key)
+    if isinstance(key.get("arch"), str):
+        return [width]
+    return dims if isinstance(dims, list) and len(dims) == len(archs) else backbone_dims(archs)
 
 
 # ---------------------------------------------------------------- reports
 def backbone_names(key):
-    names = [os.path.basename(c["path"]) if isinstance(c, dict) else str(c) for c in key.get("checkpoints", [])]
+    archs = archs_of(key)
+    names = [os.path.basename(c["path"] if isinstance(c, dict) else str(c)) for c in key.get("checkpoints", [])]
     return [f"{i}: {arch} {name}".strip() for i, (arch, name) in
-            enumerate(zip(key["arch"], names + [""] * (len(key["arch"]) - len(names))))]
+            enumerate(zip(archs, names + [""] * (len(archs) - len(names))))]
 
 
 def print_spectrum(spectrum, names):
@@ -172,8 +239,10 @@ def write_heatmap(path, cka, names):
 def get_args_parser():
     p = ArgumentParser("tools/analyze_features.py", description=__doc__,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("features", help="a feature-cache entry folder (with manifest.json), or a --feature_cache "
-                   "folder holding one plain entry of --split")
+    p.add_argument("features", help="a concatenation record (cat-<hash>.json) or entry folder of a feature cache, "
+                   "or a --feature_cache folder holding one plain concatenation of --split")
+    p.add_argument("--stale", action="store_true", help="list the entry folders of the per-concatenation cache of "
+                   "before issue 22 in the FEATURES cache folder (never read by the probe; delete them) and exit")
     p.add_argument("--split", default="test", choices=["test", "train"], help="split analysed when FEATURES is "
                    "a cache folder (default: test, as the probe's reported numbers)")
     p.add_argument("--head", nargs="+", default=[], help="probe checkpoint(s) (best.pth.tar or "
@@ -209,7 +278,7 @@ def knn_report(entry, key, features, labels, args, device):
     from analysis.knn import knn_accuracy, knn_log_line
     train_dir = entry if key.get("split") == "train" else sibling_entry(entry, key, "train")
     test_dir = entry if key.get("split") == "test" else sibling_entry(entry, key, "test")
-    (_, train_f, train_l), (_, test_f, test_l) = read_entry(train_dir), read_entry(test_dir)
+    (_, train_f, train_l), (_, test_f, test_l) = read_any(train_dir), read_any(test_dir)
     result = knn_accuracy((train_f, torch.from_numpy(train_l)), (test_f, torch.from_numpy(test_l)), k=args.knn,
                           temperature=args.temperature, chunk=args.chunk, device=device)
     print("\n" + knn_log_line(result))
@@ -221,19 +290,27 @@ def main(args):
     from util.logs import write_json_atomic, writing
     if args.chunk < 1 or args.knn < 0 or args.temperature <= 0:
         raise UserError("--chunk must be 1 or more, --knn 0 or more, --temperature above 0")
+    if args.stale:
+        if not os.path.isdir(args.features):
+            raise UserError(f"--stale: {args.features} is not a cache folder")
+        stale = stale_entries(args.features)
+        print("\n".join(os.path.join(args.features, d) for d in stale) if stale else
+              f"no per-concatenation entries of before issue 22 in {args.features}")
+        return
     device = resolve_device(args.device)
     entry = choose_entry(args.features, args.split)
-    key, features, labels = read_entry(entry)
-    dims, names = entry_dims(entry, key), backbone_names(key)
+    key, features, labels = read_any(entry)
+    dims, names = entry_dims(key, features.shape[1]), backbone_names(key)
     if features.shape[1] != sum(dims):
-        raise UserError(f"{entry}: {features.shape[1]}-d features, but {key['arch']} give {sum(dims)}")
+        raise UserError(f"{entry}: {features.shape[1]}-d features, but {archs_of(key)} give {sum(dims)}")
     print(f"{entry}: {describe(key)}, {features.shape[0]} rows x {features.shape[1]} dims {dims}")
     spectrum = analyse_chunks(row_chunks(features, args.chunk, labels >= 0), dims, device)
     print_spectrum(spectrum, names)
     shares = {f"{path}:{name}": share for path in args.head for name, share in head_report(path, dims, names).items()}
     knn = knn_report(entry, key, features, labels, args, device) if args.knn else None
 
-    out = args.out or os.path.join(REPO, "results", "analysis", os.path.basename(os.path.normpath(entry)))
+    out = args.out or os.path.join(REPO, "results", "analysis",
+                                   os.path.basename(os.path.normpath(entry)).removesuffix(".json"))
     with writing(out):
         os.makedirs(out, exist_ok=True)
     write_json_atomic({"entry": os.path.abspath(entry), "key": key, "backbones": names, "dims": dims,

@@ -6,6 +6,7 @@ run; every run appends a dated row to its section of docs/benchmarks.md.
     python tools/benchmark.py train --compile  # also torch.compile the optimised path
     python tools/benchmark.py backbone         # frozen-backbone forward: optimised vs fp32 eager, share of matmul peak
     python tools/benchmark.py probe            # complete probes: per-epoch vs cached; K-value sweep: K runs vs one
+    python tools/benchmark.py catn_cache       # cat-n curve of 5 backbones (31 probes): per-backbone cache vs per cat
     python tools/benchmark.py data             # JPEG decode + transforms per core for each decoder; workers 1 -> 2
     python tools/benchmark.py e2e              # JPEG -> pretraining step and JPEG -> extraction vs synthetic batches
     python tools/benchmark.py gpu_decode       # torchvision.io.decode_jpeg on the GPU in batches (nvJPEG)
@@ -309,6 +310,69 @@ def bench_subset_heads(args, work, data_args, arch, size, n_train, n_test):
                f"{one:.1f} ({one_acc:.1f}) | {' | '.join(cells)} |")
 
 
+CATN_CACHE_INTRO = [
+    "The cat-n curve of 5 backbones as 31 separate cached probes (every non-empty subset, cat1 first, 1 epoch each)",
+    "on generated CIFAR-format data, two ways in one run: *per backbone*, the feature cache of issue 22 (one",
+    "folder shared by the 31 probes: each backbone extracted once per split, any concatenation assembled from the",
+    "entries); *per concatenation*, each probe with a cache folder of its own, as the per-concatenation cache of",
+    "before did (each concatenation extracted for itself). *extractions*: backbone entries computed (from the",
+    "`feature cache: extracting` log lines, train and test); *passes*: passes over a split's images.",
+]
+CATN_CACHE_HEADER = ("| date | machine | setup | per backbone: extractions, passes, s "
+                     "| per concatenation: extractions, passes, s | speed-up |")
+
+
+def bench_catn_cache(args):
+    """31 cached probes (the cat-n curve's subsets of 5 backbones) on one shared per-backbone cache against one
+    cache per concatenation; extractions counted from the runs' logs."""
+    import itertools
+    import shutil
+    import tempfile
+
+    import torch
+
+    from datasets.synthetic import make_checkpoint, make_cifar
+    work = tempfile.mkdtemp(prefix="timecat-bench-")
+    n_train, n_test, size = (200, 100, 32) if args.quick else (1000, 500, 64)
+    data = os.path.join(work, "data")
+    make_cifar(data, "cifar10", n_train=n_train, n_test=n_test, noise=120)
+    ckpts = [os.path.join(work, f"backbone{i}.pth") for i in range(5)]
+    for seed, path in enumerate(ckpts):
+        make_checkpoint(path, args.arch, "raw", seed=seed)
+    subsets = [c for k in range(1, 6) for c in itertools.combinations(range(5), k)]
+    common = ["--arch", args.arch, "--data_path", data, "--img_size", str(size), "--batch_size", "64", "--workers",
+              str(args.workers), "--print_freq", "1000", "--epochs", "1", "--precision", "fp32"]
+    # one short untimed run first: the first probe in a process also pays for oneDNN kernel creation
+    timed_probe(common + ["--pretrained", ckpts[0], "--data_rate", "0.1", "--dump_path", os.path.join(work, "w")])
+    load = os.getloadavg()[0]
+    setup = (f"31 probes of 5 {args.arch} {size}px, {n_train} train / {n_test} test, 1 epoch"
+             f"{' (quick)' if args.quick else ''}")
+    print(f"{machine_description()}; torch {torch.__version__}; {setup}; load {load:.1f}")
+    totals = {}
+    for way in ("per backbone", "per concatenation"):
+        seconds = extractions = passes = 0
+        for i, subset in enumerate(subsets):
+            cache = os.path.join(work, "cache" if way == "per backbone" else f"cache{i}")
+            dump = os.path.join(work, f"{way.split()[1]}{i}")
+            seconds += timed_probe(common + ["--pretrained", *[ckpts[j] for j in subset], "--feature_cache", cache,
+                                             "--dump_path", dump])[0]
+            with open(os.path.join(dump, "train.log")) as f:
+                log = f.read()
+            extractions += log.count("feature cache: extracting")
+            passes += log.count("feature cache: computing")
+        totals[way] = (extractions, passes, seconds)
+        print(f"{way}: {extractions} backbone extractions in {passes} passes, {seconds:.1f} s")
+    shutil.rmtree(work, ignore_errors=True)
+    ratio = totals["per concatenation"][2] / totals["per backbone"][2]
+    print(f"-> per-backbone cache {ratio:.2f}x faster over the 31 probes")
+    if not args.no_record:
+        cells = " | ".join(f"{e}, {p}, {s:.1f}" for e, p, s in totals.values())
+        record(args.results, "per-backbone feature cache", CATN_CACHE_INTRO, CATN_CACHE_HEADER,
+               f"| {datetime.date.today().isoformat()} | {machine_description()}, load {load:.1f} | {setup} | "
+               f"{cells} | {ratio:.2f}x |")
+        print(f"recorded in {args.results}")
+
+
 # ---------------------------------------------------------------- command line
 def get_args_parser():
     common = ArgumentParser(add_help=False)  # options every section takes
@@ -343,6 +407,13 @@ def get_args_parser():
     probe.add_argument("--subsets_only", action="store_true", help="only the cost of --subsets all (31 heads) "
                        "against one head, on 5 cached backbones")
     probe.set_defaults(func=bench_probe)
+    catn = sections.add_parser("catn_cache", parents=[common], help="the cat-n curve of 5 backbones as 31 cached "
+                               "probes: one per-backbone cache against a cache per concatenation",
+                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    catn.add_argument("--quick", action="store_true", help="tiny data (200 / 100 images, 32 px)")
+    catn.add_argument("--arch", default="resnet18", help="the 5 generated backbones' architecture")
+    catn.add_argument("--workers", type=int, default=0, help="data-loading processes")
+    catn.set_defaults(func=bench_catn_cache)
     add_pipeline_sections(sections, common)
     return p
 

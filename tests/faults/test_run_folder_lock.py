@@ -1,12 +1,11 @@
 """Fault injection, two runs, one folder (driver: tests/faults/driver.py; docs/reliability.md)."""
-import hashlib
-import json
 import os
 import socket
 import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import main_linear_probe as probe
 import main_pretrain as pretrain
@@ -54,12 +53,13 @@ def hold_lock(path):
 
 
 def test_a_run_waits_for_another_computing_the_same_cache_entry(world, tmp_path):
-    from feature_cache import entry_key
+    from feature_cache import cache_inputs, entry_folder, entry_key
     argv = probe_argv(world, tmp_path / "run", "--epochs", "1", "--feature_cache", str(tmp_path / "cache"))
     args = probe.get_args_parser().parse_args(argv)
     check_probe_args(args)
-    digest = hashlib.sha256(json.dumps(entry_key(args, "train", -1, 200), sort_keys=True).encode())
-    entry = tmp_path / "cache" / digest.hexdigest()[:20]
+    # the first backbone's training entry
+    key = entry_key(cache_inputs(args), args.arch[0], args.pretrained[0], "train", -1, 200)
+    entry = Path(entry_folder(str(tmp_path / "cache"), key))
     entry.mkdir(parents=True)
     holder = hold_lock(entry / ".lock")
 
