@@ -112,7 +112,7 @@ RUN_ONLY_KEYS = ("tag", "tag_file", "classifier", "knn", "data_path", "download"
                  "cuda_deterministic", "dist_timeout", "print_freq", "tensorboard", "wandb", "skip_bad_images",
                  "config", "dist_url", "gpu", "reweight_path", "headpretrained", "richway", "world_size", "rank",
                  "local_rank", "skip_pool", "save_init", "eval_checkpoint", "extra_log_lines",
-                 "checkpoint_root", "allow_mixed_transforms", "decoder", "compile") + SLURM_KEYS
+                 "checkpoint_root", "allow_mixed_transforms", "decoder", "compile", "eval_datasets") + SLURM_KEYS
 
 
 # ---------------------------------------------------------------- arguments

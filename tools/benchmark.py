@@ -294,8 +294,9 @@ def bench_subset_heads(args, work, data_args, arch, size, n_train, n_test):
     timed_probe(common + ["--epochs", "1", "--dump_path", os.path.join(work, "cache5_fill")])  # fills the cache
     load = os.getloadavg()[0]
     one, one_acc = timed_probe(common + ["--dump_path", os.path.join(work, "one_head")])
+    head_log = os.path.join("wd5e-4_lr0.05", layout.PROBE_LOG)  # the sweep's first head's log
     many = {impl: timed_probe(common + ["--subsets", "all", "--head_impl", impl, "--dump_path",
-                                        os.path.join(work, f"all_heads_{impl}")], log_name="wd5e-4_lr0.05/train.log")
+                                        os.path.join(work, f"all_heads_{impl}")], log_name=head_log)
             for impl in ("separate", "fused")}
     setup = (f"cat5 {arch} {size}px cached, {n_train} train / {n_test} test, {epochs} epochs"
              f"{' (quick)' if args.quick else ''}")
@@ -356,7 +357,7 @@ def bench_catn_cache(args):
             dump = os.path.join(work, f"{way.split()[1]}{i}")
             seconds += timed_probe(common + ["--pretrained", *[ckpts[j] for j in subset], "--feature_cache", cache,
                                              "--dump_path", dump])[0]
-            with open(os.path.join(dump, "train.log")) as f:
+            with open(os.path.join(dump, layout.PROBE_LOG)) as f:
                 log = f.read()
             extractions += log.count("feature cache: extracting")
             passes += log.count("feature cache: computing")

@@ -38,7 +38,8 @@ PROBE_FLAGS = {
                     ["cifar10_0perc", "cifar10_101perc", "imagefolder", "mnist"]),
     "--data_path": (["{data}"], ["{missing}"]),
     "--checkpoint_root": (["{missing}", "{data}"], []),  # only read through --tag's checkpoints/... paths
-    "--tf_name": (["eval", "224px", "32px"], ["64px"]),
+    "--tf_name": (["eval", "224px", "32px", "384px", "vit384px"], ["64px"]),
+    "--eval_datasets": (["imagenet_r", "imagenet_v2 imagenet_a"], ["imagenet_c"]),
     "--img_size": (["8", "16"], ["7", "0", "-3", "x"]),
     "--data_rate": (["1", "0.5", "0.05"], BAD_NUMBERS + ["0", "2"]),
     "--val_split": (["0", "0.1", "0.5"], BAD_NUMBERS + ["1"]),
