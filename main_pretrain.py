@@ -15,11 +15,11 @@ Toy CPU run:     python main_pretrain.py --arch resnet18 --img_size 32 --global_
 from arguments.common import apply_device_choice, device_request
 from arguments.pretrain import (
     SCHEDULE_FREE,
-    SGD_EPOCHS,
     PretrainRecipe,
     check_args,
     get_args_parser,
     resolve_batch,
+    resolve_epoch_steps,
 )
 from util.cpu_runtime import configure_cpu_runtime
 
@@ -63,18 +63,6 @@ from util.checkpoint import load_file
 from util.cli import UserError, run_main
 from util.logs import log_startup, truncate_jsonl, use_progress_bar
 from util.run import configure_cuda_numerics, open_run, start_processes
-
-
-def resolve_epoch_steps(args, num_train, logger):
-    """--optimizer sgd without --steps: SGD_EPOCHS epochs of the training set (the tail of each epoch shorter than
-    a global batch is dropped, as the training sampler does)."""
-    args.steps = SGD_EPOCHS * (num_train // args.global_batch)
-    beyond = [s for s in args.save_steps if s > args.steps]
-    if beyond:
-        raise UserError(f"--save_steps {beyond[0]} is beyond the {args.steps} steps of {SGD_EPOCHS} epochs "
-                        f"(milestones must be in 1..steps)")
-    logger.info(f"--optimizer sgd: {SGD_EPOCHS} epochs of {num_train} images at batch {args.global_batch} = "
-                f"{args.steps} steps (the predecessor's recipe; --steps sets another budget)")
 
 
 # ---------------------------------------------------------------- data

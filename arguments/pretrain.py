@@ -333,6 +333,18 @@ def fill_schedule_defaults(args):
         args.save_steps = [] if sgd else list(SFADAMW_SAVE_STEPS)
 
 
+def resolve_epoch_steps(args, num_train, logger):
+    """--optimizer sgd without --steps: SGD_EPOCHS epochs of the training set (the tail of each epoch shorter than
+    a global batch is dropped, as the training sampler does)."""
+    args.steps = SGD_EPOCHS * (num_train // args.global_batch)
+    beyond = [s for s in args.save_steps if s > args.steps]
+    if beyond:
+        raise UserError(f"--save_steps {beyond[0]} is beyond the {args.steps} steps of {SGD_EPOCHS} epochs "
+                        f"(milestones must be in 1..steps)")
+    logger.info(f"--optimizer sgd: {SGD_EPOCHS} epochs of {num_train} images at batch {args.global_batch} = "
+                f"{args.steps} steps (the predecessor's recipe; --steps sets another budget)")
+
+
 def resolve_batch(args, world_size):
     """batch_size x world_size x accum_steps = global_batch: the recipe does not depend on the GPU count."""
     per_process, rest = divmod(args.global_batch, world_size)

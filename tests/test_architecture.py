@@ -254,3 +254,60 @@ def test_long_options_are_spelled_with_underscores():
                 if first.startswith("--") and "-" in first[2:] and not negation:
                     hyphenated.append(f"{path}:{node.lineno} {first}")
     assert not hyphenated, hyphenated
+
+
+# what the tests and tools may use of an entry script: what a user runs (main) and its command line
+SCRIPT_API = {"main", "get_args_parser"}
+
+
+def script_uses(tree, scripts):
+    """(line, name) of every attribute of an entry script a file reads or patches beyond SCRIPT_API: `x.name` where x
+    is bound to the script by an import of the innermost scope that binds x, `from main_x import name`, and
+    `setattr(x, "name", ...)` (monkeypatch.setattr too)."""
+    found = []
+
+    def bindings(body):
+        """{local name: module} of the imports in one scope's own statements (nested functions have theirs)."""
+        bound = {}
+        for stmt in body:
+            for node in ast.walk(stmt) if not isinstance(stmt, (ast.FunctionDef, ast.AsyncFunctionDef)) else ():
+                if isinstance(node, ast.Import):
+                    bound.update({(a.asname or a.name).split(".")[0]: a.name for a in node.names})
+                elif isinstance(node, ast.ImportFrom):
+                    bound.update({a.asname or a.name: f"{node.module}.{a.name}" for a in node.names})
+                    if node.module in scripts:
+                        found.extend((node.lineno, a.name) for a in node.names if a.name not in SCRIPT_API)
+        return bound
+
+    def visit(node, scopes):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            scopes = scopes + [bindings(node.body)]
+        target = None
+        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name):
+            target, attr = node.value.id, node.attr
+        elif isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(node.func, "id", None)) == "setattr" \
+                and len(node.args) > 1 and isinstance(node.args[0], ast.Name) \
+                and isinstance(node.args[1], ast.Constant):
+            target, attr = node.args[0].id, node.args[1].value
+        if target is not None and attr not in SCRIPT_API:
+            module = next((scope[target] for scope in reversed(scopes) if target in scope), None)
+            if module in scripts:
+                found.append((node.lineno, attr))
+        for child in ast.iter_child_nodes(node):
+            visit(child, scopes)
+
+    visit(tree, [bindings(tree.body)])
+    return found
+
+
+def test_tests_and_tools_use_only_the_scripts_main_and_parser():
+    """Issue 20: tests and tools call the library module that owns a name (arguments/, engine.py, probe_setup.py,
+    util/...), never a script's internals: an entry script keeps no import or re-export only for them."""
+    scripts = {m for m in our_modules() if m.startswith("main_")}
+    found = []
+    for module, path in our_modules().items():
+        if module.startswith(("tests", "tools")):
+            with open(path) as f:
+                found += [f"{os.path.relpath(path, ROOT)}:{line} uses {name}"
+                          for line, name in script_uses(ast.parse(f.read()), scripts)]
+    assert not found, found

@@ -153,7 +153,7 @@ def test_pretraining_leaves_tf32_matmuls_at_pytorchs_default_unless_asked():
 def test_sgd_pretraining_defaults_to_the_predecessors_recipe():
     """90 epochs at batch 256, lr 0.1, momentum 0.9, wd 1e-4, x0.1 at epochs 30 and 60 (arXiv 2212.07346)."""
     import engine_pretrain
-    import main_pretrain as pretrain
+    from arguments import pretrain
     args = pretrain.get_args_parser().parse_args(["--optimizer", "sgd"])
     pretrain.check_args(args)
     assert (args.global_batch, args.lr, args.momentum, args.wd, args.decay_epochs, args.gamma) == \
@@ -174,9 +174,10 @@ def test_sgd_pretraining_defaults_to_the_predecessors_recipe():
 def test_sgd_pretraining_without_steps_runs_its_epochs(tmp_path, monkeypatch):
     """The run counts its training set and trains SGD_EPOCHS epochs (2 here, to stay quick)."""
     import main_pretrain as pretrain
+    from arguments import pretrain as pretrain_flags
     from helpers import make_imagenet
     make_imagenet(str(tmp_path / "data"), num_classes=2, n_train=4, n_val=2)
-    monkeypatch.setattr(pretrain, "SGD_EPOCHS", 2)
+    monkeypatch.setattr(pretrain_flags, "SGD_EPOCHS", 2)  # read by resolve_epoch_steps, beside the parser
     args = pretrain.get_args_parser().parse_args(
         ["--optimizer", "sgd", "--arch", "resnet18", "--img_size", "16", "--global_batch", "4", "--workers", "0",
          "--data_path", str(tmp_path / "data"), "--output_dir", str(tmp_path / "ckpt"), "--dump_path",

@@ -154,7 +154,7 @@ def test_bn_refresh_recomputes_the_statistics_at_x(data, tmp_path):
 @pytest.mark.parametrize("optimizer", ["sfadamw", "sgd"])
 def test_evaluation_sees_x_and_training_resumes_at_y_in_train_mode(optimizer):
     args = pretrain.get_args_parser().parse_args(["--optimizer", optimizer, "--warmup_steps", "0", "--lr", "0.1"])
-    pretrain.check_args(args)
+    pretrain_flags.check_args(args)
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4), torch.nn.Linear(4, 2))
     opt = engine_pretrain.build_optimizer(model, args)
@@ -282,7 +282,7 @@ def test_each_global_batch_is_the_same_images_whatever_the_process_count():
 
 def test_recipe_defaults_and_batch_resolution():
     args = pretrain.get_args_parser().parse_args([])
-    pretrain.check_args(args)
+    pretrain_flags.check_args(args)
     assert (args.arch, args.global_batch, args.lr, args.wd, tuple(args.betas), args.warmup_steps,
             args.label_smoothing, args.weight_lr_power, args.seed, args.steps, args.save_steps) == \
         ("resnet50", 1024, 0.0025, 0.08121616522670176, (0.9, 0.9955159689799007), 2799, 0.2, 2.0, 2,
@@ -293,13 +293,13 @@ def test_recipe_defaults_and_batch_resolution():
     # the same global batch and BatchNorm batch (AlgoPerf: 128 per device) at 1, 2, 4 and 8 processes
     for world, accum in ((1, 8), (2, 4), (4, 2), (8, 1)):
         args.batch_size = args.accum_steps = None
-        pretrain.resolve_batch(args, world)
+        pretrain_flags.resolve_batch(args, world)
         assert (args.batch_size, args.accum_steps) == (128, accum)
         assert args.batch_size * world * args.accum_steps == 1024
     assert [pretrain_flags.default_seed(i) for i in range(6)] == [2, 550, 23, 477, 8529, 10005]
 
     sgd = pretrain.get_args_parser().parse_args(["--optimizer", "sgd", "--global_batch", "256"])
-    pretrain.check_args(sgd)
+    pretrain_flags.check_args(sgd)
     assert (sgd.lr, sgd.wd, sgd.label_smoothing, sgd.warmup_steps) == (0.1, 1e-4, 0.0, 0)
     assert [engine_pretrain.lr_at_step(s, sgd, 100) for s in (0, 2999, 3000, 6000)] == \
         pytest.approx([0.1, 0.1, 0.01, 0.001])

@@ -6,7 +6,6 @@ import os
 import pytest
 import torch
 
-import main_pretrain
 from arguments import linear_probe, pretrain
 from timecat import resolve_backbones
 from util import layout
@@ -17,7 +16,7 @@ from util.run import restart_from_checkpoint
 
 def pretrain_args(*argv):
     args = pretrain.get_args_parser().parse_args(list(argv))
-    main_pretrain.check_args(args)
+    pretrain.check_args(args)
     return args
 
 

@@ -179,9 +179,8 @@ def test_the_roots_default_to_the_environment_then_to_the_clone(monkeypatch, tmp
 
 
 def test_pretraining_writes_under_the_checkpoint_root(tmp_path):
-    import main_pretrain
     args = pretrain_args.get_args_parser().parse_args(["--checkpoint_root", str(tmp_path / "my ckpts")])
-    main_pretrain.check_args(args)
+    pretrain_args.check_args(args)
     assert args.output_dir == str(tmp_path / "my ckpts" / "supervised_pretrain" / "resnet50_sfadamw")
 
 

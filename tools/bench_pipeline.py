@@ -389,7 +389,6 @@ def bench_e2e(args):
     import torch
 
     import engine_pretrain
-    import main_pretrain
     from arguments import pretrain as pretrain_args
     from datasets import WithTransform, build_dataset, image_loader
     from datasets.transforms import build_transform, pipeline_of
@@ -426,7 +425,7 @@ def bench_e2e(args):
 
         # the pretraining step: synthetic batch, then the JPEG loader (the same model and optimizer code)
         recipe = pretrain_args.get_args_parser().parse_args(["--arch", args.arch, "--global_batch", str(batch)])
-        main_pretrain.check_args(recipe)
+        pretrain_args.check_args(recipe)
         recipe.accum_steps, recipe.precision = 1, args.precision
         recipe.sf_foreach = args.sf_foreach
         torch.manual_seed(0)

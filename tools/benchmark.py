@@ -61,7 +61,6 @@ def bench_train(args):
     import torch
 
     import engine_pretrain
-    import main_pretrain
     from models import build_backbone
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -74,7 +73,7 @@ def bench_train(args):
     warmup = (3 if args.compile else 1) * (5 if on_gpu else 1)  # compilation and cudnn autotuning settle first
     load = os.getloadavg()[0]
     recipe = pretrain_args.get_args_parser().parse_args(["--arch", args.arch])
-    main_pretrain.check_args(recipe)
+    pretrain_args.check_args(recipe)
     recipe.accum_steps = 1
     images = torch.randn(batch, 3, size, size)
     labels = torch.randint(0, 1000, (batch,))
