@@ -22,18 +22,11 @@ from util.misc import AverageMeter, Meters
 from util.progress import Progress
 
 
-class ShardSampler(torch.utils.data.Sampler):
-    """Rank r gets samples r, r+W, r+2W...: every sample exactly once over all ranks, no padding duplicates
-    (DistributedSampler pads the last round, which would count some test images twice)."""
-
-    def __init__(self, length, rank, world_size):
-        self.indices = list(range(rank, length, world_size))
-
-    def __iter__(self):
-        return iter(self.indices)
-
-    def __len__(self):
-        return len(self.indices)
+def shard(length, rank, world_size):
+    """The evaluation sampler (any sized iterable is one): rank r gets samples r, r+W, r+2W...: every sample exactly
+    once over all ranks, no padding duplicates (DistributedSampler pads the last round, which would count some test
+    images twice)."""
+    return range(rank, length, world_size)
 
 
 class NonFiniteLoss(Exception):
@@ -198,34 +191,39 @@ def mean_losses(stacked, labels):
     return sample_losses(stacked, labels).mean(dim=1)
 
 
-class EpochMeters(Meters):
-    """Per-head loss and top-1 meters of one epoch, plus the batch and data-loading times (util.misc.Meters, as
-    pretraining's loop keeps its own)."""
+def epoch_meters(heads):
+    """The meters of one training epoch (util.misc.Meters, as pretraining's loop keeps its own): the batch and
+    data-loading times, and each head's training metrics (a list indexed by head of {name: meter}; every name
+    reaches metrics.jsonl as train_{name}, through train_one_epoch and epoch_record)."""
+    return Meters(batch_time=AverageMeter(), data_time=AverageMeter(),
+                  heads=[{"loss": AverageMeter(), "top1": AverageMeter()} for _ in range(heads)])
 
-    def __init__(self, heads):
-        super().__init__(batch_time=AverageMeter(), data_time=AverageMeter())
-        self.loss = [AverageMeter() for _ in range(heads)]
-        self.top1 = [AverageMeter() for _ in range(heads)]
-        self.last_n = 0  # samples of the last batch on this process
 
-    def update(self, values, stacked, labels):
-        """values: each head's loss; stacked: the heads' logits (stacked_logits)."""
-        self.last_n = len(labels)
-        hits = stacked.argmax(dim=2).eq(labels).sum(dim=1).tolist()  # one host sync for every head
-        for h, value in enumerate(values):
-            self.loss[h].update(value, len(labels))
-            self.top1[h].update(hits[h] * 100.0 / len(labels), len(labels))
+def update_head_meters(meters, values, stacked, labels):
+    """values: each head's loss; stacked: the heads' logits (stacked_logits)."""
+    n = len(labels)
+    hits = stacked.argmax(dim=2).eq(labels).sum(dim=1).tolist()  # one host sync for every head
+    for h, value in enumerate(values):
+        meters.heads[h]["loss"].update(value, n)
+        meters.heads[h]["top1"].update(hits[h] * 100.0 / n, n)
 
-    def global_view(self, device):
-        """The meters summed over every process (a collective: all ranks call it at the same iteration), so the
-        log and metrics.jsonl report the whole global batch, not rank 0's share."""
-        local = [x for m in self.loss + self.top1 for x in (m.val * self.last_n, self.last_n, m.sum, m.count)]
-        totals = all_reduce_sum(local, device)
-        out = []
-        for k in range(len(self.loss) + len(self.top1)):
-            val_sum, val_n, total, count = totals[4 * k:4 * k + 4]
-            out.append((val_sum / max(val_n, 1), total / max(count, 1)))
-        return out[:len(self.loss)], out[len(self.loss):]
+
+def global_view(meters, last_n, device):
+    """Each head's {metric: (last batch, epoch so far)}, summed over every process (a collective: all ranks call it
+    at the same iteration), so the log and metrics.jsonl report the whole global batch, not rank 0's share.
+    last_n: the samples of this process's last batch."""
+    named = [(h, name, m) for h, head in enumerate(meters.heads) for name, m in head.items()]
+    totals = all_reduce_sum([x for _, _, m in named for x in (m.val * last_n, last_n, m.sum, m.count)], device)
+    out = [{} for _ in meters.heads]
+    for k, (h, name, _) in enumerate(named):
+        val_sum, val_n, total, count = totals[4 * k:4 * k + 4]
+        out[h][name] = (val_sum / max(val_n, 1), total / max(count, 1))
+    return out
+
+
+def epoch_averages(views):
+    """global_view's epoch-so-far averages: each head's {metric: average}."""
+    return [{name: avg for name, (_, avg) in view.items()} for view in views]
 
 
 class LoopLog(NamedTuple):
@@ -240,11 +238,12 @@ class LoopLog(NamedTuple):
 
 def train_one_epoch(model, batches, optimizer, epoch, log, should_stop=None):
     """One epoch of every head over the BatchSource `batches`. Each head's loss depends on its own parameters only,
-    so the summed loss gives each head exactly the gradient it would get alone. Returns (losses, top-1s,
-    completed), averaged over every process. The heads run in fp32 (the encoder's precision is applied inside the
-    model when it trains). should_stop: a collective every rank calls at every iteration (False: carry on)."""
+    so the summed loss gives each head exactly the gradient it would get alone. Returns (each head's {"loss",
+    "top1"}: epoch averages over every process, completed). The heads run in fp32 (the encoder's precision is
+    applied inside the model when it trains). should_stop: a collective every rank calls at every iteration (False:
+    carry on)."""
     device, num_batches = batches.device, len(batches)
-    meters = EpochMeters(len(log.loggers))
+    meters, last_n = epoch_meters(len(log.loggers)), 0  # last_n: samples of the last batch on this process
     # the lr each head's log line shows: its first parameter group's (its Linear, listed first by param_groups); a
     # fused group ("heads") serves several heads at one lr
     lrs = [next(g["lr"] for g in optimizer.param_groups if h in g.get("heads", (g["head"],)))
@@ -254,8 +253,7 @@ def train_one_epoch(model, batches, optimizer, epoch, log, should_stop=None):
     for i, (inputs, labels) in enumerate(tqdm(batches, total=num_batches, desc=f"epoch {epoch}", leave=False,
                                               disable=not log.bar)):
         if should_stop is not None and should_stop():  # a collective: every rank stops at the same iteration
-            losses, top1s = meters.global_view(device)
-            return [avg for _, avg in losses], [avg for _, avg in top1s], False
+            return epoch_averages(global_view(meters, last_n, device)), False
         # Data = loading only: the frozen encoder's forward (per-epoch mode, EncodedBatches) is timed apart
         meters.data_time.update(time.time() - end - getattr(batches, "last_seconds", 0.0))
         stacked = stacked_logits(model(inputs))  # fp32 logits: the loss of a bf16 head flips predictions
@@ -268,20 +266,20 @@ def train_one_epoch(model, batches, optimizer, epoch, log, should_stop=None):
         losses.sum().backward()  # heads share no parameter: each gets the gradient of its own loss
         optimizer.step()
         meters.batch_time.update(time.time() - end)
-        meters.update(values, stacked.detach(), labels)
+        update_head_meters(meters, values, stacked.detach(), labels)
+        last_n = len(labels)
         # the original's lines: every print_freq iterations; --extra_log_lines adds each epoch's last (its
         # running averages are the epoch's). Every rank reaches the same i: the sum over processes is safe
         if i % log.print_freq == 0 or (i == num_batches - 1 and log.last_line):
-            losses, top1s = meters.global_view(device)  # the global batch's, not rank 0's share
+            views = global_view(meters, last_n, device)  # the global batch's, not rank 0's share
             times = {"time": (meters.batch_time.val, meters.batch_time.avg),
                      "data": (meters.data_time.val, meters.data_time.avg)}
             for h, lg in enumerate(log.loggers):
-                lg.info(log_lines.iteration_line(epoch, i, num_batches, {**times, "loss": losses[h],
-                                                                         "prec": top1s[h]}, lrs[h]))
+                lg.info(log_lines.iteration_line(epoch, i, num_batches, {**times, "loss": views[h]["loss"],
+                                                                         "prec": views[h]["top1"]}, lrs[h]))
         progress.update()
         end = time.time()
-    losses, top1s = meters.global_view(device)
-    return [avg for _, avg in losses], [avg for _, avg in top1s], True
+    return epoch_averages(global_view(meters, last_n, device)), True
 
 
 @torch.no_grad()
@@ -318,7 +316,7 @@ def evaluate(model, source, precision, expected_count, num_heads=None, log=LoopL
     # one all-reduce for every head's sums, the count and the skipped images: the split's totals over all ranks
     totals = all_reduce_sum(sums.flatten().tolist() + [count, source.skipped - skipped], device)
     count, skipped = int(totals[-2]), int(totals[-1])
-    if count + skipped != expected_count:  # each image scored exactly once over the ranks (ShardSampler: no padding)
+    if count + skipped != expected_count:  # each image scored exactly once over the ranks (shard: no padding)
         raise RuntimeError(f"evaluation counted {count} samples and {skipped} unreadable ones, the split has "
                            f"{expected_count}")
     if not count:
@@ -344,24 +342,19 @@ class Classifier(torch.nn.Module):
 
 
 # ---------------------------------------------------------------- one record per head
-class Selection(NamedTuple):
-    """The epoch a head's validation accuracy selects, with its validation and test top-1."""
-    epoch: int
-    val_top1: float
-    test_top1: float
-
-
 @dataclass
 class Head:
     """One head of the run: its spec (models.heads.HeadSpec: lr, wd, name, subset), its module (a LinearHead of the
-    MultiHead), its folder and log, its bests, validation's Selection and its --knn result."""
+    MultiHead), its folder and log, its bests, validation's selection and its --knn result."""
     spec: object
     folder: str
     logger: object = None
     module: object = None
     best_test: float = -1.0  # below 0, so a head that never rises above 0% still writes best.pth.tar
     best_val: float = -1.0
-    selected: Optional[Selection] = None  # None until a validation split has scored
+    # (epoch, val top-1, test top-1) of the epoch validation selects (its val top-1 is best_val); None until a
+    # validation split has scored
+    selected: Optional[tuple] = None
     knn: object = None  # analysis.knn.KnnResult (--knn, rank 0)
     improved: bool = False  # whether the last epoch beat best_test (its best.pth.tar is written)
 
@@ -370,14 +363,14 @@ class Head:
         self.improved = test["top1"] > self.best_test
         self.best_test = max(self.best_test, test["top1"])
         if val is not None and val["top1"] > self.best_val:
-            self.best_val, self.selected = val["top1"], Selection(epoch, val["top1"], test["top1"])
+            self.best_val, self.selected = val["top1"], (epoch, val["top1"], test["top1"])
 
 
 def heads_state(heads, next_epoch):
     """The checkpoint's progress entries, resuming at next_epoch: lists indexed by head as checkpoint.pth.tar has
     always held them (plain tuples: a checkpoint loads with weights_only)."""
     return {"epoch": next_epoch, "best_test": [h.best_test for h in heads], "best_val": [h.best_val for h in heads],
-            "selected": [None if h.selected is None else tuple(h.selected) for h in heads]}
+            "selected": [h.selected for h in heads]}
 
 
 def load_heads_state(heads, state):
@@ -385,7 +378,7 @@ def load_heads_state(heads, state):
     for h, head in enumerate(heads):
         selected = state["selected"][h]
         head.best_test, head.best_val = state["best_test"][h], state["best_val"][h]
-        head.selected = None if selected is None else Selection(*selected)
+        head.selected = None if selected is None else tuple(selected)
     return state["epoch"]
 
 
@@ -409,10 +402,12 @@ def log_head_epoch(head, test, val, test_count, val_count, extra_lines):
 
 
 def epoch_record(epoch, train, test, val, knn, extra):
-    """A head's line of metrics.jsonl: train (loss, top-1), engine.evaluate's test and val (or None) dicts, its kNN
-    result (or None); extra: lr, seconds and, with --skip_bad_images, train_skipped (None: left out)."""
-    record = {"epoch": epoch, "train_loss": train[0], "train_top1": train[1], "test_loss": test["loss"],
-              "test_top1": test["top1"], "test_top5": test["top5"], "lr": extra["lr"], "seconds": extra["seconds"]}
+    """A head's line of metrics.jsonl: train_one_epoch's train dict (each metric as train_{name}),
+    engine.evaluate's test and val (or None) dicts, its kNN result (or None); extra: lr, seconds and, with
+    --skip_bad_images, train_skipped (None: left out)."""
+    record = {"epoch": epoch, **{f"train_{name}": value for name, value in train.items()},
+              "test_loss": test["loss"], "test_top1": test["top1"], "test_top5": test["top5"], "lr": extra["lr"],
+              "seconds": extra["seconds"]}
     if knn is not None:
         record.update(knn_top1=knn.top1, knn_top5=knn.top5, knn_k=knn.k)
     if val is not None:

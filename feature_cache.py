@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from datasets import SkipUnreadable, collate_readable
-from engine import ShardSampler, autocast, to_device
+from engine import autocast, shard, to_device
 from util.cli import UserError
 from util.distributed import any_process, barrier, broadcast_object
 from util.logs import write_json_atomic
@@ -295,7 +295,7 @@ class FeatureCache:
         for (_, error) in started:
             if error:
                 raise UserError(error)
-        order = np.asarray(ShardSampler(n, rank, world).indices, dtype=np.int64)
+        order = np.asarray(shard(n, rank, world), dtype=np.int64)
         per_chunk = chunk_batches() * inputs.batch_size
         chunks = [order[i:i + per_chunk] for i in range(0, len(order), per_chunk)]
         for e, (resumed, _) in zip(todo, started):

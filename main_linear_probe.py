@@ -131,8 +131,8 @@ def probe(args, run, heads):
             optimizer.train()
         try:
             # a sweep's heads share the console: no bar while training
-            train_loss, train_top1, completed = train_one_epoch(model.trained, sources.train, optimizer, epoch,
-                                                                log._replace(bar=show_bar and not sweep), stop_agreed)
+            train, completed = train_one_epoch(model.trained, sources.train, optimizer, epoch,
+                                               log._replace(bar=show_bar and not sweep), stop_agreed)
         except NonFiniteLoss as exc:
             raise UserError(f"{exc}; {last_good_state(epoch, checkpoint)}. Lower --lr?") from None
         if not completed:
@@ -165,7 +165,7 @@ def probe(args, run, heads):
                 logger.info(f"epoch {epoch} {head.spec.name}: test Acc@1 {test[h]['top1']:.3f} "
                             f"(best {head.best_test:.2f})"
                             + (f", val Acc@1 {val[h]['top1']:.3f}" if val[h] is not None else ""))
-            records.append(epoch_record(epoch, (train_loss[h], train_top1[h]), test[h], val[h], head.knn,
+            records.append(epoch_record(epoch, train[h], test[h], val[h], head.knn,
                                         {"lr": lr_at_epoch(epoch, head.spec.lr, args),
                                          "seconds": round(time.time() - start, 3), "train_skipped": train_skipped}))
         evaluate_eval_sets(data, model, heads, args, dist_info, records if epoch == args.epochs - 1 else [])
@@ -276,7 +276,7 @@ def report(heads, logger, has_val):
     best = max(full, key=lambda head: head.best_test)
     logger.info(f"Best on test (the reference's rule): {best.spec.name} Acc@1 {best.best_test:.2f}")
     if has_val:
-        pick = max(full, key=lambda head: head.selected.val_top1)
+        pick = max(full, key=lambda head: head.best_val)  # the selected epoch's val top-1
         logger.info(log_lines.selected_line(*pick.selected, head=pick.spec.name))
 
 

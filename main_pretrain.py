@@ -41,7 +41,7 @@ import torch.nn as nn
 
 from datasets import WithTransform, build_dataset, image_loader, imagenet_root
 from datasets.transforms import build_transform, pipeline_of
-from engine import ShardSampler, compile_module, resolve_precision
+from engine import compile_module, resolve_precision, shard
 from engine_pretrain import (
     STEP_STREAM,
     Loaders,
@@ -195,7 +195,7 @@ def build_eval_loaders(args, data, seeded, dist_info, logger):
     refresh = image_loader(seeded, args.skip_bad_images, batch_sampler=refresh_sampler,
                            **loader_options(args, dist_info))
     val = image_loader(data.val_set, args.skip_bad_images, batch_size=args.batch_size,
-                       sampler=ShardSampler(len(data.val_set), rank, world), **loader_options(args, dist_info))
+                       sampler=shard(len(data.val_set), rank, world), **loader_options(args, dist_info))
     steps_per_epoch = len(data.train_set) // args.global_batch
     logger.info(f"data: {len(data.train_set)} train / {len(data.val_set)} val images, {data.num_classes} classes, "
                 f"{steps_per_epoch} steps per epoch")

@@ -21,7 +21,7 @@ from datasets import (
 )
 from datasets.eval_sets import build_eval_set, restrict_logits
 from datasets.transforms import build_transform, crop_size, pipeline_of
-from engine import CachedBatches, Classifier, EncodedBatches, ImageBatches, ShardSampler, compile_module, evaluate
+from engine import CachedBatches, Classifier, EncodedBatches, ImageBatches, compile_module, evaluate, shard
 from feature_cache import Backbone, FeatureCache, assemble, cache_inputs
 from models import ConcatEncoder
 from models.heads import build_heads
@@ -63,8 +63,8 @@ class ProbeData(NamedTuple):
     val_positions: list
     num_classes: int
     train_sampler: PositionSampler
-    val_sampler: ShardSampler
-    test_sampler: ShardSampler
+    val_sampler: range  # engine.shard: this process's share, each sample once over the processes
+    test_sampler: range
     generator: torch.Generator
     drop_last: bool
     eval_sets: tuple = ()  # --eval_datasets: datasets.eval_sets.EvalSet, images with the test transform
@@ -105,8 +105,8 @@ def build_probe_data(args, dist_info, logger):
                         f"(--batch_size {args.batch_size}, {len(train_sampler)} training images per process): "
                         f"raise them, or train the head with --no-use_bn")
     return ProbeData(train_aug, train_plain, test_set, train_positions, val_positions, num_classes, train_sampler,
-                     ShardSampler(len(val_positions), dist_info.rank, world),
-                     ShardSampler(len(test_set), dist_info.rank, world), torch.Generator(), drop_last,
+                     shard(len(val_positions), dist_info.rank, world),
+                     shard(len(test_set), dist_info.rank, world), torch.Generator(), drop_last,
                      build_eval_sets(args, train_base, test_set.transform))
 
 
@@ -264,7 +264,7 @@ def evaluate_eval_sets(data, model, heads, args, dist_info, records):
     device = dist_info.device
     for eval_set in data.eval_sets:
         batches = image_loader(eval_set.dataset, args.skip_bad_images, batch_size=args.batch_size,
-                               sampler=ShardSampler(len(eval_set.dataset), dist_info.rank, dist_info.world_size),
+                               sampler=shard(len(eval_set.dataset), dist_info.rank, dist_info.world_size),
                                num_workers=args.workers, pin_memory=device.type == "cuda")
         source = ImageBatches(batches, device) if model.finetune else \
             EncodedBatches(batches, model.encoder, device, args.precision)

@@ -279,9 +279,9 @@ def test_concatenated_features_start_with_the_first_backbones_own_output(tmp_pat
 
 def one_hot_batches(predicted, labels, batch_size):
     """A CachedBatches of 'features' that are logits: one-hot on `predicted` (10 classes), in sequential order."""
-    from engine import CachedBatches, ShardSampler
+    from engine import CachedBatches, shard
     features = torch.nn.functional.one_hot(torch.tensor(predicted), 10).float()
-    return CachedBatches([features], torch.tensor(labels), ShardSampler(len(labels), 0, 1), batch_size,
+    return CachedBatches([features], torch.tensor(labels), shard(len(labels), 0, 1), batch_size,
                          torch.device("cpu"))
 
 
@@ -306,9 +306,9 @@ def test_training_top1_is_per_sample_over_unequal_batches():
     model.head = head
     optimizer = torch.optim.SGD([{"params": head.parameters(), "lr": 0.0, "head": 0}], lr=0.0)
     batches = one_hot_batches([0, 1, 2, 3, 4, 5], [0, 9, 9, 9, 4, 5], 4)
-    losses, top1s, completed = train_one_epoch(model, batches, optimizer, 0,
-                                               LoopLog((logging.getLogger("test_fidelity"),), print_freq=50))
-    assert completed and len(batches) == 2 and top1s == [50.0]
+    train, completed = train_one_epoch(model, batches, optimizer, 0,
+                                       LoopLog((logging.getLogger("test_fidelity"),), print_freq=50))
+    assert completed and len(batches) == 2 and [head["top1"] for head in train] == [50.0]
 
 
 # ---------------------------------------------------------------- best != last, eval_only, the original's log lines

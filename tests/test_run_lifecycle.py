@@ -123,18 +123,19 @@ def test_restart_from_checkpoint_checks_the_recipe_before_loading(tmp_path):
 def test_one_meter_serves_both_loops():
     """util.misc.Meters: the probe's per-epoch meters and pretraining's windows are the same kind; a device tensor
     is summed as a tensor (no host synchronisation per step), a float as the float weighted by the batch size."""
-    from engine import EpochMeters
+    from engine import epoch_meters, update_head_meters
     from engine_pretrain import since_eval_meters, window_meters
     from util.misc import Meters
 
-    epoch, window, since = EpochMeters(2), window_meters(), since_eval_meters(torch.device("cpu"), 1.5, 3)
+    epoch, window, since = epoch_meters(2), window_meters(), since_eval_meters(torch.device("cpu"), 1.5, 3)
     assert all(isinstance(m, Meters) for m in (epoch, window, since))
     since.loss.update(torch.tensor(0.25))
     assert torch.is_tensor(since.loss.sum) and since.loss.sum.item() == 1.75 and since.loss.count == 4
     window.data.update(0.5)
     window.data.update(0.25)
     assert (window.data.count, window.data.avg) == (2, 0.375)
-    epoch.update([1.0, 3.0], torch.tensor([[[0.0, 1.0]] * 4, [[1.0, 0.0]] * 4]), torch.tensor([1, 1, 0, 0]))
-    assert [m.avg for m in epoch.loss] == [1.0, 3.0] and [m.avg for m in epoch.top1] == [50.0, 50.0]
+    logits = torch.tensor([[[0.0, 1.0]] * 4, [[1.0, 0.0]] * 4])  # (heads, batch, classes)
+    update_head_meters(epoch, [1.0, 3.0], logits, torch.tensor([1, 1, 0, 0]))
+    assert [[head[name].avg for name in ("loss", "top1")] for head in epoch.heads] == [[1.0, 50.0], [3.0, 50.0]]
     with pytest.raises(AttributeError):
         epoch.no_such_meter

@@ -70,7 +70,7 @@ class AverageMeter:
 
 class Meters:
     """The meters of one stretch of a training loop and its start time (MAE's MetricLogger): the probe's epoch
-    (engine.EpochMeters), pretraining's steps since the last log line and since the last evaluation
+    (engine.epoch_meters), pretraining's steps since the last log line and since the last evaluation
     (engine_pretrain). meters: name -> AverageMeter, each readable as an attribute."""
 
     def __init__(self, **meters):
