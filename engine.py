@@ -196,7 +196,7 @@ def epoch_meters(heads):
     data-loading times, and each head's training metrics (a list indexed by head of {name: meter}; every name
     reaches metrics.jsonl as train_{name}, through train_one_epoch and epoch_record)."""
     return Meters(batch_time=AverageMeter(), data_time=AverageMeter(),
-                  heads=[{"loss": AverageMeter(), "top1": AverageMeter()} for _ in range(heads)])
+                  heads=[{name: AverageMeter() for name in ("loss", "top1")} for _ in range(heads)])
 
 
 def update_head_meters(meters, values, stacked, labels):
