@@ -165,7 +165,7 @@ def add_head_args(g):
                    help="normal: N(0, 0.01^2) weights, zero bias (reference); none: PyTorch default; "
                    "cat_weights: the backbones' own classifiers, averaged")
     g.add_argument("--optimizer", default="sgd", choices=["sgd", "adam", SCHEDULE_FREE, *OPTIMIZER_ALIASES],
-                   help="reference: sgd; schedulefree_adamw (alias sfadamw, as the original spelled it) is the "
+                   help="reference: sgd; schedulefree_adamw (as the original spells it; alias sfadamw) is the "
                    "schedulefree package's schedule-free AdamW with betas (--momentum, 0.999); adam uses betas "
                    "(--momentum, --beta2)")
     g.add_argument("--lr", nargs="+", default=["0.01"], help="learning rate(s), not scaled with the batch "
