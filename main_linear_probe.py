@@ -48,7 +48,7 @@ from feature_cache import ExtractionStopped
 from models.heads import build_optimizer, head_specs, lr_at_epoch, param_groups
 from probe_setup import build_probe_data, build_probe_model, build_sources, evaluate_eval_sets
 from timecat import resolve_backbones
-from util import layout, log_lines
+from util import layout, log_lines, sweeps
 from util.checkpoint import save_atomic
 from util.cli import UserError, run_main
 from util.distributed import all_reduce_sum, any_process, barrier
@@ -273,10 +273,11 @@ def report(heads, logger, has_val):
     if len(heads) == 1:
         return
     full = [head for head in heads if head.spec.subset is None]  # a subset head is a cat-n point
-    best = max(full, key=lambda head: head.best_test)
+    best = sweeps.sweep_winner(full, lambda head: (head.best_test, head.spec.wd, head.spec.lr))
     logger.info(f"Best on test (the reference's rule): {best.spec.name} Acc@1 {best.best_test:.2f}")
     if has_val:
-        pick = max(full, key=lambda head: head.best_val)  # the selected epoch's val top-1
+        # best_val: the val top-1 of each head's selected epoch
+        pick = sweeps.sweep_winner(full, lambda head: (head.best_val, head.spec.wd, head.spec.lr))
         logger.info(log_lines.selected_line(*pick.selected, head=pick.spec.name))
 
 

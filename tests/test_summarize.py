@@ -252,3 +252,31 @@ def test_paper_table_only_for_figure_2_unless_asked(tmp_path, capsys):
     assert table_rows(forced, "Yours / the paper's")["cat5"][1:] == ["– / 77.8", "– / 46.2", "– / 77.1", "– / 92.8"]
     paper_results(tmp_path / "fig2", [90.0, 90.8])
     assert "Yours / the paper's" not in run(tmp_path / "fig2", "--no-save", "--no-paper", capsys=capsys)
+
+
+# ---- one tie rule: the probe's sweep log and the table agree on a flat sweep
+def test_a_flat_sweep_selects_the_same_head_in_the_probe_and_the_table(tmp_path, capsys):
+    import main_linear_probe as probe
+    from helpers import make_checkpoint, make_cifar
+
+    data, ckpt, dump = str(tmp_path / "data"), str(tmp_path / "a.pth"), tmp_path / "results" / "sweep"
+    make_cifar(data, "cifar10", n_train=64, n_test=40)
+    make_checkpoint(ckpt, "resnet18", "raw", seed=0)
+    # an lr too small to move a head: every head keeps the same (seeded) start, so every weight decay ties; the
+    # command line lists the smallest weight decay neither first nor last
+    probe.main(probe.get_args_parser().parse_args([
+        "--arch", "resnet18", "--pretrained", ckpt, "--data_path", data, "--dump_path", str(dump), "--img_size", "32",
+        "--workers", "0", "--batch_size", "32", "--precision", "fp32", "--epochs", "1", "--lr", "1e-9",
+        "--wd", "5e-3", "1e-4", "1e-3"]))
+    tops = {wd: [json.loads(line)["test_top1"] for line in (dump / f"wd{wd}_lr1e-9" / "metrics.jsonl").open()]
+            for wd in ("5e-3", "1e-4", "1e-3")}
+    assert len({top for values in tops.values() for top in values}) == 1, tops  # a flat sweep
+    picked = (dump / "sweep.log").read_text().split("Best on test (the reference's rule): ")[1].split()[0]
+    assert picked == "wd1e-4_lr1e-9"  # the smallest weight decay, not the first on the command line
+
+    out = run(tmp_path / "results", "--csv", str(tmp_path / "s.csv"), "--no-paper", capsys=capsys)
+    with open(tmp_path / "s.csv") as f:
+        chosen = [r for r in csv.DictReader(f) if r["selected"] == "1"]
+    assert [float(r["wd"]) for r in chosen] == [1e-4]
+    assert "(a flat sweep: every point ties, the smallest weight decay is taken)" in out
+    assert "best at the edge" not in out

@@ -7,9 +7,10 @@
 A run is a folder with a train.log (and metrics.jsonl, args.json) anywhere below the results root. Runs are
 grouped by configuration (catN: N concatenated backbones of one step budget) x target dataset; runs of the same
 weight decay (and lr) are averaged (the single 450k runs run0..4 give the cat1 baseline, mean +- std), and the
-weight decay with the best mean wins. Runs without the final 'Top-1 test accuracy' line are listed as
-unfinished and left out of the table. Heads of sub-concatenations (<probe>/sub{i}-{j}/..., util/subsets.py) give
-the cat-n curve instead (tools/catn_curve.py): its table, <csv>_catn.csv and <plot>_catn.png.
+weight decay with the best mean wins (ties: the smallest, util/sweeps.sweep_winner, as the probe's sweep log).
+Runs without the final 'Top-1 test accuracy' line are listed as unfinished and left out of the table. Heads of
+sub-concatenations (<probe>/sub{i}-{j}/..., util/subsets.py) give the cat-n curve instead (tools/catn_curve.py):
+its table, <csv>_catn.csv and <plot>_catn.png.
 
 Where the table holds Figure 2's cells (or with --paper), a second table puts the paper's value (util/paper.py)
 and the difference beside yours, and flags differences larger than the seed-to-seed spread (--no-paper: off).
@@ -23,7 +24,7 @@ import statistics
 from dataclasses import dataclass, field
 
 from tools import catn_curve
-from util import layout, paper
+from util import layout, paper, sweeps
 from util.cli import ArgumentParser, UserError, run_main
 from util.log_lines import FINAL_RE, parse_selected, parse_tests, training_epochs  # the log formats' owner
 
@@ -270,7 +271,7 @@ def select(runs):
             points.append({"wd": wd, "lr": lr, "mean": mean, "std": std, "runs": members, "score": score,
                            "heldout": all(r.heldout for r in members)})
         points.sort(key=lambda p: (p["wd"] is None, p["wd"] or 0, p["lr"] or 0))
-        best = max(points, key=lambda p: p["score"])
+        best = sweeps.sweep_winner(points, lambda p: (p["score"], p["wd"], p["lr"]))  # ties: the smallest wd
         cells[key] = {"points": points, "best": best, "many_lr": len({p["lr"] for p in points}) > 1}
     return cells
 
@@ -457,9 +458,11 @@ def main(args):
             points = " | ".join(f"{point_text(p, cell['many_lr'])}: {p['mean']:.2f} (n={len(p['runs'])})"
                                 + ("*" if p is cell["best"] else "") for p in cell["points"])
             wds = [p["wd"] for p in cell["points"] if p["wd"] is not None]
+            flat = len(cell["points"]) > 1 and len({p["score"] for p in cell["points"]}) == 1
             edge = (len(set(wds)) > 2 and cell["best"]["wd"] in (min(wds), max(wds)))
-            print(f"  {config_name(config)} {steps_label(config[1])} {COLUMNS.get(data, data)}: {points}"
-                  + ("  (best at the edge of the sweep)" if edge else ""))
+            note = ("  (a flat sweep: every point ties, the smallest weight decay is taken)" if flat
+                    else "  (best at the edge of the sweep)" if edge else "")
+            print(f"  {config_name(config)} {steps_label(config[1])} {COLUMNS.get(data, data)}: {points}{note}")
     else:
         print("\nNo finished run yet: nothing to tabulate.")
     figure2 = usable and any(paper.paper_value(config, data) is not None for config, data in cells)

@@ -1,6 +1,8 @@
-"""The reference's linear-probe sweeps, defined once: weight-decay grids, configurations, batches, result folders.
+"""The reference's linear-probe sweeps, defined once: weight-decay grids, configurations, batches, result folders,
+and the rule that selects a sweep's winner.
 
-Read by tools/submit.py and scripts/lineareval.sbatch (through `tools/submit.py task`). Facts from the original
+Read by tools/submit.py and scripts/lineareval.sbatch (through `tools/submit.py task`); the winner rule by
+main_linear_probe.py and tools/summarize.py. Facts from the original
 release's six linear-probing sbatch scripts (facebookresearch/richreps-timecat,
 scripts/supervised_transfer/imagenet/to_*/linear_probing/).
 Depends on nothing of ours (a util module).
@@ -83,6 +85,18 @@ def grid_of(data, wds=None):
         return WD_GRIDS[data]
     wanted = {float(w) for w in wds}
     return tuple(w for w in WD_GRIDS[data] if float(w) in wanted)
+
+
+def sweep_winner(points, key):
+    """The selected point of a sweep, the one rule of the probe's sweep log (main_linear_probe.py report) and of
+    tools/summarize.py: the highest score (best test top-1, the reference's rule, which took the max over its grid;
+    validation top-1 under the held-out rule). Ties (a flat sweep) go to the smallest weight decay, then the
+    smallest lr, a point without a value last: the pick depends neither on the command line's order of --wd/--lr
+    nor on the order result folders are found in. key(point) -> (score, wd, lr); wd and lr numbers or None."""
+    def order(point):
+        score, wd, lr = key(point)
+        return -score, wd is None, wd or 0.0, lr is None, lr or 0.0
+    return min(points, key=order)
 
 
 def sweep_tasks(sweep, layout=DEFAULT_LAYOUT, only_wds=None):
