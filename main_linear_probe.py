@@ -52,7 +52,7 @@ from util import layout, log_lines, sweeps
 from util.checkpoint import save_atomic
 from util.cli import UserError, run_main
 from util.distributed import all_reduce_sum, any_process, barrier
-from util.logs import append_jsonl, log_startup, truncate_jsonl, use_progress_bar
+from util.logs import log_startup, truncate_jsonl, use_progress_bar
 from util.misc import set_seed
 from util.run import configure_cuda_numerics, open_run, report_stop, restart_from_checkpoint, start_processes
 
@@ -77,7 +77,7 @@ def main(args):
 
 def probe(args, run, heads):
     """The probe from its first log line to its report: set up, then train, evaluate, log and save every epoch."""
-    dist_info, logger, stop, board = run.dist_info, run.logger, run.stop, run.board
+    dist_info, logger, stop = run.dist_info, run.logger, run.stop
     device, sweep, show_bar = dist_info.device, len(heads) > 1, use_progress_bar(dist_info.is_main)
     loggers = list({id(lg): lg for lg in [logger] + [head.logger for head in heads]}.values())  # each log once
     checkpoint = os.path.join(args.dump_path, layout.PROBE_CHECKPOINT)
@@ -110,7 +110,7 @@ def probe(args, run, heads):
             head.knn = result
     if args.mode == "eval_only":  # the saved heads on the test set, then on the --eval_datasets sets
         records = evaluate_saved_heads(args, model, optimizer, heads, sources, log)
-        return evaluate_eval_sets(data, model, heads, args, dist_info, records)
+        return evaluate_eval_sets(data, model, heads, args, run, records)
     start_epoch = resume_or_start(args, run, model, optimizer, heads)
     # the processes agree on a stop at every iteration, so they all stop at the same one (slurm signals them at
     # different moments)
@@ -162,15 +162,14 @@ def probe(args, run, heads):
             log_head_epoch(head, test[h], val[h], sources.test_count, sources.val_count,
                            args.extra_log_lines or args.skip_bad_images)
             if sweep:
-                logger.info(f"epoch {epoch} {head.spec.name}: test Acc@1 {test[h]['top1']:.3f} "
-                            f"(best {head.best_test:.2f})"
-                            + (f", val Acc@1 {val[h]['top1']:.3f}" if val[h] is not None else ""))
+                logger.info(log_lines.sweep_epoch_line(epoch, head.spec.name, test[h]["top1"], head.best_test,
+                                                       val[h]["top1"] if val[h] is not None else None))
             records.append(epoch_record(epoch, train[h], test[h], val[h], head.knn,
                                         {"lr": lr_at_epoch(epoch, head.spec.lr, args),
                                          "seconds": round(time.time() - start, 3), "train_skipped": train_skipped}))
-        evaluate_eval_sets(data, model, heads, args, dist_info, records if epoch == args.epochs - 1 else [])
+        evaluate_eval_sets(data, model, heads, args, run, records if epoch == args.epochs - 1 else [])
         if dist_info.is_main:  # rank 0 writes; the others wait at the barrier
-            save_epoch(args, model, optimizer, heads, records, board)
+            save_epoch(args, model, optimizer, heads, records, run)
         barrier()
     report(heads, logger, sources.val_count > 0)
 
@@ -181,9 +180,10 @@ def set_eval_mode(model, optimizer, schedule_free):
         optimizer.eval()  # schedule-free: evaluate at the averaged weights (the package's x)
 
 
-def save_epoch(args, model, optimizer, heads, records, board):
-    """Rank 0, atomically: best.pth.tar of each improved head, each head's metrics record (and --tensorboard
-    events), then checkpoint.pth.tar (every head, the optimizer, the bests: what a resume reads)."""
+def save_epoch(args, model, optimizer, heads, records, run):
+    """Rank 0, atomically: best.pth.tar of each improved head, each head's metrics record (run.add_record:
+    metrics.jsonl, --tensorboard events, --wandb), then checkpoint.pth.tar (every head, the optimizer, the bests:
+    what a resume reads)."""
     next_epoch = records[0]["epoch"] + 1
     encoder_state = model.encoder.state_dict() if model.finetune else None
     for head, record in zip(heads, records):
@@ -193,8 +193,7 @@ def save_epoch(args, model, optimizer, heads, records, board):
             if model.finetune:
                 head_state["encoder"] = encoder_state
             save_atomic(head_state, os.path.join(head.folder, layout.BEST_HEAD))
-        append_jsonl(record, os.path.join(head.folder, layout.METRICS))
-        board.add(record, head.folder)  # --tensorboard: the same record as events beside train.log
+        run.add_record(record, head.folder)  # metrics.jsonl, and the board (--tensorboard, --wandb)
     state = {"heads": model.heads.state_dict(), "optimizer": optimizer.state_dict(),
              **heads_state(heads, next_epoch), "args": vars(args)}
     if model.finetune:

@@ -1,7 +1,6 @@
 """What a probe builds before its first epoch, from its checked flags: the data (splits and the seeded order they
 are read in), the model (frozen encoder, heads, what trains) and a batch source per split (features on the fly, the
 feature cache, or images when fine-tuning). main_linear_probe.probe() calls the three builders in order."""
-import os
 from typing import NamedTuple
 
 import torch
@@ -26,10 +25,10 @@ from feature_cache import Backbone, FeatureCache, assemble, cache_inputs
 from models import ConcatEncoder
 from models.heads import build_heads
 from timecat import backbones_recipe
-from util import layout, log_lines
+from util import log_lines
 from util.cli import UserError
 from util.distributed import barrier
-from util.logs import append_jsonl, use_progress_bar
+from util.logs import use_progress_bar
 
 
 # ---------------------------------------------------------------- data
@@ -254,13 +253,15 @@ def base_dataset(dataset):
     return dataset
 
 
-def evaluate_eval_sets(data, model, heads, args, dist_info, records):
+def evaluate_eval_sets(data, model, heads, args, run, records):
     """Every head, in evaluation mode, on every --eval_datasets set, once (their features are not cached): one
-    `Eval` line per set in each head's log, and the fields {name}_loss, {name}_top1, {name}_top5 added to each head's
-    record: the last epoch's metrics record (the probe saves it), or in --mode eval_only a record of its own,
-    appended here to the head's metrics.jsonl. No records (another epoch) or no sets: nothing to do."""
+    `Eval` line per set in each head's log (and in a sweep's log one line per set with every head's top-1), and
+    the fields {name}_loss, {name}_top1, {name}_top5 added to each head's record: the last epoch's metrics record
+    (the probe saves it), or in --mode eval_only a record of its own, saved here as an epoch's (run.add_record:
+    metrics.jsonl and the board). run: the util.run.Run. No records (another epoch) or no sets: nothing to do."""
     if not records or not data.eval_sets:
         return
+    dist_info = run.dist_info
     device = dist_info.device
     for eval_set in data.eval_sets:
         batches = image_loader(eval_set.dataset, args.skip_bad_images, batch_size=args.batch_size,
@@ -278,6 +279,9 @@ def evaluate_eval_sets(data, model, heads, args, dist_info, records):
                                                          count - s["skipped"], classes))
             record.update({f"{eval_set.name}_loss": s["loss"], f"{eval_set.name}_top1": s["top1"],
                            f"{eval_set.name}_top5": s["top5"]})
-    if args.mode == "eval_only" and dist_info.is_main:
+        if len(heads) > 1:  # a sweep: its own log gets the set's summary
+            run.logger.info(log_lines.sweep_eval_dataset_line(eval_set.name, [(head.spec.name, s["top1"])
+                                                                              for head, s in zip(heads, stats)]))
+    if args.mode == "eval_only":
         for head, record in zip(heads, records):
-            append_jsonl(record, os.path.join(head.folder, layout.METRICS))
+            run.add_record(record, head.folder)

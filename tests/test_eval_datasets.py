@@ -121,6 +121,32 @@ def test_probe_logs_and_records_every_eval_dataset(world, tmp_path):
         assert again[name][1:] == found[name][1:]
 
 
+def test_a_sweep_summarises_each_set_and_eval_only_reaches_the_board(world, tmp_path):
+    """A sweep's log gets one line per set with every head's top-1; --mode eval_only's record goes, like an epoch's,
+    to metrics.jsonl and to --tensorboard's events."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    dump, heads, sets = tmp_path / "sweep", ("wd1e-4_lr0.1", "wd1e-3_lr0.1"), ("imagenet_r", "imagenet_v2")
+    run_probe(world, dump, "--epochs", "1", "--wd", "1e-4", "1e-3", "--eval_datasets", *sets)
+    sweep_log = (dump / "sweep.log").read_text()
+    assert not log_lines.parse_eval_datasets(sweep_log)  # a summary, not read as a head's `Eval` line
+    for name in sets:
+        [line] = [line for line in sweep_log.splitlines() if f"eval set {name}: " in line]
+        for head in heads:
+            top1 = log_lines.parse_eval_datasets((dump / head / "train.log").read_text())[name][1]
+            assert f"{head} Acc@1 {top1:.3f}" in line
+
+    run_probe(world, dump, "--epochs", "1", "--wd", "1e-4", "1e-3", "--mode", "eval_only", "--eval_datasets",
+              "imagenet_r", "--tensorboard")
+    for head in heads:
+        record = json.loads((dump / head / "metrics.jsonl").read_text().splitlines()[-1])
+        assert record["mode"] == "eval_only"
+        events = EventAccumulator(str(dump / head)).Reload()
+        for key in ("imagenet_r_loss", "imagenet_r_top1", "imagenet_r_top5"):
+            [scalar] = events.Scalars(key)
+            assert scalar.step == record["epoch"] == 0 and scalar.value == pytest.approx(record[key], rel=1e-6)
+
+
 def expect_user_error(argv, capsys, *fragments):
     with pytest.raises(SystemExit) as exc:
         run_main(probe.main, probe.get_args_parser().parse_args(argv))

@@ -106,6 +106,20 @@ def eval_dataset_line(name, loss, top1, top5, images, classes):
             f"Classes {classes}")
 
 
+def sweep_epoch_line(epoch, head, top1, best, val_top1=None):
+    """A sweep's line per head and epoch in its sweep.log: the head's test top-1, its best so far and (--val_split)
+    its validation top-1. Not a `Test:` line: each head's own train.log holds those."""
+    return (f"epoch {epoch} {head}: test Acc@1 {top1:.3f} (best {best:.2f})"
+            + (f", val Acc@1 {val_top1:.3f}" if val_top1 is not None else ""))
+
+
+def sweep_eval_dataset_line(name, results):
+    """A sweep's line per evaluation-only set (--eval_datasets) in its sweep.log: each head's top-1 on it;
+    results: [(head name, top-1 %)]. Not an `Eval <name>:` line (EVAL_DATASET_RE): each head's train.log holds
+    those, which parse_eval_datasets reads."""
+    return f"eval set {name}: " + ", ".join(f"{head} Acc@1 {top1:.3f}" for head, top1 in results)
+
+
 def parse_eval_datasets(text):
     """{name: (loss, top1, top5, images, classes)} of the last `Eval` line of each evaluation-only set in a log."""
     return {m.group(1): (float(m.group(2)), float(m.group(3)), float(m.group(4)), int(m.group(5)), int(m.group(6)))

@@ -20,7 +20,7 @@ from util import layout
 from util.checkpoint import load_file
 from util.cli import UserError
 from util.distributed import cleanup, init_distributed, require_cuda_if_requested
-from util.logs import claim_run_folder, close_logger, create_logger, write_json_atomic
+from util.logs import append_jsonl, claim_run_folder, close_logger, create_logger, write_json_atomic
 from util.misc import requeue_slurm_job, stop_outcome
 from util.signals import StopSignal
 from util.tensorboard import MetricsBoard, require_tensorboard
@@ -109,6 +109,13 @@ class Run:
                 if os.path.exists(path):
                     os.remove(path)
         return None
+
+    def add_record(self, record, folder=None):
+        """A metrics record (an epoch's, --mode eval_only's), rank 0: appended to metrics.jsonl in the run's folder
+        (or a head's) and given to the board (--tensorboard events beside its log, --wandb)."""
+        if self.dist_info.is_main:
+            append_jsonl(record, os.path.join(folder or self.folder, layout.METRICS))
+            self.board.add(record, folder or self.folder)
 
     def write_args(self, config, folder=None):
         """args.json of the run (or of one head, in its folder), rank 0, atomically."""
