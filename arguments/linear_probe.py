@@ -101,7 +101,8 @@ SLURM_FLAGS = {
 }
 SLURM_KEYS = tuple(SLURM_FLAGS)
 SCHEDULE_FREE = layout.SCHEDULEFREE_ADAMW  # the `schedulefree` package's AdamWScheduleFree
-# --optimizer spellings of a canonical name (the original's sfadamw); args.json and checkpoints hold the canonical
+# --optimizer spellings of a canonical name (sfadamw: this project's alias; the original's probe spells it
+# schedulefree_adamw, its choices sgd, adam, schedulefree_adamw); args.json and checkpoints hold the canonical
 OPTIMIZER_ALIASES = {"sfadamw": SCHEDULE_FREE}
 # Flags not compared on resume: where the run reads and writes, what it logs, how it is launched, and flags whose
 # effect the recipe records through another key (--tag/--tag_file as arch/pretrained, --batch_size as

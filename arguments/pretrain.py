@@ -25,8 +25,8 @@ RELEASED_SEEDS = (2, 550, 23, 477, 8529)  # seeds of the released runs 0..4
 EXTRA_RUN_SEED = 10000  # run i >= 5 defaults to seed 10000 + i, clear of the released ones
 BN_BATCH = 128  # images per forward pass and process (AlgoPerf: 1024 over 8 devices); the rest is accumulation
 SCHEDULE_FREE = (layout.SFADAMW_ALGOPERF, layout.SCHEDULEFREE_ADAMW)
-# --optimizer spellings accepted for a canonical name: sfadamw as the original's pretraining meant it, and this
-# script's earlier name of the package's optimizer; args.json and checkpoints hold the canonical name
+# --optimizer spellings accepted for a canonical name: sfadamw, the released checkpoints' name (AlgoPerf's update),
+# and this script's earlier name of the package's optimizer; args.json and checkpoints hold the canonical name
 OPTIMIZER_ALIASES = {"sfadamw": layout.SFADAMW_ALGOPERF, "sfadamw_package": layout.SCHEDULEFREE_ADAMW}
 PRETRAIN_DATA = ("imagenet1k", "imagefolder")
 # --optimizer sgd: the predecessor paper's recipe (arXiv 2212.07346, its ImageNet recipe): 90 epochs

@@ -44,8 +44,9 @@ def probe_epoch_checkpoint(epoch):
 
 
 # The optimizer names of both scripts. Two schedule-free AdamW updates that give different trajectories
-# (util/sfadamw.py says how), each named for what it is; `--optimizer sfadamw` of the original command lines means
-# the first in pretraining and the second in the probe (arguments/{pretrain,linear_probe}.py map it).
+# (util/sfadamw.py says how), each named for what it is. `sfadamw`, the released checkpoints' name, is an alias of
+# the first in pretraining; the original's probe spells the second `schedulefree_adamw` (its choices: sgd, adam,
+# schedulefree_adamw), where `sfadamw` is this project's alias of it (arguments/{pretrain,linear_probe}.py map them).
 SFADAMW_ALGOPERF = "sfadamw_algoperf"  # AlgoPerf's submission, util/sfadamw.py (the released checkpoints)
 SCHEDULEFREE_ADAMW = "schedulefree_adamw"  # the `schedulefree` package's AdamWScheduleFree
 # A recipe's checkpoint folder keeps the optimizer spelling it was first written with (resnet50_sfadamw).
