@@ -178,18 +178,12 @@ def build_sources(args, dist_info, data, model, logger, stop):
     """Features on the fly (the reference), from the cache, or images when fine-tuning."""
     device = dist_info.device
     if not args.feature_cache:
-        def loader(dataset, sampler, **kw):
-            return image_loader(dataset, args.skip_bad_images, batch_size=args.batch_size, sampler=sampler,
-                                num_workers=args.workers, pin_memory=device.type == "cuda",
-                                persistent_workers=args.workers > 0, **kw)  # no worker start-up every epoch
-
-        loaders = (loader(data.train_aug, data.train_sampler, drop_last=data.drop_last, generator=data.generator),
-                   loader(data.test_set, data.test_sampler),
-                   loader(torch.utils.data.Subset(data.train_plain, data.val_positions), data.val_sampler))
-        if model.finetune:
-            sources = [ImageBatches(lo, device) for lo in loaders]
-        else:
-            sources = [EncodedBatches(lo, model.encoder, device, args.precision) for lo in loaders]
+        every_epoch = dict(persistent_workers=args.workers > 0)  # no worker start-up every epoch
+        sources = (image_source(data.train_aug, data.train_sampler, args, model, device,
+                                drop_last=data.drop_last, generator=data.generator, **every_epoch),
+                   image_source(data.test_set, data.test_sampler, args, model, device, **every_epoch),
+                   image_source(torch.utils.data.Subset(data.train_plain, data.val_positions), data.val_sampler,
+                                args, model, device, **every_epoch))
         return Sources(*sources, len(data.test_set), len(data.val_positions), None)
 
     # one entry per backbone, computed once by feature_cache, then reused by every later run and concatenation
@@ -212,6 +206,16 @@ def build_sources(args, dist_info, data, model, logger, stop):
                         device)
     return Sources(train, test, val, len(data.test_set), len(data.val_positions),
                    ((plain_features, plain_labels), (test_features, test_labels)))
+
+
+def image_source(dataset, sampler, args, model, device, **loader_options):
+    """A BatchSource over a dataset's images: the frozen encoder's features on the fly, or the images themselves
+    when fine-tuning (the encoder then runs inside the trained model)."""
+    loader = image_loader(dataset, args.skip_bad_images, batch_size=args.batch_size, sampler=sampler,
+                          num_workers=args.workers, pin_memory=device.type == "cuda", **loader_options)
+    if model.finetune:
+        return ImageBatches(loader, device)
+    return EncodedBatches(loader, model.encoder, device, args.precision)
 
 
 def place_features(views, plain, test, device, logger):
@@ -262,13 +266,9 @@ def evaluate_eval_sets(data, model, heads, args, run, records):
     if not records or not data.eval_sets:
         return
     dist_info = run.dist_info
-    device = dist_info.device
     for eval_set in data.eval_sets:
-        batches = image_loader(eval_set.dataset, args.skip_bad_images, batch_size=args.batch_size,
-                               sampler=shard(len(eval_set.dataset), dist_info.rank, dist_info.world_size),
-                               num_workers=args.workers, pin_memory=device.type == "cuda")
-        source = ImageBatches(batches, device) if model.finetune else \
-            EncodedBatches(batches, model.encoder, device, args.precision)
+        source = image_source(eval_set.dataset, shard(len(eval_set.dataset), dist_info.rank, dist_info.world_size),
+                              args, model, dist_info.device)
         # ImageNet-R/-A: the prediction is the best of their 200 classes (labels are positions in the mask)
         scored = model.eval_model if eval_set.mask is None else restrict_logits(model.eval_model, eval_set.mask)
         count = len(eval_set.dataset)
