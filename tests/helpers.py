@@ -15,7 +15,7 @@ from datasets.synthetic import (
 )
 
 __all__ = ["ROOT", "algoperf_keys", "class_image", "make_checkpoint", "make_cifar", "make_eval_sets", "make_imagenet",
-           "make_inat", "run_script"]
+           "make_inat", "run_script", "expect_user_error"]
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -31,3 +31,20 @@ def run_script(args, cwd=ROOT, env=None, timeout=600):
     full_env = dict(os.environ, OMP_NUM_THREADS="1", **(env or {}))
     return subprocess.run([sys.executable] + args, cwd=cwd, env=full_env, capture_output=True, text=True,
                           timeout=timeout)
+
+
+def expect_user_error(argv, capsys, *fragments):
+    """The probe refuses argv in one `error:` line (exit code 2, no traceback) that names every fragment; returns
+    the line."""
+    import pytest
+
+    import main_linear_probe as probe
+    from util.cli import run_main
+    with pytest.raises(SystemExit) as exc:
+        run_main(probe.main, probe.get_args_parser().parse_args(argv))
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and len(err.splitlines()) == 1 and "Traceback" not in err, err
+    for fragment in fragments:
+        assert fragment in err, err
+    return err

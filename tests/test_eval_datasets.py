@@ -15,9 +15,8 @@ from arguments.linear_probe import TF_NAMES as FLAG_TF_NAMES
 from datasets import transforms
 from datasets.eval_sets import EVAL_NAMES, EVAL_SETS, IMAGENET_WNIDS, build_eval_set, read_wnids, restrict_logits
 from engine import batch_scores, stacked_logits
-from helpers import make_checkpoint, make_eval_sets, make_imagenet, run_script
+from helpers import expect_user_error, make_checkpoint, make_eval_sets, make_imagenet, run_script
 from util import log_lines
-from util.cli import run_main
 
 R_WNIDS, A_WNIDS = read_wnids("imagenet_r_wnids.txt"), read_wnids("imagenet_a_wnids.txt")
 # ImageNet classes 0 (in neither R nor A), 1 (R only), 6 and 11 (both), 7 (neither): a probe of these five classes
@@ -145,16 +144,6 @@ def test_a_sweep_summarises_each_set_and_eval_only_reaches_the_board(world, tmp_
         for key in ("imagenet_r_loss", "imagenet_r_top1", "imagenet_r_top5"):
             [scalar] = events.Scalars(key)
             assert scalar.step == record["epoch"] == 0 and scalar.value == pytest.approx(record[key], rel=1e-6)
-
-
-def expect_user_error(argv, capsys, *fragments):
-    with pytest.raises(SystemExit) as exc:
-        run_main(probe.main, probe.get_args_parser().parse_args(argv))
-    assert exc.value.code == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("error:") and len(err.splitlines()) == 1 and "Traceback" not in err, err
-    for fragment in fragments:
-        assert fragment in err, err
 
 
 def test_refused_with_one_line(world, tmp_path, capsys):

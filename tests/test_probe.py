@@ -14,7 +14,16 @@ import yaml
 import main_linear_probe as probe
 import probe_setup
 from arguments.linear_probe import DEFAULT_TAG_FILE, resolve_batch
-from helpers import ROOT, check_probe_args, make_checkpoint, make_cifar, make_imagenet, make_inat, run_script
+from helpers import (
+    ROOT,
+    check_probe_args,
+    expect_user_error,
+    make_checkpoint,
+    make_cifar,
+    make_imagenet,
+    make_inat,
+    run_script,
+)
 from models import ConcatEncoder, LinearHead
 from models import heads as probe_heads
 from util.cli import run_main
@@ -311,15 +320,6 @@ def test_acc1_scripts_report_final_and_running_accuracy(world, tmp_path):
 
 
 # ---------------------------------------------------------------- bad input
-def expect_user_error(argv, capsys, *fragments):
-    with pytest.raises(SystemExit) as exc:
-        run_main(probe.main, probe.get_args_parser().parse_args(argv))
-    assert exc.value.code == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("error:") and len(err.splitlines()) == 1 and "Traceback" not in err, err
-    for fragment in fragments:
-        assert fragment in err, err
-    return err
 
 
 def test_bad_backbone_arguments(world, tmp_path, capsys):
