@@ -7,19 +7,17 @@ when fine-tuning (ImageBatches). A model maps inputs to a list of logits, one pe
 """
 import math
 import time
-from dataclasses import dataclass
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import torch
-from tqdm import tqdm
 
-from analysis.knn import knn_log_line
+from analysis.knn import knn_log_line, knn_record
 from models.heads import batch_scores, sample_losses, stacked_logits
 from util import log_lines
 from util.cli import UserError
 from util.distributed import all_reduce_sum
-from util.misc import AverageMeter, Meters
-from util.progress import Progress
+from util.misc import Meters
+from util.progress import track
 
 
 def shard(length, rank, world_size):
@@ -27,10 +25,6 @@ def shard(length, rank, world_size):
     once over all ranks, no padding duplicates (DistributedSampler pads the last round, which would count some test
     images twice)."""
     return range(rank, length, world_size)
-
-
-class NonFiniteLoss(Exception):
-    """The training loss became NaN or Inf."""
 
 
 def resolve_precision(precision, device):
@@ -193,26 +187,25 @@ def mean_losses(stacked, labels):
 
 def epoch_meters(heads):
     """The meters of one training epoch (util.misc.Meters, as pretraining's loop keeps its own): the batch and
-    data-loading times, and each head's training metrics (a list indexed by head of {name: meter}; every name
-    reaches metrics.jsonl as train_{name}, through train_one_epoch and epoch_record)."""
-    return Meters(batch_time=AverageMeter(), data_time=AverageMeter(),
-                  heads=[{name: AverageMeter() for name in ("loss", "top1")} for _ in range(heads)])
+    data-loading times, and each head's training metrics (a Meters per head; every name reaches metrics.jsonl as
+    train_{name}, through train_one_epoch and epoch_record)."""
+    return Meters("batch_time", "data_time", heads=[Meters("loss", "top1") for _ in range(heads)])
 
 
 def update_head_meters(meters, values, stacked, labels):
     """values: each head's loss; stacked: the heads' logits (stacked_logits)."""
     n = len(labels)
     hits = stacked.argmax(dim=2).eq(labels).sum(dim=1).tolist()  # one host sync for every head
-    for h, value in enumerate(values):
-        meters.heads[h]["loss"].update(value, n)
-        meters.heads[h]["top1"].update(hits[h] * 100.0 / n, n)
+    for head, value, hit in zip(meters.heads, values, hits):
+        head.loss.update(value, n)
+        head.top1.update(hit * 100.0 / n, n)
 
 
 def global_view(meters, last_n, device):
     """Each head's {metric: (last batch, epoch so far)}, summed over every process (a collective: all ranks call it
     at the same iteration), so the log and metrics.jsonl report the whole global batch, not rank 0's share.
     last_n: the samples of this process's last batch."""
-    named = [(h, name, m) for h, head in enumerate(meters.heads) for name, m in head.items()]
+    named = [(h, name, m) for h, head in enumerate(meters.heads) for name, m in head.meters.items()]
     totals = all_reduce_sum([x for _, _, m in named for x in (m.val * last_n, last_n, m.sum, m.count)], device)
     out = [{} for _ in meters.heads]
     for k, (h, name, _) in enumerate(named):
@@ -249,9 +242,8 @@ def train_one_epoch(model, batches, optimizer, epoch, log, should_stop=None):
     lrs = [next(g["lr"] for g in optimizer.param_groups if h in g.get("heads", (g["head"],)))
            for h in range(len(log.loggers))]
     end = time.time()
-    progress = Progress(f"epoch {epoch}", num_batches, bar=log.bar)  # in logs, where tqdm does not draw
-    for i, (inputs, labels) in enumerate(tqdm(batches, total=num_batches, desc=f"epoch {epoch}", leave=False,
-                                              disable=not log.bar)):
+    # a bar on a terminal, progress lines (rate, ETA) in a log file, where tqdm does not draw
+    for i, (inputs, labels) in enumerate(track(batches, f"epoch {epoch}", num_batches, log.bar)):
         if should_stop is not None and should_stop():  # a collective: every rank stops at the same iteration
             return epoch_averages(global_view(meters, last_n, device)), False
         # Data = loading only: the frozen encoder's forward (per-epoch mode, EncodedBatches) is timed apart
@@ -261,7 +253,7 @@ def train_one_epoch(model, batches, optimizer, epoch, log, should_stop=None):
         # one host sync for all heads' losses (not one .item() each); the values feed the meters and the check
         values = losses.detach().tolist()
         if not all(math.isfinite(v) for v in values):  # stop before a NaN step reaches the weights
-            raise NonFiniteLoss(f"the training loss is {values} at epoch {epoch}, iteration {i}")
+            raise FloatingPointError(f"the training loss is {values} at epoch {epoch}, iteration {i}")
         optimizer.zero_grad(set_to_none=True)  # no zeroing pass: backward writes the gradients afresh
         losses.sum().backward()  # heads share no parameter: each gets the gradient of its own loss
         optimizer.step()
@@ -277,7 +269,6 @@ def train_one_epoch(model, batches, optimizer, epoch, log, should_stop=None):
             for h, lg in enumerate(log.loggers):
                 lg.info(log_lines.iteration_line(epoch, i, num_batches, {**times, "loss": views[h]["loss"],
                                                                          "prec": views[h]["top1"]}, lrs[h]))
-        progress.update()
         end = time.time()
     return epoch_averages(global_view(meters, last_n, device)), True
 
@@ -295,22 +286,20 @@ def evaluate(model, source, precision, expected_count, num_heads=None, log=LoopL
     count, skipped = 0, source.skipped  # a source counts its unreadable images over passes: this pass's = the rise
     # images go through the encoder at its precision; cached or computed features meet the heads in fp32
     with_precision = precision if source.holds_images else "fp32"
-    progress = Progress("eval", len(source) if hasattr(source, "__len__") else None, bar=log.bar)
-    batch_time, end = AverageMeter(), time.time()
-    for i, (inputs, labels) in enumerate(tqdm(source, desc="eval", leave=False, disable=not log.bar)):
-        progress.update()
+    meters, end = Meters("batch_time"), time.time()
+    for i, (inputs, labels) in enumerate(track(source, "eval", len(source) if hasattr(source, "__len__") else None, log.bar)):
         with autocast(device, with_precision):
             outputs = model(inputs)
         # summed on the device: one host sync per evaluation (and per logged line), not three per head and batch
         scores = batch_scores(stacked_logits([outputs] if num_heads is None else outputs), labels)
         sums = sums.to(labels.device) + scores  # float64 sums: exact counts over millions of images
         count += len(labels)
-        batch_time.update(time.time() - end)
+        meters.batch_time.update(time.time() - end)
         if log.loggers and i % log.print_freq == 0:  # this process's batch and running means, as the original's
             n, batch, so_far = len(labels), scores.tolist(), sums.tolist()
             for lg, (loss, top1, _), (loss_sum, top1_sum, _) in zip(log.loggers, batch, so_far):
                 lg.info(log_lines.eval_iteration_line(i, len(source), {
-                    "time": (batch_time.val, batch_time.avg), "loss": (loss / n, loss_sum / count),
+                    "time": (meters.batch_time.val, meters.batch_time.avg), "loss": (loss / n, loss_sum / count),
                     "prec": (100.0 * top1 / n, 100.0 * top1_sum / count)}))
         end = time.time()
     # one all-reduce for every head's sums, the count and the skipped images: the split's totals over all ranks
@@ -341,47 +330,6 @@ class Classifier(torch.nn.Module):
             return self.heads(features.float())
 
 
-# ---------------------------------------------------------------- one record per head
-@dataclass
-class Head:
-    """One head of the run: its spec (models.heads.HeadSpec: lr, wd, name, subset), its module (a LinearHead of the
-    MultiHead), its folder and log, its bests, validation's selection and its --knn result."""
-    spec: object
-    folder: str
-    logger: object = None
-    module: object = None
-    best_test: float = -1.0  # below 0, so a head that never rises above 0% still writes best.pth.tar
-    best_val: float = -1.0
-    # (epoch, val top-1, test top-1) of the epoch validation selects (its val top-1 is best_val); None until a
-    # validation split has scored
-    selected: Optional[tuple] = None
-    knn: object = None  # analysis.knn.KnnResult (--knn, rank 0)
-    improved: bool = False  # whether the last epoch beat best_test (its best.pth.tar is written)
-
-    def update(self, epoch, test, val):
-        """The epoch's test (and validation) scores into the bests and validation's selection."""
-        self.improved = test["top1"] > self.best_test
-        self.best_test = max(self.best_test, test["top1"])
-        if val is not None and val["top1"] > self.best_val:
-            self.best_val, self.selected = val["top1"], (epoch, val["top1"], test["top1"])
-
-
-def heads_state(heads, next_epoch):
-    """The checkpoint's progress entries, resuming at next_epoch: lists indexed by head as checkpoint.pth.tar has
-    always held them (plain tuples: a checkpoint loads with weights_only)."""
-    return {"epoch": next_epoch, "best_test": [h.best_test for h in heads], "best_val": [h.best_val for h in heads],
-            "selected": [h.selected for h in heads]}
-
-
-def load_heads_state(heads, state):
-    """heads_state's entries back into the heads; returns the epoch to resume at."""
-    for h, head in enumerate(heads):
-        selected = state["selected"][h]
-        head.best_test, head.best_val = state["best_test"][h], state["best_val"][h]
-        head.selected = None if selected is None else tuple(selected)
-    return state["epoch"]
-
-
 def unreadable_note(stats):
     return f" ({stats['skipped']} unreadable skipped)" if stats["skipped"] else ""
 
@@ -409,7 +357,7 @@ def epoch_record(epoch, train, test, val, knn, extra):
               "test_loss": test["loss"], "test_top1": test["top1"], "test_top5": test["top5"], "lr": extra["lr"],
               "seconds": extra["seconds"]}
     if knn is not None:
-        record.update(knn_top1=knn.top1, knn_top5=knn.top5, knn_k=knn.k)
+        record.update(knn_record(knn))
     if val is not None:
         record.update(val_loss=val["loss"], val_top1=val["top1"])
     if extra.get("train_skipped") is not None:

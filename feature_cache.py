@@ -170,13 +170,6 @@ def chunk_batches():
     return max(1, int(os.environ.get("TIMECAT_CACHE_CHUNK", 200)))
 
 
-class ExtractionStopped(Exception):
-    """A stop signal came during the feature extraction; the chunks written so far are kept for the rerun."""
-
-    def __init__(self, what, done, total):
-        super().__init__(f"{what}: {done} of {total} chunks written")
-
-
 def _start_or_resume(directory, key, n, dim, world):
     """(resumed, error) on the first process: keep the files of an unfinished extraction of the same key and
     process count (its chunks are resumed), else clear the entry and allocate its files."""
@@ -215,7 +208,8 @@ class FeatureCache:
     """The cache folder of one probe: load() gives a concatenation's per-backbone features of a split, from
     the entries that exist, extracting the missing ones. `extracted` lists the entries this object computed
     ((arch, checkpoint, split, view) each). should_stop: the stop-signal flag (util.signals.StopSignal);
-    ExtractionStopped when it ends an extraction."""
+    InterruptedError (the builtin: "interrupted by a signal") when it ends an extraction; the chunks written so far
+    are kept for the rerun."""
 
     def __init__(self, directory, inputs, dist_info, logger, show_bar=False, should_stop=None):
         self.directory, self.inputs, self.dist_info = directory, inputs, dist_info
@@ -283,7 +277,7 @@ class FeatureCache:
         once and run through each backbone still missing it; its rows are written, flushed and recorded
         (chunks.<rank>.json of each entry) before the next chunk; a rerun skips the recorded chunks, entry by
         entry. Each chunk has its own loader and seeds (seed, view, rank, chunk), so a resumed extraction writes
-        what an uninterrupted one would. A stop signal ends the chunk in progress unrecorded; ExtractionStopped
+        what an uninterrupted one would. A stop signal ends the chunk in progress unrecorded; InterruptedError
         is raised on every process."""
         from tqdm import tqdm
         inputs, dist_info = self.inputs, self.dist_info
@@ -356,7 +350,7 @@ class FeatureCache:
             e.features = e.labels = None
         barrier()
         if any_process(stopped, device):  # every process stops here, whichever got the signal
-            raise ExtractionStopped(f"feature extraction {desc}", done, len(chunks))
+            raise InterruptedError(f"feature extraction {desc}: {done} of {len(chunks)} chunks written")
 
 
 def _finish(directory, key):

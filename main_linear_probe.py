@@ -7,14 +7,7 @@ A sweep in one pass: --wd 1e-4 5e-4 1e-3 trains one head per value on the same b
 """
 
 from arguments.common import apply_device_choice, device_request
-from arguments.linear_probe import (
-    SCHEDULE_FREE,
-    TRAINING_ONLY_KEYS,
-    ProbeRecipe,
-    check_args,
-    get_args_parser,
-    resolve_batch,
-)
+from arguments.linear_probe import SCHEDULE_FREE, check_args, get_args_parser, recipe_check, resolve_batch
 from util.cpu_runtime import configure_cpu_runtime
 
 CPU_RUNTIME = None  # util.cpu_runtime's choice of OpenMP settings, logged by main(); set when run as a script
@@ -31,21 +24,16 @@ import time
 from analysis.diagnostics import log_diagnostics
 from analysis.knn import knn_per_head
 from engine import (
-    Head,
     LoopLog,
-    NonFiniteLoss,
     epoch_record,
     evaluate,
     feature_batches,
-    heads_state,
-    load_heads_state,
     log_head_epoch,
     resolve_precision,
     train_one_epoch,
     unreadable_note,
 )
-from feature_cache import ExtractionStopped
-from models.heads import build_optimizer, head_specs, lr_at_epoch, param_groups
+from models.heads import build_optimizer, head_records, heads_state, load_heads_state, lr_at_epoch, param_groups
 from probe_setup import build_probe_data, build_probe_model, build_sources, evaluate_eval_sets
 from timecat import resolve_backbones
 from util import layout, log_lines, sweeps
@@ -54,7 +42,7 @@ from util.cli import UserError, run_main
 from util.distributed import all_reduce_sum, any_process, barrier
 from util.logs import log_startup, truncate_jsonl, use_progress_bar
 from util.misc import set_seed
-from util.run import configure_cuda_numerics, open_run, report_stop, restart_from_checkpoint, start_processes
+from util.run import configure_cuda_numerics, open_run, restart_from_checkpoint, start_processes
 
 
 def main(args):
@@ -65,9 +53,8 @@ def main(args):
     dist_info = start_processes(args, device_request(args))
     resolve_batch(args, dist_info.world_size)
     args.precision = resolve_precision(args.precision, dist_info.device)
-    specs = head_specs(args)
-    sweep = len(specs) > 1  # a single head writes to --dump_path itself, several to <dump_path>/<name>/
-    heads = [Head(spec, os.path.join(args.dump_path, spec.name) if sweep else args.dump_path) for spec in specs]
+    heads = head_records(args)  # one record per head: its lr, wd, backbones, folder, log, bests
+    sweep = len(heads) > 1  # a single head writes to --dump_path itself, several to <dump_path>/<name>/
     with open_run(args, dist_info, "epoch", layout.SWEEP_LOG if sweep else layout.PROBE_LOG,
                   [h.folder for h in heads], CPU_RUNTIME and CPU_RUNTIME.line) as run:
         for head in heads:
@@ -79,13 +66,13 @@ def probe(args, run, heads):
     """The probe from its first log line to its report: set up, then train, evaluate, log and save every epoch."""
     dist_info, logger, stop = run.dist_info, run.logger, run.stop
     device, sweep, show_bar = dist_info.device, len(heads) > 1, use_progress_bar(dist_info.is_main)
-    loggers = list({id(lg): lg for lg in [logger] + [head.logger for head in heads]}.values())  # each log once
+    loggers = run.logs  # each log once: the run's, then a sweep's heads'
     checkpoint = os.path.join(args.dump_path, layout.PROBE_CHECKPOINT)
     log = LoopLog(tuple(head.logger for head in heads), args.print_freq, args.extra_log_lines, show_bar)
     for head in heads:  # the start-up lines in every head's log (a single head's log is the run's)
         log_startup(head.logger, args, dist_info, args.global_batch, args.lr if sweep else args.lr[0])
     if sweep:
-        logger.info(f"sweep of {len(heads)} heads on one backbone pass: {', '.join(h.spec.name for h in heads)}")
+        logger.info(f"sweep of {len(heads)} heads on one backbone pass: {', '.join(h.name for h in heads)}")
     if args.ignored:
         logger.info("ignored (flags of the original with no effect here): "
                     + ", ".join(f"--{name} {getattr(args, name)}" for name in args.ignored))
@@ -93,21 +80,16 @@ def probe(args, run, heads):
     configure_cuda_numerics(device, args.cuda_deterministic)
 
     data = build_probe_data(args, dist_info, logger)
-    model = build_probe_model(args, dist_info, [head.spec for head in heads], data.num_classes, logger)
-    dims = [net.out_dim for net in model.encoder.backbones]  # each backbone's block of the concatenated features
-    for head, module in zip(heads, model.heads):  # each head's LinearHead, inside the MultiHead that trains them
-        head.module = module
-    optimizer = build_optimizer(param_groups(model.heads, model.encoder, [h.spec for h in heads], args), args)
+    model = build_probe_model(args, dist_info, heads, data.num_classes, logger)
+    optimizer = build_optimizer(param_groups(model.heads, model.encoder, heads, args), args)
     try:
         sources = build_sources(args, dist_info, data, model, logger, stop)
-    except ExtractionStopped as exc:  # a stop signal during the feature cache's extraction
-        return stopped(stop, dist_info, loggers, f"during the {exc}", "the extraction at its next chunk")
+    except InterruptedError as exc:  # a stop signal during the feature cache's extraction
+        return run.report_stopped(f"during the {exc}", "the extraction at its next chunk")
     if args.knn and dist_info.is_main:  # only rank 0 logs; the features are fixed, so once per run
         (train_features, train_labels), test = sources.cached
-        results = knn_per_head(args.knn, [h.spec for h in heads], dims,
-                               (train_features, train_labels, data.train_positions), test, device, logger)
-        for head, result in zip(heads, results):
-            head.knn = result
+        knn_per_head(args.knn, heads, model.dims, ((train_features, train_labels, data.train_positions), test),
+                     device, logger)  # each head's .knn
     if args.mode == "eval_only":  # the saved heads on the test set, then on the --eval_datasets sets
         records = evaluate_saved_heads(args, model, optimizer, heads, sources, log)
         return evaluate_eval_sets(data, model, heads, args, run, records)
@@ -133,11 +115,10 @@ def probe(args, run, heads):
             # a sweep's heads share the console: no bar while training
             train, completed = train_one_epoch(model.trained, sources.train, optimizer, epoch,
                                                log._replace(bar=show_bar and not sweep), stop_agreed)
-        except NonFiniteLoss as exc:
+        except FloatingPointError as exc:  # a NaN or Inf loss, before it reached the weights
             raise UserError(f"{exc}; {last_good_state(epoch, checkpoint)}. Lower --lr?") from None
         if not completed:
-            stopped(stop, dist_info, loggers, f"during epoch {epoch}", f"from epoch {epoch} ({checkpoint})")
-            return
+            return run.report_stopped(f"during epoch {epoch}", f"from epoch {epoch} ({checkpoint})")
 
         set_eval_mode(model, optimizer, args.optimizer == SCHEDULE_FREE)
         test = evaluate(model.eval_model, sources.test, args.precision, sources.test_count, len(heads), log)
@@ -147,7 +128,7 @@ def probe(args, run, heads):
         diverged = [h for h, stats in enumerate(test) if not math.isfinite(stats["loss"])]
         if diverged:  # weights that went non-finite in the epoch's last step are never saved as a good state
             raise UserError(f"the test loss is {test[diverged[0]]['loss']} after epoch {epoch}"
-                            + (f" (head {heads[diverged[0]].spec.name})" if sweep else "")
+                            + (f" (head {heads[diverged[0]].name})" if sweep else "")
                             + f"; {last_good_state(epoch, checkpoint)}. Lower --lr?")
         train_skipped = None
         if args.skip_bad_images:  # the epoch's unreadable training images over every process
@@ -157,15 +138,15 @@ def probe(args, run, heads):
         records = []
         for h, head in enumerate(heads):  # each head's lines in the original's order, then its metrics record
             head.update(epoch, test[h], val[h])  # its bests, validation's selection, whether test top-1 improved
-            log_diagnostics(args.custom_eval_func, head, dims,
+            log_diagnostics(args.custom_eval_func, head, model.dims,
                             feature_batches(sources.test, model.encoder, args.precision))
             log_head_epoch(head, test[h], val[h], sources.test_count, sources.val_count,
                            args.extra_log_lines or args.skip_bad_images)
             if sweep:
-                logger.info(log_lines.sweep_epoch_line(epoch, head.spec.name, test[h]["top1"], head.best_test,
+                logger.info(log_lines.sweep_epoch_line(epoch, head.name, test[h]["top1"], head.best_test,
                                                        val[h]["top1"] if val[h] is not None else None))
             records.append(epoch_record(epoch, train[h], test[h], val[h], head.knn,
-                                        {"lr": lr_at_epoch(epoch, head.spec.lr, args),
+                                        {"lr": lr_at_epoch(epoch, head.lr, args),
                                          "seconds": round(time.time() - start, 3), "train_skipped": train_skipped}))
         evaluate_eval_sets(data, model, heads, args, run, records if epoch == args.epochs - 1 else [])
         if dist_info.is_main:  # rank 0 writes; the others wait at the barrier
@@ -209,7 +190,7 @@ def resume_or_start(args, run, model, optimizer, heads):
     checkpoint = os.path.join(args.dump_path, layout.PROBE_CHECKPOINT)
     metrics = [os.path.join(head.folder, layout.METRICS) for head in heads]
     stale = [os.path.join(h.folder, layout.BEST_HEAD) for h in heads] + metrics
-    state = run.resume_or_start(checkpoint, ProbeRecipe.of(vars(args)).check, stale, heads=model.heads,
+    state = run.resume_or_start(checkpoint, recipe_check(args), stale, heads=model.heads,
                                 optimizer=optimizer, encoder=model.encoder)
     start_epoch = 0
     if state is not None:
@@ -221,17 +202,17 @@ def resume_or_start(args, run, model, optimizer, heads):
                 truncate_jsonl(path, lambda r: r["epoch"] < start_epoch)
     run.write_args(vars(args))
     for head in heads:
-        run.write_args(head_args(args, head.spec), head.folder)
+        run.write_args(head_args(args, head), head.folder)
     return start_epoch
 
 
-def head_args(args, spec):
+def head_args(args, head):
     """args.json of one head: the run's arguments with the head's lr and wd; a subset head's lists only its
     backbones (the arguments of the separate probe it equals), so tools/summarize.py counts them."""
-    out = dict(vars(args), lr=spec.lr, wd=spec.wd, head=spec.name)
-    if spec.subset is not None:
-        out.update(arch=[args.arch[i] for i in spec.subset], pretrained=[args.pretrained[i] for i in spec.subset],
-                   subset=list(spec.subset), tag=None)
+    out = dict(vars(args), lr=head.lr, wd=head.wd, head=head.name)
+    if head.subset is not None:
+        out.update(arch=[args.arch[i] for i in head.subset], pretrained=[args.pretrained[i] for i in head.subset],
+                   subset=list(head.subset), tag=None)
     return out
 
 
@@ -239,8 +220,7 @@ def evaluate_saved_heads(args, model, optimizer, heads, sources, log):
     """--mode eval_only: every head on the test set, from the last epoch's checkpoint.pth.tar (the original's) or,
     with --eval_checkpoint best, from each head's best.pth.tar; the original's lines (`Found checkpoint at`, the
     validation lines, `Test:`). Returns each head's eval-only record for --eval_datasets (its epoch)."""
-    recipe = ProbeRecipe.of(vars(args))
-    check = lambda saved_args, path: recipe.check(saved_args, path, skip=TRAINING_ONLY_KEYS)  # any process count
+    check = recipe_check(args, eval_only=True)  # any process count
     if args.eval_checkpoint == "last":
         path = os.path.join(args.dump_path, layout.PROBE_CHECKPOINT)
         state = restart_from_checkpoint(path, check, heads=model.heads, encoder=model.encoder)
@@ -271,21 +251,13 @@ def report(heads, logger, has_val):
             head.logger.info(log_lines.selected_line(*head.selected))
     if len(heads) == 1:
         return
-    full = [head for head in heads if head.spec.subset is None]  # a subset head is a cat-n point
-    best = sweeps.sweep_winner(full, lambda head: (head.best_test, head.spec.wd, head.spec.lr))
-    logger.info(f"Best on test (the reference's rule): {best.spec.name} Acc@1 {best.best_test:.2f}")
+    full = [head for head in heads if head.subset is None]  # a subset head is a cat-n point
+    best = sweeps.sweep_winner(full, lambda head: (head.best_test, head.wd, head.lr))
+    logger.info(f"Best on test (the reference's rule): {best.name} Acc@1 {best.best_test:.2f}")
     if has_val:
         # best_val: the val top-1 of each head's selected epoch
-        pick = sweeps.sweep_winner(full, lambda head: (head.best_val, head.spec.wd, head.spec.lr))
-        logger.info(log_lines.selected_line(*pick.selected, head=pick.spec.name))
-
-
-def stopped(stop, dist_info, loggers, where, resumes):
-    """After a stop signal: the `Stopped by` line in every log (the run's first), and the slurm job's requeue when a
-    process got SIGUSR1."""
-    again = any_process(stop.requeue, dist_info.device)  # a collective: every process calls it here
-    report_stop(loggers, stop.received or "a stop signal to another process", where, resumes, again,
-                dist_info.is_main)
+        pick = sweeps.sweep_winner(full, lambda head: (head.best_val, head.wd, head.lr))
+        logger.info(log_lines.selected_line(*pick.selected, head=pick.name))
 
 
 def last_good_state(epoch, checkpoint_path):

@@ -125,14 +125,15 @@ def drop_single_sample_batch(per_process, args, world, logger):
 # ---------------------------------------------------------------- model
 class ProbeModel(NamedTuple):
     encoder: nn.Module  # the concatenated backbones (frozen unless fine-tuning)
-    heads: nn.Module  # models.MultiHead: one LinearHead per HeadSpec
+    heads: nn.Module  # models.MultiHead: one LinearHead per models.heads.Head, in the run's head order
     trained: nn.Module  # what the optimizer trains: the heads, or encoder + heads (DDP-wrapped with processes)
     eval_model: nn.Module  # what evaluation runs on its batch source's inputs
     finetune: bool
+    dims: list  # each backbone's feature width: its block of the concatenated features
 
 
-def build_probe_model(args, dist_info, specs, num_classes, logger):
-    """The encoder and one head per HeadSpec; only what trains is wrapped in DDP."""
+def build_probe_model(args, dist_info, heads, num_classes, logger):
+    """The encoder and a module for each head (models.heads.Head); only what trains is wrapped in DDP."""
     device = dist_info.device
     crop = crop_size(family_of(args.data_name), args.tf_name, args.img_size,
                      backbones_recipe(args.data_name, args.arch, args.allow_mixed_transforms))
@@ -142,23 +143,25 @@ def build_probe_model(args, dist_info, specs, num_classes, logger):
         encoder.freeze()
         if args.compile:  # the frozen forward only: a fine-tuned encoder's checkpoint keeps its plain keys
             encoder = compile_module(encoder, device)
-    heads = build_heads([net.out_dim for net in encoder.backbones], num_classes, specs, encoder.classifiers,
-                        args, dist_info.world_size)
+    dims = [net.out_dim for net in encoder.backbones]
+    multihead = build_heads(dims, num_classes, heads, encoder.classifiers, args, dist_info.world_size)
     if args.sync_bn and dist_info.distributed and finetune:  # the backbones' BNs too, as the reference's --sync_bn
         if device.type != "cuda":
             raise UserError("fine-tuning with synchronised BatchNorm across processes needs GPUs (torch's "
                             "SyncBatchNorm); pass --sync_bn False, or run one process")
         encoder = nn.SyncBatchNorm.convert_sync_batchnorm(encoder)
-    heads.to(device)
+    multihead.to(device)
+    for head, module in zip(heads, multihead):  # each record holds its LinearHead, inside the MultiHead
+        head.module = module
     logger.info(f"encoder: {len(args.arch)} backbone(s) {args.arch}, {encoder.out_dim}-d features, "
                 f"{args.precision}; head: {'BatchNorm1d + ' if args.use_bn else ''}Linear({encoder.out_dim}, "
-                f"{num_classes}) x {len(specs)}")
-    classifier = Classifier(encoder, heads, args.precision)
-    trained = classifier if finetune else heads
+                f"{num_classes}) x {len(heads)}")
+    classifier = Classifier(encoder, multihead, args.precision)
+    trained = classifier if finetune else multihead
     if dist_info.distributed:  # only what trains is wrapped: the frozen encoder needs no gradient sync
         trained = nn.parallel.DistributedDataParallel(trained, device_ids=[device.index] if device.type == "cuda"
                                                       else None)
-    return ProbeModel(encoder, heads, trained, classifier if finetune else heads, finetune)
+    return ProbeModel(encoder, multihead, trained, classifier if finetune else multihead, finetune, dims)
 
 
 # ---------------------------------------------------------------- batch sources
@@ -280,7 +283,7 @@ def evaluate_eval_sets(data, model, heads, args, run, records):
             record.update({f"{eval_set.name}_loss": s["loss"], f"{eval_set.name}_top1": s["top1"],
                            f"{eval_set.name}_top5": s["top5"]})
         if len(heads) > 1:  # a sweep: its own log gets the set's summary
-            run.logger.info(log_lines.sweep_eval_dataset_line(eval_set.name, [(head.spec.name, s["top1"])
+            run.logger.info(log_lines.sweep_eval_dataset_line(eval_set.name, [(head.name, s["top1"])
                                                                               for head, s in zip(heads, stats)]))
     if args.mode == "eval_only":
         for head, record in zip(heads, records):

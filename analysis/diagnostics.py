@@ -34,10 +34,10 @@ def cat_validate(head, batches, spans, device):
 
 
 def log_diagnostics(names, head, dims, test_features):
-    """--custom_eval_func `names`, after each evaluation, in head.logger (head: an engine.Head record). dims: each
+    """--custom_eval_func `names`, after each evaluation, in head.logger (head: a models.heads.Head record). dims: each
     backbone's feature width; a subset head's diagnostics are over its own backbones. test_features: the test
     split's (features, labels) batches (engine.feature_batches), read only by cat_validate_network."""
-    subset = head.spec.subset
+    subset = head.subset
     spans = block_spans([dims[i] for i in subset] if subset is not None else dims)
     module = head.module
     module.eval()

@@ -24,6 +24,11 @@ def knn_log_line(result):
             f"{result.count} test images)")
 
 
+def knn_record(result):
+    """Its fields in a head's metrics.jsonl record."""
+    return {"knn_top1": result.top1, "knn_top5": result.top5, "knn_k": result.k}
+
+
 def _normalised(rows, device):
     return F.normalize(as_float32(rows, device), dim=1)
 
@@ -85,16 +90,18 @@ class SelectedRows:
         return block if self.columns is None else block[:, self.columns]
 
 
-def knn_per_head(k, specs, dims, train, test, device, logger):
-    """--knn: the k-NN accuracy of the features each head reads (models.heads.HeadSpec), training rows (not the
-    held-out ones) against the test set; computed once per distinct subset."""
-    (train_features, train_labels, positions), (test_features, test_labels) = train, test
+def knn_per_head(k, heads, dims, features, device, logger):
+    """--knn: the k-NN accuracy of the features each head reads (models.heads.Head: its subset), training rows (not
+    the held-out ones) against the test set, into each head's .knn; computed once per distinct subset.
+    features: ((train features, train labels, training positions), (test features, test labels))."""
+    (train_features, train_labels, positions), (test_features, test_labels) = features
     rows = torch.as_tensor(positions, dtype=torch.long)
     start, results = time.time(), {}
-    for subset in dict.fromkeys(spec.subset for spec in specs):
+    for subset in dict.fromkeys(head.subset for head in heads):
         columns = None if subset is None else torch.as_tensor(subset_columns(dims, subset))
         results[subset] = knn_accuracy((SelectedRows(train_features, rows, columns), train_labels[rows]),
                                        (SelectedRows(test_features, torch.arange(len(test_labels)), columns),
                                         test_labels), k=k, device=device)
     logger.info(f"kNN (k={k}) on the features of {len(results)} head input(s): {time.time() - start:.1f} s")
-    return [results[spec.subset] for spec in specs]
+    for head in heads:
+        head.knn = results[head.subset]

@@ -83,6 +83,14 @@ class ProbeRecipe(Recipe):
 RECIPE_KEYS = ProbeRecipe.keys()
 DERIVED_RECIPE_KEYS = ProbeRecipe.keys_where("derived")
 TRAINING_ONLY_KEYS = ProbeRecipe.keys_where("training_only")
+
+
+def recipe_check(args, eval_only=False):
+    """check(saved args, path) of a run resumed or evaluated with these flags (util.run.restart_from_checkpoint):
+    one UserError line naming the first recipe value that differs. eval_only: the training-only keys (the process
+    count, the batch split...) may differ."""
+    recipe, skip = ProbeRecipe.of(vars(args)), TRAINING_ONLY_KEYS if eval_only else ()
+    return lambda saved_args, path: recipe.check(saved_args, path, skip=skip)
 # The original's slurm flags (its add_slurm_params, in the original release's code): name -> (type,
 # default, help). Where the job runs, never what it computes: run-only, out of the recipe and the folder hash.
 SLURM_FLAGS = {

@@ -2,8 +2,10 @@
 the sweep and --subsets subset), their parameter groups and optimizer (nanoGPT's configure_optimizers beside the
 model), and the lr schedule."""
 import functools
+import os
 import warnings
-from typing import NamedTuple, Optional
+from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -231,16 +233,35 @@ def batch_scores(stacked, labels):
 
 
 # ---------------------------------------------------------------- the run's heads and their optimisation
-class HeadSpec(NamedTuple):
-    """One head of the run: its optimisation values, its folder below --dump_path when the run has several heads,
-    and the backbones whose features it reads (None: the full concatenation)."""
+@dataclass
+class Head:
+    """One head of the run, the one record the probe keeps per head: its optimisation values, the backbones whose
+    features it reads (subset; None: the full concatenation), its folder and log, its module (a LinearHead of the
+    MultiHead), its bests, validation's selection and its --knn result."""
     lr: float
     wd: float
     name: str  # wd{wd}_lr{lr}, or sub{i}-{j}/wd{wd}_lr{lr} for a sub-concatenation's head (util/subsets.py)
     subset: Optional[tuple] = None
+    folder: Optional[str] = None  # --dump_path for a single head, <dump_path>/<name> for each of several
+    logger: object = None
+    module: object = None
+    best_test: float = -1.0  # below 0, so a head that never rises above 0% still writes best.pth.tar
+    best_val: float = -1.0
+    # (epoch, val top-1, test top-1) of the epoch validation selects (its val top-1 is best_val); None until a
+    # validation split has scored
+    selected: Optional[tuple] = None
+    knn: object = None  # analysis.knn's result (--knn, rank 0)
+    improved: bool = False  # whether the last epoch beat best_test (its best.pth.tar is written)
+
+    def update(self, epoch, test, val):
+        """The epoch's test (and validation) scores into the bests and validation's selection."""
+        self.improved = test["top1"] > self.best_test
+        self.best_test = max(self.best_test, test["top1"])
+        if val is not None and val["top1"] > self.best_val:
+            self.best_val, self.selected = val["top1"], (epoch, val["top1"], test["top1"])
 
 
-def head_specs(args):
+def head_records(args):
     """Every head: the full concatenation's per lr/wd value, then each --subsets subset's (the full set itself,
     which 'prefix' and 'all' list last, is the full heads). A single head writes to --dump_path itself, several
     to <dump_path>/<name>/."""
@@ -248,8 +269,28 @@ def head_specs(args):
               for wd, wd_text in zip(args.wd_values, args.wd)]
     n = len(args.pretrained)
     subsets = [s for s in subsets_for(args.subsets, n) if len(s) < n]
-    return ([HeadSpec(lr, wd, name) for lr, wd, name in values]
-            + [HeadSpec(lr, wd, f"{subset_folder(s)}/{name}", s) for s in subsets for lr, wd, name in values])
+    heads = ([Head(lr, wd, name) for lr, wd, name in values]
+             + [Head(lr, wd, f"{subset_folder(s)}/{name}", s) for s in subsets for lr, wd, name in values])
+    for head in heads:
+        head.folder = args.dump_path if len(heads) == 1 or args.dump_path is None else \
+            os.path.join(args.dump_path, head.name)
+    return heads
+
+
+def heads_state(heads, next_epoch):
+    """The checkpoint's progress entries, resuming at next_epoch: lists indexed by head as checkpoint.pth.tar has
+    always held them (plain tuples: a checkpoint loads with weights_only)."""
+    return {"epoch": next_epoch, "best_test": [h.best_test for h in heads], "best_val": [h.best_val for h in heads],
+            "selected": [h.selected for h in heads]}
+
+
+def load_heads_state(heads, state):
+    """heads_state's entries back into the heads; returns the epoch to resume at."""
+    for h, head in enumerate(heads):
+        selected = state["selected"][h]
+        head.best_test, head.best_val = state["best_test"][h], state["best_val"][h]
+        head.selected = None if selected is None else tuple(selected)
+    return state["epoch"]
 
 
 def block_spans(dims):
@@ -264,34 +305,34 @@ def subset_columns(dims, subset):
     return [c for i in subset for c in range(*spans[i])]
 
 
-def build_heads(dims, num_classes, specs, classifiers, args, world):
+def build_heads(dims, num_classes, heads, classifiers, args, world):
     """Every head starts from the seeded initialisation it would get alone, on its backbones' features (so a
     subset head draws exactly what a separate probe of those backbones draws); its BatchNorm is global over the
     processes with --sync_bn (the default for more than one)."""
-    heads = []
-    for spec in specs:
-        subset = spec.subset or tuple(range(len(dims)))
+    modules = []
+    for head in heads:
+        subset = head.subset or tuple(range(len(dims)))
         torch.manual_seed(args.seed)  # each head's draw is the one it would get alone
-        head = LinearHead(sum(dims[i] for i in subset), num_classes, args.use_bn,
-                          global_bn=args.sync_bn and world > 1,
-                          columns=None if spec.subset is None else subset_columns(dims, subset))
-        head.init_weights(args.headinit, classifiers and [classifiers[i] for i in subset])
-        heads.append(head)
-    return MultiHead(heads, fused=args.head_impl == "fused")
+        module = LinearHead(sum(dims[i] for i in subset), num_classes, args.use_bn,
+                            global_bn=args.sync_bn and world > 1,
+                            columns=None if head.subset is None else subset_columns(dims, subset))
+        module.init_weights(args.headinit, classifiers and [classifiers[i] for i in subset])
+        modules.append(module)
+    return MultiHead(modules, fused=args.head_impl == "fused")
 
 
-def param_groups(heads, encoder, specs, args):
+def param_groups(multihead, encoder, heads, args):
     """The reference's groups, per head: parameters whose name contains 'bn' get no weight decay under
     --wd_skip_bn (the head BN; the backbones' bn1/bn2/bn3 when fine-tuning, not downsample.1); the head's Linear
     gets --wd and --lr_last_layer (else --lr). Fine-tuning, the backbones' other parameters get --wd and, as in
     the original, --lr_last_layer when it is given (its test for 'a head parameter' is always true, so every
     parameter without 'bn' in its name joins the head's group), else --lr."""
     groups = []
-    for h, (head, spec) in enumerate(zip(heads, specs)):
-        groups += named_groups(head.named_parameters(), h, (spec.lr, spec.wd), args.wd_skip_bn,
-                               linear_lr=args.lr_last_layer or spec.lr)
+    for h, (module, head) in enumerate(zip(multihead, heads)):
+        groups += named_groups(module.named_parameters(), h, (head.lr, head.wd), args.wd_skip_bn,
+                               linear_lr=args.lr_last_layer or head.lr)
     if args.exp_mode == "finetune":
-        groups += named_groups(encoder.named_parameters(), 0, (specs[0].lr, specs[0].wd), args.wd_skip_bn,
+        groups += named_groups(encoder.named_parameters(), 0, (heads[0].lr, heads[0].wd), args.wd_skip_bn,
                                linear_lr=args.lr_last_layer, all_linear=True)
     return merge_equal_groups(groups) if args.head_impl == "fused" else groups
 

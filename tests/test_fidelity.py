@@ -261,7 +261,7 @@ def test_concatenated_features_start_with_the_first_backbones_own_output(tmp_pat
         states[arch] = make_checkpoint(str(tmp_path / f"{arch}.pth"), arch, "raw", seed=len(arch))
     args = probe_args(tmp_path, "--arch", "resnet18", "resnet50", "--pretrained", str(tmp_path / "resnet18.pth"),
                       str(tmp_path / "resnet50.pth"))
-    encoder = build_probe_model(args, DistInfo(), probe_heads.head_specs(args), 10,
+    encoder = build_probe_model(args, DistInfo(), probe_heads.head_records(args), 10,
                                 logging.getLogger("test_fidelity")).encoder
     images = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():

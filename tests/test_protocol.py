@@ -103,8 +103,8 @@ def test_optimizer_groups_follow_the_bn_name_rule(tmp_path):
     args = args_for(tmp_path, "--exp_mode", "finetune", "--wd", "1e-3", "--lr_last_layer", "0.5")
     encoder = torch.nn.Module()
     encoder.net = torchvision.models.resnet18()
-    heads = probe_heads.build_heads([512], 10, probe_heads.head_specs(args), [], args, 1)
-    optimizer = build_optimizer(param_groups(heads, encoder, probe_heads.head_specs(args), args), args)
+    heads = probe_heads.build_heads([512], 10, probe_heads.head_records(args), [], args, 1)
+    optimizer = build_optimizer(param_groups(heads, encoder, probe_heads.head_records(args), args), args)
     assert optimizer.defaults["weight_decay"] == 0 and optimizer.defaults["nesterov"]
     head = groups_by_name(heads[0], optimizer)
     assert head["bn.weight"] == (0.0, 0.01) and head["linear.weight"] == (1e-3, 0.5) == head["linear.bias"]
@@ -116,15 +116,15 @@ def test_optimizer_groups_follow_the_bn_name_rule(tmp_path):
     assert backbone["net.conv1.weight"] == (1e-3, 0.5) and backbone["net.fc.weight"] == (1e-3, 0.5)
     # without --lr_last_layer every group has --lr
     args = args_for(tmp_path, "--exp_mode", "finetune", "--wd", "1e-3")
-    optimizer = build_optimizer(param_groups(heads, encoder, probe_heads.head_specs(args), args), args)
+    optimizer = build_optimizer(param_groups(heads, encoder, probe_heads.head_records(args), args), args)
     assert groups_by_name(encoder, optimizer)["net.conv1.weight"] == (1e-3, 0.01)
 
 
 def test_optimizer_variants(tmp_path):
     def build(*extra):
         args = args_for(tmp_path, *extra)
-        heads = probe_heads.build_heads([8], 3, probe_heads.head_specs(args), [], args, 1)
-        return build_optimizer(param_groups(heads, None, probe_heads.head_specs(args), args), args)
+        heads = probe_heads.build_heads([8], 3, probe_heads.head_records(args), [], args, 1)
+        return build_optimizer(param_groups(heads, None, probe_heads.head_records(args), args), args)
     assert build("--optimizer", "adam").defaults["betas"] == (0.9, 0.99)
     assert build("--optimizer", "adam", "--beta2", "0.95", "--momentum", "0.8").defaults["betas"] == (0.8, 0.95)
     sf = build("--optimizer", "schedulefree_adamw")

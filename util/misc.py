@@ -71,11 +71,12 @@ class AverageMeter:
 class Meters:
     """The meters of one stretch of a training loop and its start time (MAE's MetricLogger): the probe's epoch
     (engine.epoch_meters), pretraining's steps since the last log line and since the last evaluation
-    (engine_pretrain). meters: name -> AverageMeter, each readable as an attribute."""
+    (engine_pretrain), an evaluation's batch times; each head's metrics in the probe (a Meters per head). names: new
+    AverageMeters; meters: name -> a meter (or a list of Meters) of its own; each readable as an attribute."""
 
-    def __init__(self, **meters):
+    def __init__(self, *names, **meters):
         self.start = time.time()
-        self.meters = meters
+        self.meters = {**{name: AverageMeter() for name in names}, **meters}
 
     def __getattr__(self, name):
         try:

@@ -8,6 +8,8 @@ import os
 import sys
 import time
 
+from tqdm import tqdm
+
 
 def progress_seconds():
     try:
@@ -50,3 +52,12 @@ class Progress:
             self.last = now
             rate = (self.done - self.start) / max(now - self.started, 1e-9)
             self.write(progress_line(self.what, self.done, self.total, self.unit, rate))
+
+
+def track(iterable, what, total=None, bar=False):
+    """The items of a loop's long stage (an epoch, an evaluation), counted in batches: a tqdm bar on a terminal
+    (bar), else a progress line every PROGRESS_SECONDS (the first process only)."""
+    progress = Progress(what, total, bar=bar)
+    for item in tqdm(iterable, total=total, desc=what, leave=False, disable=not bar):
+        yield item
+        progress.update()

@@ -19,7 +19,7 @@ import torch
 from util import layout
 from util.checkpoint import load_file
 from util.cli import UserError
-from util.distributed import cleanup, init_distributed, require_cuda_if_requested
+from util.distributed import any_process, cleanup, init_distributed, require_cuda_if_requested
 from util.logs import append_jsonl, claim_run_folder, close_logger, create_logger, write_json_atomic
 from util.misc import requeue_slurm_job, stop_outcome
 from util.signals import StopSignal
@@ -109,6 +109,13 @@ class Run:
                 if os.path.exists(path):
                     os.remove(path)
         return None
+
+    def report_stopped(self, where, resumes):
+        """After a stop signal, every process (a collective): the `Stopped by` line in every log of the run (its
+        own first, then a sweep's heads'), and the slurm job's requeue when a process got SIGUSR1."""
+        requeue = any_process(self.stop.requeue, self.dist_info.device)
+        report_stop(self.logs, self.stop.received or "a stop signal to another process", where, resumes, requeue,
+                    self.dist_info.is_main)
 
     def add_record(self, record, folder=None):
         """A metrics record (an epoch's, --mode eval_only's), rank 0: appended to metrics.jsonl in the run's folder
