@@ -16,7 +16,7 @@ from models.heads import batch_scores, sample_losses, stacked_logits
 from util import log_lines
 from util.cli import UserError
 from util.distributed import all_reduce_sum
-from util.misc import Meters
+from util.misc import Meters, global_averages
 from util.progress import track
 
 
@@ -124,28 +124,29 @@ class EncodedBatches(BatchSource):
 
 
 class CachedBatches(BatchSource):
-    """Batches of cached features in the order of `sampler` (the same order the per-epoch mode would see).
-    views: one N x D tensor per stored view; with several, each sample draws one at random each epoch.
-    Unreadable images (label -1 in the cache, --skip_bad_images) are dropped from their batch and counted in
-    .skipped, as the per-epoch loaders do."""
+    """Batches of cached features in the order of `batches` (a torch BatchSampler: the sampler, the batch size,
+    whether a last incomplete batch is dropped), the same order the per-epoch mode would see.
+    views: one N x D tensor per stored view; with several, each sample draws one at random each epoch from
+    `generator`. Unreadable images (label -1 in the cache, --skip_bad_images) are dropped from their batch and
+    counted in .skipped, as the per-epoch loaders do."""
 
-    def __init__(self, views, labels, sampler, batch_size, device, drop_last=False, generator=None):
-        self.views, self.labels, self.sampler = views, labels, sampler
-        self.batch_size, self.device, self.drop_last, self.generator = batch_size, device, drop_last, generator
+    def __init__(self, views, labels, batches, device, generator=None):
+        self.views, self.labels, self.batches, self.device, self.generator = views, labels, batches, device, generator
         self.skipped = 0
 
     def __len__(self):
-        n = len(self.sampler)
-        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+        return len(self.batches)
 
     def __iter__(self):
-        indices = torch.tensor(list(self.sampler), dtype=torch.long)  # the epoch's order (the sampler reseeds it)
+        # the epoch's order (the sampler reseeds it); the view draws cover every sample, a dropped last batch's too
+        indices = torch.tensor(list(self.batches.sampler), dtype=torch.long)
+        size = self.batches.batch_size
         choice = None
         if len(self.views) > 1:  # one draw per sample per epoch, from the seeded generator: resumable
             choice = torch.randint(len(self.views), (len(indices),), generator=self.generator)
         for b in range(len(self)):  # len() already leaves out a dropped last batch (drop_last)
-            rows = indices[b * self.batch_size:(b + 1) * self.batch_size]
-            which = None if choice is None else choice[b * self.batch_size:(b + 1) * self.batch_size]
+            rows = indices[b * size:(b + 1) * size]
+            which = None if choice is None else choice[b * size:(b + 1) * size]
             readable = self.labels[rows] >= 0  # label -1: an image the cache skipped as unreadable
             if not readable.all():
                 self.skipped += int((~readable).sum())
@@ -196,26 +197,13 @@ def update_head_meters(meters, values, stacked, labels):
     """values: each head's loss; stacked: the heads' logits (stacked_logits)."""
     n = len(labels)
     hits = stacked.argmax(dim=2).eq(labels).sum(dim=1).tolist()  # one host sync for every head
-    for head, value, hit in zip(meters.heads, values, hits):
-        head.loss.update(value, n)
-        head.top1.update(hit * 100.0 / n, n)
-
-
-def global_view(meters, last_n, device):
-    """Each head's {metric: (last batch, epoch so far)}, summed over every process (a collective: all ranks call it
-    at the same iteration), so the log and metrics.jsonl report the whole global batch, not rank 0's share.
-    last_n: the samples of this process's last batch."""
-    named = [(h, name, m) for h, head in enumerate(meters.heads) for name, m in head.meters.items()]
-    totals = all_reduce_sum([x for _, _, m in named for x in (m.val * last_n, last_n, m.sum, m.count)], device)
-    out = [{} for _ in meters.heads]
-    for k, (h, name, _) in enumerate(named):
-        val_sum, val_n, total, count = totals[4 * k:4 * k + 4]
-        out[h][name] = (val_sum / max(val_n, 1), total / max(count, 1))
-    return out
+    for head_meters, value, hit in zip(meters.heads, values, hits):
+        head_meters.loss.update(value, n)
+        head_meters.top1.update(hit * 100.0 / n, n)
 
 
 def epoch_averages(views):
-    """global_view's epoch-so-far averages: each head's {metric: average}."""
+    """util.misc.global_averages' epoch-so-far averages: each head's {metric: average}."""
     return [{name: avg for name, (_, avg) in view.items()} for view in views]
 
 
@@ -245,7 +233,7 @@ def train_one_epoch(model, batches, optimizer, epoch, log, should_stop=None):
     # a bar on a terminal, progress lines (rate, ETA) in a log file, where tqdm does not draw
     for i, (inputs, labels) in enumerate(track(batches, f"epoch {epoch}", num_batches, log.bar)):
         if should_stop is not None and should_stop():  # a collective: every rank stops at the same iteration
-            return epoch_averages(global_view(meters, last_n, device)), False
+            return epoch_averages(global_averages(meters.heads, last_n, device)), False
         # Data = loading only: the frozen encoder's forward (per-epoch mode, EncodedBatches) is timed apart
         meters.data_time.update(time.time() - end - getattr(batches, "last_seconds", 0.0))
         stacked = stacked_logits(model(inputs))  # fp32 logits: the loss of a bf16 head flips predictions
@@ -263,14 +251,14 @@ def train_one_epoch(model, batches, optimizer, epoch, log, should_stop=None):
         # the original's lines: every print_freq iterations; --extra_log_lines adds each epoch's last (its
         # running averages are the epoch's). Every rank reaches the same i: the sum over processes is safe
         if i % log.print_freq == 0 or (i == num_batches - 1 and log.last_line):
-            views = global_view(meters, last_n, device)  # the global batch's, not rank 0's share
+            views = global_averages(meters.heads, last_n, device)  # the global batch's, not rank 0's share
             times = {"time": (meters.batch_time.val, meters.batch_time.avg),
                      "data": (meters.data_time.val, meters.data_time.avg)}
             for h, lg in enumerate(log.loggers):
                 lg.info(log_lines.iteration_line(epoch, i, num_batches, {**times, "loss": views[h]["loss"],
                                                                          "prec": views[h]["top1"]}, lrs[h]))
         end = time.time()
-    return epoch_averages(global_view(meters, last_n, device)), True
+    return epoch_averages(global_averages(meters.heads, last_n, device)), True
 
 
 @torch.no_grad()
@@ -287,7 +275,8 @@ def evaluate(model, source, precision, expected_count, num_heads=None, log=LoopL
     # images go through the encoder at its precision; cached or computed features meet the heads in fp32
     with_precision = precision if source.holds_images else "fp32"
     meters, end = Meters("batch_time"), time.time()
-    for i, (inputs, labels) in enumerate(track(source, "eval", len(source) if hasattr(source, "__len__") else None, log.bar)):
+    total = len(source) if hasattr(source, "__len__") else None
+    for i, (inputs, labels) in enumerate(track(source, "eval", total, log.bar)):
         with autocast(device, with_precision):
             outputs = model(inputs)
         # summed on the device: one host sync per evaluation (and per logged line), not three per head and batch

@@ -67,15 +67,20 @@ class SeededSamples(torch.utils.data.Dataset):
 
 
 class TrainBatches(torch.utils.data.Sampler):
-    """Endless micro-batches of (index, seed) from start_step on. Epoch e is a permutation drawn from
-    (seed, e); step s takes the next global_batch samples of it (an epoch's tail shorter than a global batch
-    is dropped). The global batch is the same set of images whatever the process count: process r takes the
+    """Endless micro-batches of (index, seed) from step 0, or from starting_at(step) on. Epoch e is a permutation
+    drawn from (seed, e); step s takes the next global_batch samples of it (an epoch's tail shorter than a global
+    batch is dropped). The global batch is the same set of images whatever the process count: process r takes the
     r-th slice of it, cut into accum_steps micro-batches."""
 
-    def __init__(self, num_samples, seed, global_batch, batch_size, accum_steps, rank, start_step):
+    def __init__(self, num_samples, seed, global_batch, batch_size, accum_steps, rank):
         self.num_samples, self.seed, self.global_batch = num_samples, seed, global_batch
-        self.batch_size, self.accum_steps, self.rank, self.start_step = batch_size, accum_steps, rank, start_step
+        self.batch_size, self.accum_steps, self.rank, self.start_step = batch_size, accum_steps, rank, 0
         self.steps_per_epoch = num_samples // global_batch
+
+    def starting_at(self, step):
+        """The same order, from the first micro-batch of `step` on (a resumed run); returns the sampler."""
+        self.start_step = step
+        return self
 
     def epoch_order(self, epoch):
         rng = np.random.default_rng([self.seed, EPOCH_STREAM, epoch])

@@ -56,7 +56,7 @@ def main(args):
     heads = head_records(args)  # one record per head: its lr, wd, backbones, folder, log, bests
     sweep = len(heads) > 1  # a single head writes to --dump_path itself, several to <dump_path>/<name>/
     with open_run(args, dist_info, "epoch", layout.SWEEP_LOG if sweep else layout.PROBE_LOG,
-                  [h.folder for h in heads], CPU_RUNTIME and CPU_RUNTIME.line) as run:
+                  [h.folder for h in heads], CPU_RUNTIME) as run:
         for head in heads:
             head.logger = run.open_log(head.folder) if sweep else run.logger
         probe(args, run, heads)

@@ -143,7 +143,7 @@ def main(args):
     check_args(args)
     apply_device_choice(args)  # --device cpu when main() is called directly (as a script: before torch loaded)
     dist_info = start_processes(args, device_request(args))
-    with open_run(args, dist_info, "step", first_line=CPU_RUNTIME and CPU_RUNTIME.line) as run:
+    with open_run(args, dist_info, "step", cpu_runtime=CPU_RUNTIME) as run:
         pretrain(args, run)
 
 
@@ -205,7 +205,7 @@ def build_eval_loaders(args, data, seeded, dist_info, logger):
 def build_train_loader(args, seeded, start_step, dist_info):
     """Endless training micro-batches from start_step on, whose workers live for the whole run."""
     sampler = TrainBatches(len(seeded), args.seed, args.global_batch, args.batch_size, args.accum_steps,
-                           dist_info.rank, start_step)
+                           dist_info.rank).starting_at(start_step)
     return image_loader(seeded, args.skip_bad_images, batch_sampler=sampler,
                         prefetch_factor=4 if args.workers else None, **loader_options(args, dist_info))
 

@@ -5,6 +5,7 @@ from typing import NamedTuple
 
 import torch
 import torch.nn as nn
+from torch.utils.data import BatchSampler
 
 from datasets import (
     WithTransform,
@@ -202,11 +203,10 @@ def build_sources(args, dist_info, data, model, logger, stop):
         views = [cache.load(backbones, data.train_aug, "train", k)[0] for k in range(args.cache_views)]
     views, plain_features, test_features = place_features(views, plain_parts, test_parts, device, logger)
     val_rows = torch.tensor(data.val_positions, dtype=torch.long)
-    train = CachedBatches(views, plain_labels, data.train_sampler, args.batch_size, device, data.drop_last,
-                          data.generator)
-    test = CachedBatches([test_features], test_labels, data.test_sampler, args.batch_size, device)
-    val = CachedBatches([plain_features[val_rows]], plain_labels[val_rows], data.val_sampler, args.batch_size,
-                        device)
+    in_batches = lambda sampler, drop_last=False: BatchSampler(sampler, args.batch_size, drop_last)
+    train = CachedBatches(views, plain_labels, in_batches(data.train_sampler, data.drop_last), device, data.generator)
+    test = CachedBatches([test_features], test_labels, in_batches(data.test_sampler), device)
+    val = CachedBatches([plain_features[val_rows]], plain_labels[val_rows], in_batches(data.val_sampler), device)
     return Sources(train, test, val, len(data.test_set), len(data.val_positions),
                    ((plain_features, plain_labels), (test_features, test_labels)))
 

@@ -1,6 +1,7 @@
 """The probe's batch sources (engine.BatchSource): re-iterable, counting the unreadable images they skip, and
 evaluation takes a source, so what reaches the heads is decided by the source, not guessed from tensor shapes."""
 import torch
+from torch.utils.data import BatchSampler
 
 from engine import BatchSource, CachedBatches, ImageBatches, evaluate
 
@@ -47,7 +48,7 @@ def test_a_cached_source_is_re_iterable_and_each_evaluation_reports_what_it_skip
     torch.manual_seed(0)
     features = torch.randn(10, 4)
     labels = torch.tensor([0, 1, -1, 2, 0, -1, 1, 2, 0, 1])  # -1: an image the cache skipped as unreadable
-    source = CachedBatches([features], labels, range(10), 3, CPU)
+    source = CachedBatches([features], labels, BatchSampler(range(10), 3, False), CPU)
     head = RecordingHead(4)
     first = evaluate(head, source, "fp32", 10)
     second = evaluate(head, source, "fp32", 10)

@@ -279,9 +279,11 @@ def test_concatenated_features_start_with_the_first_backbones_own_output(tmp_pat
 
 def one_hot_batches(predicted, labels, batch_size):
     """A CachedBatches of 'features' that are logits: one-hot on `predicted` (10 classes), in sequential order."""
+    from torch.utils.data import BatchSampler
+
     from engine import CachedBatches, shard
     features = torch.nn.functional.one_hot(torch.tensor(predicted), 10).float()
-    return CachedBatches([features], torch.tensor(labels), shard(len(labels), 0, 1), batch_size,
+    return CachedBatches([features], torch.tensor(labels), BatchSampler(shard(len(labels), 0, 1), batch_size, False),
                          torch.device("cpu"))
 
 

@@ -268,7 +268,8 @@ def test_two_process_gloo_run_trains_the_same_weights_as_one_process(data, tmp_p
 # ---------------------------------------------------------------- units
 def test_each_global_batch_is_the_same_images_whatever_the_process_count():
     def global_batches(world, accum, batch, start=0, steps=6):
-        samplers = [iter(engine_pretrain.TrainBatches(50, 7, 12, batch, accum, r, start)) for r in range(world)]
+        samplers = [iter(engine_pretrain.TrainBatches(50, 7, 12, batch, accum, r).starting_at(start))
+                    for r in range(world)]
         return [sorted(x for r in range(world) for _ in range(accum) for x in next(samplers[r]))
                 for _ in range(steps)]
 

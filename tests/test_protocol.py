@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 import torchvision
+from torch.utils.data import BatchSampler
 from torchvision import transforms as T
 
 import main_linear_probe as probe
@@ -155,7 +156,7 @@ def test_last_incomplete_batch_is_kept(tmp_path):
     args = args_for(tmp_path, "--batch_size", "256")
     features, labels = torch.zeros(50000, 2), torch.zeros(50000, dtype=torch.long)
     drop = drop_single_sample_batch(50000, args, 1, None)
-    batches = CachedBatches([features], labels, range(50000), 256, "cpu", drop)
+    batches = CachedBatches([features], labels, BatchSampler(range(50000), 256, drop), "cpu")
     assert not drop and len(batches) == 196 and len(list(batches)[-1][1]) == 80
 
     class Log:

@@ -136,6 +136,7 @@ def test_one_meter_serves_both_loops():
     assert (window.data.count, window.data.avg) == (2, 0.375)
     logits = torch.tensor([[[0.0, 1.0]] * 4, [[1.0, 0.0]] * 4])  # (heads, batch, classes)
     update_head_meters(epoch, [1.0, 3.0], logits, torch.tensor([1, 1, 0, 0]))
-    assert [[getattr(head, name).avg for name in ("loss", "top1")] for head in epoch.heads] == [[1.0, 50.0], [3.0, 50.0]]
+    assert [[getattr(head, name).avg for name in ("loss", "top1")] for head in epoch.heads] == \
+        [[1.0, 50.0], [3.0, 50.0]]
     with pytest.raises(AttributeError):
         epoch.no_such_meter

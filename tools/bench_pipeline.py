@@ -449,7 +449,7 @@ def bench_e2e(args):
         train, _ = build_dataset("imagefolder", work, "train", download=False, decoder=args.decoder)
         seeded = engine_pretrain.SeededSamples(WithTransform(train, build_transform("imagenet", "eval", True, size,
                                                                                     pipeline)))
-        sampler = engine_pretrain.TrainBatches(len(seeded), 0, batch, batch, 1, 0, 0)
+        sampler = engine_pretrain.TrainBatches(len(seeded), 0, batch, batch, 1, 0)
         loader = image_loader(seeded, batch_sampler=sampler, num_workers=workers, pin_memory=on_gpu,
                               prefetch_factor=4, persistent_workers=True)
         batches = iter(loader)

@@ -88,6 +88,21 @@ class Meters:
         return time.time() - self.start
 
 
+def global_averages(meters, last_n, device):
+    """Each Meters' {name: (last batch's value, average so far)}, summed over every process in one all-reduce (a
+    collective: all ranks call it at the same iteration; MAE's synchronize_between_processes), so a log line and
+    metrics.jsonl report the global batch, not rank 0's share. last_n: this process's samples in its last batch."""
+    from util.distributed import all_reduce_sum  # here: util/misc.py is imported by light paths too
+
+    named = [(k, name, m) for k, group in enumerate(meters) for name, m in group.meters.items()]
+    totals = all_reduce_sum([x for _, _, m in named for x in (m.val * last_n, last_n, m.sum, m.count)], device)
+    out = [{} for _ in meters]
+    for j, (k, name, _) in enumerate(named):
+        val_sum, val_n, total, count = totals[4 * j:4 * j + 4]
+        out[k][name] = (val_sum / max(val_n, 1), total / max(count, 1))
+    return out
+
+
 def requeue_slurm_job(logger):
     """Ask slurm to requeue this job (rank 0 only, after SIGUSR1: see util/signals.py); a no-op outside slurm."""
     job = os.environ.get("SLURM_ARRAY_JOB_ID") and \

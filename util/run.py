@@ -131,19 +131,19 @@ class Run:
 
 
 @contextmanager
-def open_run(args, dist_info, step_key, log_name=layout.PROBE_LOG, folders=(), first_line=None):
-    """Claim args.dump_path (and its sub-`folders`) for this run, open its log (first_line: the CPU runtime's, or
-    None), install the stop signal and the metrics board (--tensorboard, --wandb; records are indexed by
-    step_key); yields the Run. On the way out: the board, the signal handlers, every log, the lock and the process
-    group are closed, whatever happened."""
+def open_run(args, dist_info, step_key, log_name=layout.PROBE_LOG, folders=(), cpu_runtime=None):
+    """Claim args.dump_path (and its sub-`folders`) for this run, open its log (its first line: what
+    util.cpu_runtime chose, when the script ran it), install the stop signal and the metrics board (--tensorboard,
+    --wandb; records are indexed by step_key); yields the Run. On the way out: the board, the signal handlers,
+    every log, the lock and the process group are closed, whatever happened."""
     for folder in (args.dump_path, *folders):
         os.makedirs(folder, exist_ok=True)
     lock = claim_run_folder(args.dump_path, dist_info, folders)  # before any log line: a refused run writes none
     run = Run(args.dump_path, dist_info, args.start_over, create_logger(args.dump_path, dist_info.rank, log_name))
     run.logs.append(run.logger)
     try:
-        if first_line is not None:
-            run.logger.info(first_line)
+        if cpu_runtime is not None:
+            run.logger.info(cpu_runtime.line)
         # early: a signal during the (long) dataset scan still ends in a clean stop
         wandb_run = (WandbRun(args.dump_path, args.wandb, vars(args), step_key, run.logger)
                      if args.wandb and dist_info.is_main else None)
