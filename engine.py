@@ -2,8 +2,9 @@
 main_linear_probe.py.
 
 The probe trains one or many heads on a BatchSource of (inputs, labels): features of the frozen encoder computed
-on the fly (EncodedBatches, the reference's per-epoch mode), read from the feature cache (CachedBatches), or images
-when fine-tuning (ImageBatches). A model maps inputs to a list of logits, one per head.
+on the fly (LoaderBatches with the encoder, the reference's per-epoch mode), read from the feature cache
+(CachedBatches), or images when fine-tuning (LoaderBatches without). A model maps inputs to a list of logits, one
+per head.
 """
 import math
 import time
@@ -73,12 +74,18 @@ class BatchSource:
         raise NotImplementedError
 
 
-class ImageBatches(BatchSource):
-    """Images of a loader (fine-tuning, pretraining's validation), moved to the device in channels_last."""
-    holds_images = True
+class LoaderBatches(BatchSource):
+    """The batches of a DataLoader on the device (channels_last): its images (encoder None: fine-tuning,
+    pretraining's validation), or the frozen encoder's features computed batch by batch (no autograd, fp32 out for
+    the heads): the reference's per-epoch mode. The encoder's forward is timed apart from data loading:
+    .last_seconds (the batch just handed out) and .seconds (the current pass), so that the training log's Data
+    column measures loading only. On a GPU the forward runs asynchronously: what it costs beyond its launch lands in
+    the iteration's Time, never in Data."""
 
-    def __init__(self, loader, device):
-        self.loader, self.device = loader, device
+    def __init__(self, loader, device, encoder=None, precision="fp32"):
+        self.loader, self.device, self.encoder, self.precision = loader, device, encoder, precision
+        self.holds_images = encoder is None
+        self.seconds = self.last_seconds = 0.0
 
     def __len__(self):
         return len(self.loader)
@@ -88,31 +95,12 @@ class ImageBatches(BatchSource):
         return getattr(self.loader, "skipped", 0)  # datasets.image_loader counts them with --skip_bad_images
 
     def __iter__(self):
-        for images, labels in self.loader:
-            yield to_device(images, labels, self.device)
-
-
-class EncodedBatches(BatchSource):
-    """Features of the frozen encoder, computed batch by batch (no autograd, fp32 out for the heads): the
-    reference's per-epoch mode. The encoder's forward is timed apart from data loading: .last_seconds (the batch
-    just handed out) and .seconds (the current pass), so that the training log's Data column measures loading only.
-    On a GPU the forward runs asynchronously: what it costs beyond its launch lands in the iteration's Time, never
-    in Data."""
-
-    def __init__(self, loader, encoder, device, precision):
-        self.loader, self.encoder, self.device, self.precision = loader, encoder, device, precision
-        self.seconds = self.last_seconds = 0.0
-
-    def __len__(self):
-        return len(self.loader)
-
-    @property
-    def skipped(self):
-        return getattr(self.loader, "skipped", 0)
-
-    def __iter__(self):
         self.seconds = 0.0
-        for images, labels in ImageBatches(self.loader, self.device):
+        for images, labels in self.loader:
+            images, labels = to_device(images, labels, self.device)
+            if self.holds_images:
+                yield images, labels
+                continue
             start = time.time()  # after the batch arrived: loading is the Data column's, the forward is not
             # inference_mode: the frozen encoder keeps no graph and no version counters (less memory, faster)
             with torch.inference_mode(), autocast(self.device, self.precision):
@@ -222,7 +210,7 @@ def train_one_epoch(model, batches, optimizer, epoch, log, should_stop=None):
     so the summed loss gives each head exactly the gradient it would get alone. Returns (each head's {"loss",
     "top1"}: epoch averages over every process, completed). The heads run in fp32 (the encoder's precision is
     applied inside the model when it trains). should_stop: a collective every rank calls at every iteration (False:
-    carry on)."""
+    carry on). A NaN or Inf loss raises FloatingPointError before its step reaches the weights."""
     device, num_batches = batches.device, len(batches)
     meters, last_n = epoch_meters(len(log.loggers)), 0  # last_n: samples of the last batch on this process
     # the lr each head's log line shows: its first parameter group's (its Linear, listed first by param_groups); a
@@ -234,7 +222,7 @@ def train_one_epoch(model, batches, optimizer, epoch, log, should_stop=None):
     for i, (inputs, labels) in enumerate(track(batches, f"epoch {epoch}", num_batches, log.bar)):
         if should_stop is not None and should_stop():  # a collective: every rank stops at the same iteration
             return epoch_averages(global_averages(meters.heads, last_n, device)), False
-        # Data = loading only: the frozen encoder's forward (per-epoch mode, EncodedBatches) is timed apart
+        # Data = loading only: the frozen encoder's forward (per-epoch mode, LoaderBatches) is timed apart
         meters.data_time.update(time.time() - end - getattr(batches, "last_seconds", 0.0))
         stacked = stacked_logits(model(inputs))  # fp32 logits: the loss of a bf16 head flips predictions
         losses = mean_losses(stacked, labels)  # every head's loss in one operation, whatever the head count

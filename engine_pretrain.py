@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from arguments.pretrain import SCHEDULE_FREE
-from engine import ImageBatches, LoopLog, autocast, evaluate, to_device
+from engine import LoaderBatches, LoopLog, autocast, evaluate, to_device
 from util import layout, log_lines
 from util.checkpoint import save_atomic
 from util.cli import UserError
@@ -417,7 +417,7 @@ class Pretraining:
             average_bn_buffers(self.model, world)
         self.model.eval()
         val_size = self.loaders.val_size
-        stats = evaluate(self.model, ImageBatches(self.loaders.val, device), args.precision, val_size,
+        stats = evaluate(self.model, LoaderBatches(self.loaders.val, device), args.precision, val_size,
                          log=LoopLog(bar=self.show_bar))
         self.check_finite(stats["loss"], "validation loss", step)
         self.best_acc = max(self.best_acc, stats["top1"])

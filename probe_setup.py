@@ -21,7 +21,7 @@ from datasets import (
 )
 from datasets.eval_sets import build_eval_set, restrict_logits
 from datasets.transforms import build_transform, crop_size, pipeline_of
-from engine import CachedBatches, Classifier, EncodedBatches, ImageBatches, compile_module, evaluate, shard
+from engine import CachedBatches, Classifier, LoaderBatches, compile_module, evaluate, shard
 from feature_cache import Backbone, FeatureCache, assemble, cache_inputs
 from models import ConcatEncoder
 from models.heads import build_heads
@@ -216,9 +216,7 @@ def image_source(dataset, sampler, args, model, device, **loader_options):
     when fine-tuning (the encoder then runs inside the trained model)."""
     loader = image_loader(dataset, args.skip_bad_images, batch_size=args.batch_size, sampler=sampler,
                           num_workers=args.workers, pin_memory=device.type == "cuda", **loader_options)
-    if model.finetune:
-        return ImageBatches(loader, device)
-    return EncodedBatches(loader, model.encoder, device, args.precision)
+    return LoaderBatches(loader, device, None if model.finetune else model.encoder, args.precision)
 
 
 def place_features(views, plain, test, device, logger):

@@ -3,7 +3,7 @@ evaluation takes a source, so what reaches the heads is decided by the source, n
 import torch
 from torch.utils.data import BatchSampler
 
-from engine import BatchSource, CachedBatches, ImageBatches, evaluate
+from engine import BatchSource, CachedBatches, LoaderBatches, evaluate
 
 CPU = torch.device("cpu")
 
@@ -40,7 +40,7 @@ def test_features_meet_the_heads_in_fp32_whatever_their_shape_images_at_the_prec
     evaluate(head, FeatureMaps(maps, labels), "bf16", 6)
     assert head.autocast == [False]  # a bf16 head flips predictions: features are scored in fp32
     loader = [(maps, labels)]
-    evaluate(head, ImageBatches(loader, CPU), "bf16", 6)
+    evaluate(head, LoaderBatches(loader, CPU), "bf16", 6)
     assert head.autocast == [False, True]  # images go through the encoder at --precision
 
 

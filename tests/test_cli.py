@@ -256,7 +256,7 @@ def test_data_column_measures_loading_only(monkeypatch):
     optimizer = torch.optim.SGD([{"params": heads.parameters(), "lr": 0.1, "head": 0}])
     lines = []
     logger = types.SimpleNamespace(info=lines.append)
-    batches = engine.EncodedBatches(Loader(), SlowEncoder(), torch.device("cpu"), "fp32")
+    batches = engine.LoaderBatches(Loader(), torch.device("cpu"), SlowEncoder(), "fp32")
     engine.train_one_epoch(lambda x: [heads(x)], batches, optimizer, 0, engine.LoopLog((logger,), print_freq=1))
     data = [float(line.split("\tData ")[1].split()[0]) for line in lines]
     assert data == pytest.approx([0.1, 0.1, 0.1])
