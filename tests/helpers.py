@@ -33,15 +33,16 @@ def run_script(args, cwd=ROOT, env=None, timeout=600):
                           timeout=timeout)
 
 
-def expect_user_error(argv, capsys, *fragments):
-    """The probe refuses argv in one `error:` line (exit code 2, no traceback) that names every fragment; returns
-    the line."""
+def expect_user_error(argv, capsys, *fragments, script=None):
+    """The script (default main_linear_probe) refuses argv in one `error:` line (exit code 2, no traceback) that
+    names every fragment; returns the line."""
     import pytest
 
-    import main_linear_probe as probe
     from util.cli import run_main
+    if script is None:
+        import main_linear_probe as script
     with pytest.raises(SystemExit) as exc:
-        run_main(probe.main, probe.get_args_parser().parse_args(argv))
+        run_main(script.main, script.get_args_parser().parse_args(argv))
     assert exc.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and len(err.splitlines()) == 1 and "Traceback" not in err, err

@@ -1,5 +1,6 @@
 """main_pretrain.py and tools/plan_timecat.py on tiny generated ImageNet folders (resnet18, 32 px, CPU)."""
 import copy
+import functools
 import json
 import os
 import shutil
@@ -13,13 +14,14 @@ import torch
 import yaml
 
 import engine_pretrain
+import helpers
 import main_pretrain as pretrain
 from arguments import pretrain as pretrain_flags
 from helpers import ROOT, make_imagenet, run_script
 from models import build_backbone
 from models.init import algoperf_init
 from tools import plan_timecat
-from util.cli import UserError, run_main
+from util.cli import UserError
 from util.sfadamw import AlgoPerfAdamWScheduleFree
 
 # 4 classes x 8 training images, global batch 8: 4 steps per epoch. fp32 so runs compare bit for bit.
@@ -321,14 +323,7 @@ def test_shipped_sbatch_script_is_the_default_plan():
 
 
 # ---------------------------------------------------------------- bad input
-def expect_user_error(args_list, capsys, *fragments):
-    with pytest.raises(SystemExit) as exc:
-        run_main(pretrain.main, pretrain.get_args_parser().parse_args(args_list))
-    assert exc.value.code == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("error:") and len(err.splitlines()) == 1 and "Traceback" not in err, err
-    for fragment in fragments:
-        assert fragment in err, err
+expect_user_error = functools.partial(helpers.expect_user_error, script=pretrain)  # one `error:` line, exit 2
 
 
 def test_bad_inputs_are_one_line_errors(data, tmp_path, capsys):
