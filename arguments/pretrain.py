@@ -39,6 +39,8 @@ SFADAMW_BATCH, SFADAMW_STEPS, SFADAMW_SAVE_STEPS = 1024, 450000, [80000, 100000,
 class PretrainRecipe(Recipe):
     """The flags that define a run's weight trajectory: a run resumed from its folder (or its checkpoints) must
     have the same values (main_pretrain.check_previous_run)."""
+
+    hint = "another --dump_path/--output_dir"  # a run's checkpoints are checked too
     arch: str = recipe_key()
     img_size: int = recipe_key()
     global_batch: int = recipe_key()
@@ -73,9 +75,6 @@ class PretrainRecipe(Recipe):
 
     def compared_keys(self):
         return self.keys() + (("steps",) if self.optimizer == "sgd" and self.schedule == "cosine" else ())
-
-    def check(self, saved_args, path, skip=(), hint="another --dump_path/--output_dir"):
-        super().check(saved_args, path, skip, hint)
 
 
 # derived from the record: a new recipe flag is a new field of PretrainRecipe (with its legacy value), nothing else

@@ -23,6 +23,8 @@ def recipe_key(legacy=NO_LEGACY, derived=False, training_only=False, compare=Tru
 class Recipe:
     """Base of the scripts' records; a subclass declares the fields with recipe_key()."""
 
+    hint = "another --dump_path"  # what check's error suggests instead; unannotated: a class attribute, not a key
+
     @classmethod
     def keys(cls):
         """The keys compared on every resume, in declaration order."""
@@ -52,7 +54,7 @@ class Recipe:
     def compared_keys(self):
         return self.keys()
 
-    def check(self, saved_args, path, skip=(), hint="another --dump_path"):
+    def check(self, saved_args, path, skip=()):
         """Refuse to resume (or evaluate) a run whose saved arguments have another recipe: one line naming the first
         key that differs. skip: keys not compared (e.g. the training-only ones for --mode eval_only)."""
         saved = self.of(saved_args)
@@ -60,4 +62,4 @@ class Recipe:
         if changed:
             k = changed[0]
             raise UserError(f"{path} was written by a run with --{k} {getattr(saved, k)} (now {getattr(self, k)}); "
-                            f"use {hint}, or --start_over to overwrite it")
+                            f"use {self.hint}, or --start_over to overwrite it")
