@@ -25,10 +25,8 @@ from util import layout, log_lines
 from util.checkpoint import save_atomic
 from util.cli import UserError
 from util.distributed import all_reduce_sum, any_process, barrier
-from util.logs import append_jsonl
 from util.misc import AverageMeter, Meters, seed_torch
 from util.progress import Progress
-from util.run import report_stop
 from util.sfadamw import AlgoPerfAdamWScheduleFree
 
 STOP_POLL_STEPS = 10  # steps between the (synchronising) checks of a stop signal across processes
@@ -265,7 +263,7 @@ class Start(NamedTuple):
 
 def window_meters():
     """The steps since the last log line: seconds spent waiting for data (its count: the steps)."""
-    return Meters(data=AverageMeter())
+    return Meters("data")
 
 
 def since_eval_meters(device, loss_sum=0.0, steps=0):
@@ -287,7 +285,11 @@ class Pretraining:
     loaders: Loaders
     best_acc: float = 0.0
     show_bar: bool = False
-    board: object = None  # util.tensorboard.MetricsBoard (--tensorboard), or None
+    run: object = None  # util.run.Run: its stop signal, the metrics records (metrics.jsonl, the board), the stop line
+
+    @property
+    def schedule_free(self):
+        return self.args.optimizer in SCHEDULE_FREE
 
     @property
     def resume_path(self):
@@ -303,13 +305,12 @@ class Pretraining:
             last = self.resume_path if os.path.exists(self.resume_path) else "none was written"
             raise UserError(f"the {what} is {value} at step {step}; the last resume state: {last}. Lower --lr?")
 
-    def train(self, start, stop, started):
+    def train(self, start, started):
         """Steps start.step+1 .. --steps: log, evaluate and save when due, stop cleanly on a signal or --max_time."""
         args, device = self.args, self.dist_info.device
         batches = iter(self.loaders.train)
         self.model.train()
-        schedule_free = args.optimizer in SCHEDULE_FREE
-        if schedule_free:
+        if self.schedule_free:
             self.optimizer.train()  # schedule-free trains at y; evaluation switches to x (at_average)
         window = window_meters()
         # the resumed loss sum lives on rank 0 only: the all-reduce at the next evaluation adds it once
@@ -332,7 +333,7 @@ class Pretraining:
             done = step + 1
             if args.bn_refresh_every and done % args.bn_refresh_every == 0:
                 # statistics follow x during training too (a momentum update from this step's last micro-batch)
-                with torch.no_grad(), at_average(self.model, self.optimizer, schedule_free), \
+                with torch.no_grad(), at_average(self.model, self.optimizer, self.schedule_free), \
                         autocast(device, args.precision):
                     self.model(images)
             since_eval.loss.update(loss)  # stays on the device: no synchronisation per step
@@ -346,7 +347,7 @@ class Pretraining:
                 self.evaluate_and_save(done, self.train_record(step, lr, since_eval), since_eval.start)
                 since_eval, window = since_eval_meters(device), window_meters()
             # preemption and time limit: every process must stop at the same step
-            if done < args.steps and self.should_stop(done, stop, started, since_eval):
+            if done < args.steps and self.should_stop(done, started, since_eval):
                 bar.close()
                 return
         bar.close()
@@ -371,41 +372,36 @@ class Pretraining:
         return {"step": step + 1, "epoch": step // self.loaders.steps_per_epoch, "train_loss": train_loss,
                 "lr": lr, "img_per_s": round(steps * self.args.global_batch / train_seconds, 2)}
 
-    def should_stop(self, done, stop, started, since_eval):
+    def should_stop(self, done, started, since_eval):
         """On a stop signal (any process) or --max_time: save the resume state at `done`; requeue the slurm job when
         a process got SIGUSR1 (slurm's warning) or on --max_time, not on a plain SIGTERM (scancel)."""
         args, dist_info, device = self.args, self.dist_info, self.dist_info.device
         if dist_info.distributed and done % STOP_POLL_STEPS:
             return False  # the check is a collective: only every STOP_POLL_STEPS steps
         out_of_time = args.max_seconds is not None and time.time() - started > args.max_seconds
-        if not any_process(stop() or out_of_time, device):
+        if not any_process(self.run.stop() or out_of_time, device):
             return False
-        reason = stop.received or (f"--max_time {args.max_time}" if out_of_time else
-                                   "a stop signal to another process")
-        # a collective too: every process calls it here; --max_time is a budget set to end before the time limit
-        requeue = any_process(stop.requeue or out_of_time, device)
         loss_sum = all_reduce_sum([since_eval.loss.sum.item()], device)[0]
         self.check_finite(loss_sum, "training loss summed since the last evaluation", done)
         if dist_info.is_main:
             save_atomic(self.resume_state(done, (loss_sum, since_eval.loss.count)), self.resume_path)
-        report_stop([self.logger], reason, f"at step {done}", f"from step {done} ({self.resume_path})", requeue,
-                    dist_info.is_main)
+        # a collective too (the requeue's agreement): every process calls it here; --max_time requeues, as it is a
+        # budget set to end before the time limit
+        self.run.report_stopped(f"at step {done}", f"from step {done} ({self.resume_path})",
+                                limit=f"--max_time {args.max_time}" if out_of_time else None)
         return True
 
     def evaluate_and_save(self, step, record, since):
         """Validate (and write the checkpoints due) at x with statistics recomputed at x. The metrics line goes
         before the resume state: a crash between the two leaves a line that the rerun drops and writes again."""
-        args = self.args
-        with at_average(self.model, self.optimizer, args.optimizer in SCHEDULE_FREE):
+        with at_average(self.model, self.optimizer, self.schedule_free):
             stats = self.validate_at_average(step, record)
             if self.dist_info.is_main:
                 self.save_checkpoints(step, stats)
         if self.dist_info.is_main:
             metrics = dict(record, test_loss=stats["loss"], test_top1=stats["top1"], test_top5=stats["top5"],
                            seconds=round(time.time() - since, 3))
-            append_jsonl(metrics, metrics_path_of(args.dump_path))
-            if self.board is not None:
-                self.board.add(metrics, args.dump_path)  # --tensorboard: the same record as events beside train.log
+            self.run.add_record(metrics)  # metrics.jsonl, and the same record to --tensorboard's events and --wandb
             save_atomic(self.resume_state(step), self.resume_path)
 
     def validate_at_average(self, step, record):

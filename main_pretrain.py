@@ -93,14 +93,13 @@ def build_pretrain_data(args, logger):
 
 # ---------------------------------------------------------------- state on disk
 def check_previous_run(args, resume_path):
-    """The run's recipe record; a run folder (or this run's checkpoints) left by another recipe is refused unless
-    --start_over."""
+    """A run folder (or this run's checkpoints) left by another recipe is refused unless --start_over."""
     recipe = PretrainRecipe.of(vars(args))
     if args.start_over:
-        return recipe
+        return
     if os.path.exists(resume_path):
         recipe.check(load_file(resume_path, "resume state")["args"], resume_path)
-        return recipe
+        return
     args_json = os.path.join(args.dump_path, layout.ARGS_JSON)
     if os.path.exists(args_json):
         with open(args_json) as f:
@@ -110,8 +109,7 @@ def check_previous_run(args, resume_path):
             path = os.path.join(args.output_dir, folder, layout.run_file_name(args.run))
             if layout.parse_step_folder(folder) and os.path.isfile(path):
                 recipe.check(load_file(path, "checkpoint")["args"], path)
-                return recipe
-    return recipe
+                return
 
 
 def build_model(args, num_classes, logger):
@@ -151,35 +149,32 @@ def pretrain(args, run):
     """The stages of one run, in order; the loop itself is engine_pretrain.Pretraining."""
     started = time.time()
     dist_info, logger = run.dist_info, run.logger
-    recipe = prepare_run(args, dist_info, logger)
+    prepare_run(args, dist_info, logger)
     data = build_pretrain_data(args, logger)
     if args.steps is None:  # --optimizer sgd without --steps: the predecessor's 90 epochs of this training set
         resolve_epoch_steps(args, len(data.train_set), logger)
-        recipe = check_previous_run(args, resume_path_of(args.dump_path))
+        check_previous_run(args, resume_path_of(args.dump_path))
     seeded = SeededSamples(data.train_set)
     loaders = build_eval_loaders(args, data, seeded, dist_info, logger)
     model, optimizer, train_model = build_training_model(args, data.num_classes, dist_info, logger)
-    start = resume_or_start(args, run, recipe, model, optimizer)
+    start = resume_or_start(args, run, model, optimizer)
     log_recipe(args, dist_info.world_size, loaders.steps_per_epoch, start.step, logger)
     loaders = loaders._replace(train=build_train_loader(args, seeded, start.step, dist_info))
     loop = Pretraining(args, dist_info, logger, model, optimizer, train_model, loaders, best_acc=start.best_acc,
-                       show_bar=use_progress_bar(dist_info.is_main), board=run.board)
-    loop.train(start, run.stop, started)
+                       show_bar=use_progress_bar(dist_info.is_main), run=run)
+    loop.train(start, started)
 
 
 def prepare_run(args, dist_info, logger):
-    """The batch split over processes, the precision, the recipe check against the run folder, the banner.
-    Returns the run's recipe record (None until the training set is counted, when --steps is)."""
+    """The batch split over processes, the precision, the recipe check against the run folder, the banner."""
     resolve_batch(args, dist_info.world_size)
     args.precision = resolve_precision(args.precision, dist_info.device)
-    recipe = None
     if args.steps is not None:  # else checked once the training set is counted (resolve_epoch_steps)
-        recipe = check_previous_run(args, resume_path_of(args.dump_path))
+        check_previous_run(args, resume_path_of(args.dump_path))
     log_startup(logger, args, dist_info, args.global_batch, args.lr)
     # as AlgoPerf's workload: cuDNN autotuning (off with --cuda_deterministic), and PyTorch's default TF32 settings
     # (matrix products in full fp32) unless --tf32
     configure_cuda_numerics(dist_info.device, args.cuda_deterministic, args.tf32)
-    return recipe
 
 
 def loader_options(args, dist_info):
@@ -225,13 +220,14 @@ def build_training_model(args, num_classes, dist_info, logger):
     return model, optimizer, train_model
 
 
-def resume_or_start(args, run, recipe, model, optimizer):
+def resume_or_start(args, run, model, optimizer):
     """Load the resume state of --dump_path (unless --start_over), or clear what a previous run left; args.json."""
     resume_path, metrics_path = resume_path_of(args.dump_path), metrics_path_of(args.dump_path)
+    state = run.resume_or_start(resume_path, PretrainRecipe.of(vars(args)).check, [metrics_path], model=model,
+                                optimizer=optimizer)
+    saved = state or {}
     # the training loss of the steps since the last evaluation, summed over processes (a stop mid-interval)
-    saved = {"step": 0, "best_acc": 0.0, "since_eval": (0.0, 0)}
-    state = run.resume_or_start(resume_path, recipe.check, [metrics_path], saved, model=model, optimizer=optimizer)
-    start = Start(saved["step"], saved["best_acc"], *saved["since_eval"])
+    start = Start(saved.get("step", 0), saved.get("best_acc", 0.0), *saved.get("since_eval", (0.0, 0)))
     if state is not None:
         run.logger.info(f"Resumed from step {start.step} ({resume_path}), best Acc@1 so far {start.best_acc:.2f}")
         if run.dist_info.is_main:  # records of steps the resume state does not hold (a crash before it was saved)

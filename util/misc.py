@@ -5,8 +5,11 @@ import errno
 import fcntl
 import os
 import random
+import shutil
 import subprocess
 import time
+
+from util.cli import UserError
 
 
 def lock_file(file, wait=False):
@@ -104,12 +107,16 @@ def global_averages(meters, last_n, device):
 
 
 def requeue_slurm_job(logger):
-    """Ask slurm to requeue this job (rank 0 only, after SIGUSR1: see util/signals.py); a no-op outside slurm."""
+    """Ask slurm to requeue this job (rank 0 only, after SIGUSR1: see util/signals.py); a no-op outside slurm, a
+    one-line error on a slurm node without scontrol."""
     job = os.environ.get("SLURM_ARRAY_JOB_ID") and \
         f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ.get('SLURM_ARRAY_TASK_ID', '')}" \
         or os.environ.get("SLURM_JOB_ID")
     if not job:
         return
+    if not shutil.which("scontrol"):
+        raise UserError("the run stopped cleanly (a rerun resumes) but cannot requeue its slurm job: scontrol is "
+                        "not on the PATH of this node; requeue it by hand or fix the PATH in the job script")
     try:  # bounded: a stopped run must exit before slurm's KillWait, answered or not
         result = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True, timeout=20)
         outcome = "ok" if result.returncode == 0 else result.stderr.strip()

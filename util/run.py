@@ -10,7 +10,6 @@ A rerun of the same command resumes: restart_from_checkpoint checks the recipe o
 each object's state (DINO's restart_from_checkpoint); --start_over instead removes what the previous run left.
 Depends on nothing of ours but util."""
 import os
-import shutil
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 
@@ -18,7 +17,6 @@ import torch
 
 from util import layout
 from util.checkpoint import load_file
-from util.cli import UserError
 from util.distributed import any_process, cleanup, init_distributed, require_cuda_if_requested
 from util.logs import append_jsonl, claim_run_folder, close_logger, create_logger, write_json_atomic
 from util.misc import requeue_slurm_job, stop_outcome
@@ -70,13 +68,11 @@ def restart_from_checkpoint(path, check_recipe, run_variables=None, what="run ch
 def report_stop(loggers, reason, where, resumes, requeue, is_main):
     """After a clean stop (the state to resume from is saved): the `Stopped by` line in each log, then on rank 0
     the slurm job's requeue when a process got SIGUSR1 (slurm's warning) or ran out of --max_time, not on a plain
-    SIGTERM (scancel). scontrol missing on a slurm node is a one-line error, not a crash."""
+    SIGTERM (scancel). scontrol missing on a slurm node is a one-line error (util.misc.requeue_slurm_job), not a
+    crash."""
     for logger in loggers:
         logger.info(f"Stopped by {reason} {where}; a rerun resumes {resumes}; {stop_outcome(requeue)}")
     if is_main and requeue:
-        if (os.environ.get("SLURM_JOB_ID") or os.environ.get("SLURM_ARRAY_JOB_ID")) and not shutil.which("scontrol"):
-            raise UserError("the run stopped cleanly (a rerun resumes) but cannot requeue its slurm job: scontrol is "
-                            "not on the PATH of this node; requeue it by hand or fix the PATH in the job script")
         requeue_slurm_job(loggers[0])
 
 
@@ -98,24 +94,25 @@ class Run:
         self.logs.append(logger)
         return logger
 
-    def resume_or_start(self, checkpoint, check_recipe, stale=(), run_variables=None, **objects):
+    def resume_or_start(self, checkpoint, check_recipe, stale=(), **objects):
         """Resume from `checkpoint` (restart_from_checkpoint) unless --start_over or there is none; returns its
         dict, or None for a fresh start, which removes the checkpoint and the `stale` files a previous run left
         (rank 0)."""
         if os.path.exists(checkpoint) and not self.start_over:
-            return restart_from_checkpoint(checkpoint, check_recipe, run_variables, **objects)
+            return restart_from_checkpoint(checkpoint, check_recipe, **objects)
         if self.dist_info.is_main:
             for path in (checkpoint, *stale):
                 if os.path.exists(path):
                     os.remove(path)
         return None
 
-    def report_stopped(self, where, resumes):
-        """After a stop signal, every process (a collective): the `Stopped by` line in every log of the run (its
-        own first, then a sweep's heads'), and the slurm job's requeue when a process got SIGUSR1."""
-        requeue = any_process(self.stop.requeue, self.dist_info.device)
-        report_stop(self.logs, self.stop.received or "a stop signal to another process", where, resumes, requeue,
-                    self.dist_info.is_main)
+    def report_stopped(self, where, resumes, limit=None):
+        """After a stop signal or a limit reached (limit: its reason, e.g. pretraining's `--max_time 12:00:00`), every
+        process (a collective): the `Stopped by` line in every log of the run (its own first, then a sweep's
+        heads'), and the slurm job's requeue when a process got SIGUSR1 or on a limit."""
+        requeue = any_process(self.stop.requeue or limit is not None, self.dist_info.device)
+        report_stop(self.logs, self.stop.received or limit or "a stop signal to another process", where, resumes,
+                    requeue, self.dist_info.is_main)
 
     def add_record(self, record, folder=None):
         """A metrics record (an epoch's, --mode eval_only's), rank 0: appended to metrics.jsonl in the run's folder
