@@ -275,7 +275,7 @@ def evaluate(model, source, precision, expected_count, num_heads=None, log=LoopL
         if log.loggers and i % log.print_freq == 0:  # this process's batch and running means, as the original's
             n, batch, so_far = len(labels), scores.tolist(), sums.tolist()
             for lg, (loss, top1, _), (loss_sum, top1_sum, _) in zip(log.loggers, batch, so_far):
-                lg.info(log_lines.eval_iteration_line(i, len(source), {
+                lg.info(log_lines.eval_iteration_line(i, total, {
                     "time": (meters.batch_time.val, meters.batch_time.avg), "loss": (loss / n, loss_sum / count),
                     "prec": (100.0 * top1 / n, 100.0 * top1_sum / count)}))
         end = time.time()

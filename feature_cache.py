@@ -30,7 +30,7 @@ from engine import autocast, shard, to_device
 from util.cli import UserError
 from util.distributed import any_process, barrier, broadcast_object
 from util.logs import write_json_atomic
-from util.misc import lock_file, set_seed
+from util.misc import lock_file, set_seed, sha256sum
 from util.progress import Progress
 from util.signals import StopSafeDataLoader
 
@@ -82,11 +82,7 @@ def checkpoint_identity(path):
     stat = os.stat(path)
     seen = (os.path.abspath(path), stat.st_size, stat.st_mtime_ns)
     if seen not in _HASHES:
-        digest = hashlib.sha256()
-        with open(path, "rb") as f:
-            while block := f.read(1 << 24):
-                digest.update(block)
-        _HASHES[seen] = digest.hexdigest()
+        _HASHES[seen] = sha256sum(path)
     return {"sha256": _HASHES[seen], "size": stat.st_size}
 
 
@@ -104,8 +100,14 @@ def entry_key(inputs, arch, checkpoint, split, view, length):
             **({"subset": inputs.subset} if train and inputs.subset else {})}
 
 
+def _digest(obj):
+    """The name of a JSON-able value's folder or record: its first 20 hex digits of SHA-256. sort_keys: a dict's
+    key order never changes the name (a list's order does: the names of lists without dicts are json.dumps')."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:20]
+
+
 def entry_folder(cache_dir, key):
-    return os.path.join(cache_dir, hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20])
+    return os.path.join(cache_dir, _digest(key))
 
 
 def training_subset_key(args):
@@ -258,7 +260,7 @@ class FeatureCache:
                 record = {"version": FORMAT_VERSION, "split": split, "view": view,
                           "arch": [b.arch for b in backbones], "checkpoints": [b.checkpoint for b in backbones],
                           "dims": [b.dim for b in backbones], "entries": [os.path.basename(f) for f in folders]}
-                name = hashlib.sha256(json.dumps(record["entries"] + [split, view]).encode()).hexdigest()[:20]
+                name = _digest(record["entries"] + [split, view])
                 write_json_atomic(record, os.path.join(self.directory, f"cat-{name}.json"))
         finally:
             for lock in locks:
@@ -324,16 +326,18 @@ class FeatureCache:
                     break
                 rows = chunks[c][start:start + len(kept)]
                 start += len(kept)
-                readable = rows[kept.numpy()]
-                if images is not None:
-                    images, _ = to_device(images, targets, device)
+                kept = kept.numpy()
+                readable, unreadable = rows[kept], rows[~kept]
+                if images is not None:  # else none of the batch was readable (targets is None too)
+                    images, labels = to_device(images, targets, device)[0], targets.numpy()
                 for e in active:  # the decoded batch, through every backbone that misses it
-                    e.labels[rows[~kept.numpy()]] = -1  # unreadable (--skip_bad_images): sources drop label -1
-                    if images is not None:
+                    e.labels[unreadable] = -1  # unreadable (--skip_bad_images): sources drop label -1
+                    if images is not None:  # each output copied to the host before the next backbone runs: under
+                        # --compile on a GPU (CUDA graphs) the next compiled forward may reuse its memory
                         with torch.inference_mode(), autocast(device, inputs.precision):
                             out = e.backbone.net(images)
                         e.features[readable] = out.float().cpu().numpy().astype(np.float16)
-                        e.labels[readable] = targets.numpy()
+                        e.labels[readable] = labels
                 progress.update()
                 bar.update(1)
             del loader  # its workers end here, before a stop returns

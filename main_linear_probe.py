@@ -148,7 +148,8 @@ def probe(args, run, heads):
             records.append(epoch_record(epoch, train[h], test[h], val[h], head.knn,
                                         {"lr": lr_at_epoch(epoch, head.lr, args),
                                          "seconds": round(time.time() - start, 3), "train_skipped": train_skipped}))
-        evaluate_eval_sets(data, model, heads, args, run, records if epoch == args.epochs - 1 else [])
+        if epoch == args.epochs - 1:
+            evaluate_eval_sets(data, model, heads, args, run, records)
         if dist_info.is_main:  # rank 0 writes; the others wait at the barrier
             save_epoch(args, model, optimizer, heads, records, run)
         barrier()

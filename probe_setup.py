@@ -193,9 +193,9 @@ def build_sources(args, dist_info, data, model, logger, stop):
     # one entry per backbone, computed once by feature_cache, then reused by every later run and concatenation
     inputs = cache_inputs(args, backbones_recipe(args.data_name, args.arch, args.allow_mixed_transforms))
     cache = FeatureCache(args.feature_cache, inputs, dist_info, logger, use_progress_bar(dist_info.is_main), stop)
-    nets = getattr(model.encoder, "_orig_mod", model.encoder).backbones  # under --compile: each one compiled
-    backbones = [Backbone(arch, path, compile_module(net, device) if args.compile else net, net.out_dim)
-                 for arch, path, net in zip(args.arch, args.pretrained, nets)]
+    # under --compile each backbone is compiled on its own (the compiled encoder forwards .backbones to its module)
+    backbones = [Backbone(arch, path, compile_module(net, device) if args.compile else net, dim)
+                 for arch, path, net, dim in zip(args.arch, args.pretrained, model.encoder.backbones, model.dims)]
     plain_parts, plain_labels = cache.load(backbones, data.train_plain, "train", -1)
     test_parts, test_labels = cache.load(backbones, data.test_set, "test", -1)
     views = [plain_parts]
@@ -263,8 +263,8 @@ def evaluate_eval_sets(data, model, heads, args, run, records):
     `Eval` line per set in each head's log (and in a sweep's log one line per set with every head's top-1), and
     the fields {name}_loss, {name}_top1, {name}_top5 added to each head's record: the last epoch's metrics record
     (the probe saves it), or in --mode eval_only a record of its own, saved here as an epoch's (run.add_record:
-    metrics.jsonl and the board). run: the util.run.Run. No records (another epoch) or no sets: nothing to do."""
-    if not records or not data.eval_sets:
+    metrics.jsonl and the board). run: the util.run.Run. No sets: nothing to do."""
+    if not data.eval_sets:
         return
     dist_info = run.dist_info
     for eval_set in data.eval_sets:

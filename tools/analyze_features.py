@@ -50,28 +50,17 @@ def read_entry(directory):
                 raise UserError(f"{os.path.join(directory, name)} is truncated: rerun the probe to rebuild it")
     except (OSError, ValueError, KeyError, TypeError):
         return None
-    return key, np.load(os.path.join(directory, "features.npy"), mmap_mode="r"), \
+    # copy-on-write, as FeatureCache.load's: the file is never modified, and torch.from_numpy takes the map as it is
+    return key, np.load(os.path.join(directory, "features.npy"), mmap_mode="c"), \
         np.load(os.path.join(directory, "labels.npy"))
-
-
-class ConcatRows:
-    """The concatenation of per-backbone N x D_b memory maps, read row block by row block (never whole)."""
-
-    def __init__(self, parts):
-        self.parts = parts
-        self.shape = (len(parts[0]), sum(p.shape[1] for p in parts))
-
-    def __len__(self):
-        return self.shape[0]
-
-    def __getitem__(self, rows):
-        import numpy as np
-        return np.concatenate([p[rows] for p in self.parts], axis=1)
 
 
 def read_concatenation(path):
     """(key, features, labels) of a cat-<hash>.json record whose entries are all complete, or None. The key: the
     record's (archs, checkpoints, dims, split, view) and its first entry's data fields."""
+    import torch
+
+    from feature_cache import Concatenation  # the probe's lazy N x sum(D_b) view: row blocks, never the whole maps
     try:
         with open(path) as f:
             record = json.load(f)
@@ -85,7 +74,7 @@ def read_concatenation(path):
     key = {**{f: first.get(f) for f in ("data_name", "data_path", "data_rate", "length", "seed", "subset",
                                         "tf_name", "img_size", "precision")},
            **{f: record[f] for f in ("version", "split", "view", "arch", "checkpoints", "dims")}}
-    return key, ConcatRows([e[1] for e in entries]), entries[0][2]
+    return key, Concatenation([torch.from_numpy(e[1]) for e in entries]), entries[0][2]
 
 
 def read_any(path):

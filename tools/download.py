@@ -11,7 +11,6 @@ A second run with every checkpoint in place downloads nothing.
 """
 import argparse
 import errno
-import hashlib
 import os
 import re
 import shutil
@@ -26,6 +25,7 @@ import zlib
 from arguments.common import add_checkpoint_root_arg
 from util import layout
 from util.cli import ArgumentParser, UserError, run_main
+from util.misc import sha256sum
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_URL = ("https://dl.fbaipublicfiles.com/richreps-timecat/"
@@ -234,14 +234,6 @@ def fetch(url, path, retries=5, backoff=2.0, timeout=60.0, desc=None):
             raise UserError(f"interrupted; the partial download is kept in {show(part)}: run again to resume") \
                 from None
     os.replace(part, path)
-
-
-def sha256sum(path):
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(CHUNK), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 # ---- safe extraction

@@ -1,8 +1,9 @@
-"""Small generic helpers: seeding, meters, accuracy, git revision, file locks, slurm requeue. The command-line
-conventions (ArgumentParser, UserError, run_main) live in util/cli.py. numpy and torch are imported when a helper
-needs them."""
+"""Small generic helpers: seeding, meters, accuracy, git revision, file locks and checksums, slurm requeue. The
+command-line conventions (ArgumentParser, UserError, run_main) live in util/cli.py. numpy and torch are imported
+when a helper needs them."""
 import errno
 import fcntl
+import hashlib
 import os
 import random
 import shutil
@@ -21,6 +22,15 @@ def lock_file(file, wait=False):
         return True
     except OSError as exc:
         return False if exc.errno in (errno.EAGAIN, errno.EACCES) else None
+
+
+def sha256sum(path):
+    """The SHA-256 (hex) of a file, read in 16 MiB blocks (checkpoints and archives of many GB)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 24):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def set_seed(seed):
