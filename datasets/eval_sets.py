@@ -60,6 +60,11 @@ def read_wnids(filename):
 IMAGENET_WNIDS = read_wnids("imagenet_wnids.txt")
 
 
+def release_wnids(spec):
+    """The wnids of an EvalSpec's release: its class list, else ImageNet's 1000."""
+    return read_wnids(spec.classes_file) if spec.classes_file else IMAGENET_WNIDS
+
+
 def eval_hint(name):
     spec = EVAL_SETS[name]
     layout = "<class index 0..999>" if spec.by_index else "<wnid>"
@@ -96,7 +101,6 @@ class EvalImages(torch.utils.data.Dataset):
 
 class EvalSet(NamedTuple):
     name: str
-    title: str
     dataset: EvalImages
     mask: list  # head class indices the logits are restricted to (ImageNet-R/A), or None
 
@@ -108,7 +112,7 @@ def build_eval_set(name, data_path, imagenet_folder, head_wnids, loader=load_rgb
     spec = EVAL_SETS[name]
     folder = eval_folder(name, data_path, imagenet_folder)
     head_index = {wnid: k for k, wnid in enumerate(head_wnids)}
-    release = read_wnids(spec.classes_file) if spec.classes_file else IMAGENET_WNIDS
+    release = release_wnids(spec)
     known = set(release)
     mask = None
     if spec.classes_file:  # the 200 classes, in head order; labels become positions in the mask
@@ -140,18 +144,24 @@ def build_eval_set(name, data_path, imagenet_folder, head_wnids, loader=load_rgb
                     if f.lower().endswith(IMG_EXTENSIONS)]
     if not samples:
         raise UserError(f"--eval_datasets {name}: no images under {folder}. {eval_hint(name)}")
-    return EvalSet(name, spec.title, EvalImages(samples, loader), mask)
+    return EvalSet(name, EvalImages(samples, loader), mask)
 
 
 def restrict_logits(model, mask):
     """The evaluation model of a masked set: each head's logits restricted to the mask's classes (positions in the
     mask are the labels), so argmax and top-5 pick among those classes only."""
     index = torch.tensor(mask, dtype=torch.long)
+    on_device = {}  # the index on the outputs' device: copied there once (the first batch), not per head per batch
+
+    def pick(logits):
+        if logits.device not in on_device:
+            on_device[logits.device] = index.to(logits.device)
+        return logits[:, on_device[logits.device]]
 
     def restricted(inputs):
         outputs = model(inputs)
         if isinstance(outputs, (list, tuple)):
-            return [o[:, index.to(o.device)] for o in outputs]
-        return outputs[:, index.to(outputs.device)]
+            return [pick(o) for o in outputs]
+        return pick(outputs)
 
     return restricted

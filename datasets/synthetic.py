@@ -9,7 +9,7 @@ import torch
 import torchvision
 from PIL import Image, ImageDraw
 
-from datasets.eval_sets import EVAL_SETS, IMAGENET_WNIDS, read_wnids
+from datasets.eval_sets import EVAL_SETS, IMAGENET_WNIDS, release_wnids
 
 PALETTE = np.array([[220, 40, 40], [40, 200, 40], [40, 40, 220], [220, 220, 40], [220, 40, 220],
                     [40, 220, 220], [250, 140, 20], [120, 60, 200], [30, 30, 30], [240, 240, 240]])
@@ -137,7 +137,7 @@ def make_eval_sets(data_path, wnids, per_class=2, size=40, seed=1, names=None):
     written = {}
     for name in names or EVAL_SETS:
         spec = EVAL_SETS[name]
-        release = set(read_wnids(spec.classes_file) if spec.classes_file else IMAGENET_WNIDS)
+        release = set(release_wnids(spec))
         ext = {"imagenet_v2": ".jpeg", "imagenet_sketch": ".JPEG"}.get(name, ".jpg")
         written[name] = []
         for wnid in sorted(w for w in wnids if w in release):

@@ -88,21 +88,27 @@ def entries_in(root):
     found = {}
     for name in sorted(os.listdir(root)):
         path = os.path.join(root, name)
-        entry = None
+        key = None
         if name.startswith("cat-") and name.endswith(".json"):
             entry = read_concatenation(path)
+            key = None if entry is None else entry[0]
         elif os.path.isdir(path):
-            entry = read_entry(path)
-            entry = entry if entry is not None and entry[0].get("version") == 1 else None
-        if entry is not None:
-            found[path] = entry[0]
+            key = version1_key(path)
+        if key is not None:
+            found[path] = key
     return found
+
+
+def version1_key(directory):
+    """The key of a complete entry folder of before issue 22 (key version 1: one per concatenation), or None."""
+    entry = read_entry(directory)
+    return entry[0] if entry is not None and entry[0].get("version") == 1 else None
 
 
 def stale_entries(root):
     """The entry folders of the per-concatenation cache of before issue 22 (key version 1) below a cache root."""
     return [d for d in sorted(os.listdir(root)) if os.path.isdir(os.path.join(root, d))
-            and (read_entry(os.path.join(root, d)) or ({},))[0].get("version") == 1]
+            and version1_key(os.path.join(root, d)) is not None]
 
 
 def archs_of(key):
@@ -110,8 +116,13 @@ def archs_of(key):
     return [arch] if isinstance(arch, str) else arch  # a per-backbone entry's key holds one
 
 
+def checkpoint_names(key):
+    """The file names of the key's checkpoints (records list them as {"path": ...} or as plain paths)."""
+    return [os.path.basename(c["path"] if isinstance(c, dict) else str(c)) for c in key.get("checkpoints", [])]
+
+
 def describe(key):
-    names = [os.path.basename(c["path"] if isinstance(c, dict) else str(c)) for c in key.get("checkpoints", [])]
+    names = checkpoint_names(key)
     return f"{key.get('data_name')} {key.get('split')} view {key.get('view')}, {len(archs_of(key))} x " \
            f"{'/'.join(sorted(set(archs_of(key))))}{': ' + ' '.join(names) if names else ''}"
 
@@ -156,8 +167,7 @@ def entry_dims(key, width):
 
 # ---------------------------------------------------------------- reports
 def backbone_names(key):
-    archs = archs_of(key)
-    names = [os.path.basename(c["path"] if isinstance(c, dict) else str(c)) for c in key.get("checkpoints", [])]
+    archs, names = archs_of(key), checkpoint_names(key)
     return [f"{i}: {arch} {name}".strip() for i, (arch, name) in
             enumerate(zip(archs, names + [""] * (len(archs) - len(names))))]
 

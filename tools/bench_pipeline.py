@@ -155,16 +155,8 @@ def decode_paths(crop):
                                       min_width=-(-width // factor))
 
     torch.set_num_threads(1)
+    turbo = image_loader_for("turbo") if has_simplejpeg() else None  # --decoder turbo's loader: uint8 arrays
     paths = {
-        "pil (reference)": (load_rgb, "reference", True),
-        "torchvision.io.decode_jpeg cpu + turbo transforms": (torchvision_array, "turbo", True),
-        "pil draft (reduce on decode)": (pil_draft(crop), "reference", False),
-        "torchvision.io.decode_jpeg cpu + uint8 transforms": (torchvision_tensor, "fast", False),
-    }
-    if not has_simplejpeg():
-        return paths
-    turbo = image_loader_for("turbo")  # the scripts' --decoder turbo loader: uint8 arrays
-    return {
         "pil (reference)": (load_rgb, "reference", True),
         "turbo (--decoder turbo)": (turbo, "turbo", True),
         "torchvision.io.decode_jpeg cpu + turbo transforms": (torchvision_array, "turbo", True),
@@ -173,6 +165,8 @@ def decode_paths(crop):
         "torchvision.io.decode_jpeg cpu + uint8 transforms": (torchvision_tensor, "fast", False),
         "turbo at 1/2 scale (DCT scaling) + uint8 transforms": (turbo_scaled, "fast", False),
     }
+    # without simplejpeg, the rows that need it (named "turbo ...") are left out; the others keep their order
+    return {name: entry for name, entry in paths.items() if turbo is not None or not name.startswith("turbo")}
 
 
 def reference_equal_floor(crop):
@@ -290,7 +284,8 @@ def bench_data(args):
         load = os.getloadavg()[0]
         print(f"{machine_description()}; torch {torch.__version__}; {jpegs}; load average {load:.1f}")
         results, reference, fns = {}, {}, {}
-        for name, (loader, pipeline, _) in decode_paths(crop).items():
+        paths_by_name = decode_paths(crop)  # once: it checks for simplejpeg (and says when it is missing)
+        for name, (loader, pipeline, _) in paths_by_name.items():
             train_tf = build_transform("imagenet", "eval", True, crop, pipeline)
             test_tf = build_transform("imagenet", "eval", False, crop, pipeline)
             fns[name, "decode"] = loader
@@ -300,7 +295,7 @@ def bench_data(args):
         if floor:  # not a row: what a reference-equal path cannot avoid (libjpeg-turbo's decode, PIL's resampling)
             fns["floor", "train"] = floor
         rates = per_core_rates(paths, fns, rounds=2 if args.quick else 3)
-        for name, (loader, pipeline, _) in decode_paths(crop).items():
+        for name, (loader, pipeline, _) in paths_by_name.items():
             train_tf = build_transform("imagenet", "eval", True, crop, pipeline)
             test_tf = build_transform("imagenet", "eval", False, crop, pipeline)
             row = {part: rates[name, part] for part in ("decode", "train", "test")}

@@ -409,7 +409,7 @@ def prepare_imagenet(args):
 # ---- the evaluation-only ImageNet test sets of --eval_datasets
 def check_eval_set(data_path, name):
     """The release's folder read as the probe reads it (datasets.eval_sets), its image and class counts."""
-    from datasets.eval_sets import EVAL_SETS, IMAGENET_WNIDS, build_eval_set  # imports torch: only here
+    from datasets.eval_sets import EVAL_SETS, IMAGENET_WNIDS, build_eval_set, release_wnids  # imports torch: only here
     spec, report = EVAL_SETS[name], Report(name)
     folder = os.path.join(data_path, spec.folder)
     if not os.path.isdir(folder):
@@ -423,7 +423,7 @@ def check_eval_set(data_path, name):
         report.problems.append(str(exc))
         return report
     images, classes = len(eval_set.dataset), len(set(eval_set.dataset.targets))
-    release_classes = 200 if spec.classes_file else 1000
+    release_classes = len(release_wnids(spec))
     report.facts.append(f"{images} images in {classes} class folders")
     if (images, classes) != (spec.images, release_classes):
         report.warnings.append(f"the release has {spec.images} images in {release_classes} classes (a partial copy "
@@ -504,6 +504,15 @@ def check(args):
     return reports
 
 
+def add_fetch_args(c):
+    """--force and the download options of the subcommands that fetch and extract archives (inat, evalsets); a
+    function, not a parent parser, so that they keep their place in each subcommand's --help."""
+    c.add_argument("--force", action="store_true", help="extract again even what is already there")
+    c.add_argument("--retries", type=int, default=5, help="download retries without progress")
+    c.add_argument("--backoff", type=float, default=2.0, help="seconds before the first retry, then doubled")
+    c.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the server")
+
+
 def get_args_parser():
     common = ArgumentParser(add_help=False)
     add_data_path_arg(common, REPO, "data folder, the scripts' --data_path")
@@ -530,10 +539,7 @@ def get_args_parser():
     c.add_argument("--download", action="store_true", help="download the missing archives first (resumable; "
                    "train_val2018.tar.gz is about 120 GB)")
     c.add_argument("--base_url", default=INAT_URL, help="where --download fetches the archives")
-    c.add_argument("--force", action="store_true", help="extract again even what is already there")
-    c.add_argument("--retries", type=int, default=5, help="download retries without progress")
-    c.add_argument("--backoff", type=float, default=2.0, help="seconds before the first retry, then doubled")
-    c.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the server")
+    add_fetch_args(c)
     c.set_defaults(func=prepare_inat)
 
     c = sub.add_parser(
@@ -564,10 +570,7 @@ def get_args_parser():
                    "about 1.3 GB v2, 8 GB Sketch, 2 GB R, 0.7 GB A)")
     c.add_argument("--base_url", default=None, help="fetch every archive from this folder URL instead of its "
                    "release's (a mirror)")
-    c.add_argument("--force", action="store_true", help="extract again even what is already there")
-    c.add_argument("--retries", type=int, default=5, help="download retries without progress")
-    c.add_argument("--backoff", type=float, default=2.0, help="seconds before the first retry, then doubled")
-    c.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the server")
+    add_fetch_args(c)
     c.set_defaults(func=prepare_evalsets)
     return p
 

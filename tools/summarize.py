@@ -196,8 +196,9 @@ def identify(run, args):
             parent = os.path.basename(os.path.dirname(p.replace("\\", "/")))
             folders.append(layout.parse_step_folder(parent) or parent)  # 'full', '80' (thousands), '60steps'
         run.steps = "+".join(dict.fromkeys(folders))
-        if len(pretrained) == 1 and layout.run_index_in(pretrained[0]) is not None:
-            run.index = layout.run_index_in(pretrained[0])
+        index = layout.run_index_in(pretrained[0]) if len(pretrained) == 1 else None
+        if index is not None:
+            run.index = index
     m = re.search(r"_(\d+)_step(\d+)k$", tag)
     if m:
         run.n_models, run.steps = run.n_models or int(m.group(1)), run.steps or m.group(2)
